@@ -1,0 +1,80 @@
+"""The connector's settings, parsed once from ``kv_connector_extra_config`` and ``KVFABRIC_*``.
+
+Precedence: ``kv_connector_extra_config`` > environment > default. Unknown keys in the extra
+config are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvfabric.connector.errors import ConfigError
+
+ENV_PREFIX = "KVFABRIC_"
+
+
+class ConnectorConfig(BaseModel):
+    """Settings of the vLLM connector. Every field: unit, default and reason."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket_path: str = Field(
+        default="/run/kvfabric/agent.sock",
+        min_length=1,
+        description="The node agent's Unix socket (the agent's --socket).",
+    )
+    timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=60_000,
+        description="Deadline of one agent call; past it the engine recomputes and the breaker opens.",
+    )
+    backoff_initial_ms: int = Field(
+        default=200, ge=1, description="First wait before reconnecting to a failed agent."
+    )
+    backoff_max_ms: int = Field(
+        default=5000, ge=1, description="Longest wait between reconnect attempts."
+    )
+    load: bool = Field(default=True, description="Load hits from the pool.")
+    save: bool = Field(default=True, description="Save newly computed prompt blocks to the pool.")
+    model_id: str | None = Field(
+        default=None,
+        description="Model identity in block keys; defaults to vLLM's model name/path. Set it when "
+        "the same weights are mounted at different paths on different nodes.",
+    )
+    tenant: str = Field(
+        default="",
+        max_length=256,
+        description="Tenant in block keys: engines of different tenants never share blocks.",
+    )
+    load_failure_policy: Literal["recompute", "fail"] = Field(
+        default="recompute",
+        description="What vLLM does with a block the connector failed to load. 'recompute' keeps "
+        "serving through cache failures; vLLM's own default is 'fail'.",
+    )
+
+    @classmethod
+    def from_sources(
+        cls, extra: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+    ) -> ConnectorConfig:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            key = ENV_PREFIX + name.upper()
+            if key in env:
+                values[name] = env[key]
+        values.update(extra or {})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(x) for x in err["loc"]) or "config"
+                problems.append(
+                    f"kv_connector_extra_config.{key} (or {ENV_PREFIX}{key.upper()}): {err['msg']}"
+                )
+            raise ConfigError("invalid KVFabric connector settings: " + "; ".join(problems)) from None

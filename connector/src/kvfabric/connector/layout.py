@@ -1,0 +1,46 @@
+"""Derives the key namespace of each TP rank from vLLM's config (same on both connector roles)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvfabric.connector.config import ConnectorConfig
+from kvfabric.connector.keys import LayoutSpec
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+#: Physical KV layout per device type, as the worker checks it against the real tensors.
+#: CPU: per layer ``[num_blocks, kv_heads, block_size, 2 * head_size]`` (K rows then V rows).
+CPU_LAYOUT = "cpu:[blocks,kv_heads,block_size,2*head_size]"
+
+
+def device_layout(device_type: str) -> str:
+    if device_type == "cpu":
+        return CPU_LAYOUT
+    return f"{device_type}:unsupported"
+
+
+def layout_specs(vllm_config: VllmConfig, config: ConnectorConfig, device_type: str) -> list[LayoutSpec]:
+    """One :class:`LayoutSpec` per TP rank, in rank order."""
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    cache = vllm_config.cache_config
+    tp = parallel.tensor_parallel_size
+    model_id = config.model_id or f"{model.model}@{model.revision or ''}"
+    return [
+        LayoutSpec(
+            model=model_id,
+            dtype=str(model.dtype),
+            kv_cache_dtype=str(cache.cache_dtype),
+            num_layers=model.get_num_layers(parallel),
+            num_kv_heads=model.get_num_kv_heads(parallel),
+            head_size=model.get_head_size(),
+            block_size=cache.block_size,
+            tp_size=tp,
+            tp_rank=rank,
+            layout=device_layout(device_type),
+            tenant=config.tenant,
+        )
+        for rank in range(tp)
+    ]

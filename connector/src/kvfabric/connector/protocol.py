@@ -1,0 +1,188 @@
+"""Wire protocol between connectors and the node agent.
+
+Transport: a Unix stream socket. Every frame is a 4-byte big-endian length followed by one
+msgpack body (msgspec). A client sends one request and waits for its reply; several sessions
+(one per engine process role) talk to one agent at once.
+
+The first request on a connection must be :class:`Hello`; the session it opens lives as long
+as the connection, and the agent drops its leases and reservations when the connection goes.
+
+Blocks are addressed by ``(namespace, key)``: the namespace is a digest of everything that makes
+KV bytes incompatible (see :mod:`kvfabric.connector.keys`), the key a chained hash of the
+block's tokens. The agent hands out *slots*: indices of ``block_bytes``-sized units counted from
+the start of the pool segment, so a client can view the segment as ``[n, block_bytes]`` and
+copy many blocks with one vectorised gather or scatter.
+
+Adding a request type: add a Struct with a unique ``tag``, add it to :data:`Request`, and handle
+it in the agent's dispatcher. Bump :data:`PROTOCOL_VERSION` for incompatible changes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+#: Default largest frame either side accepts (a 1M-token prompt's keys are ~17 MiB).
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+Key = Annotated[bytes, msgspec.Meta(min_length=1, max_length=64)]
+Namespace = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
+
+
+class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class Hello(_Request, tag="hello"):
+    """Opens the session. ``client`` names the engine process for logs and stats."""
+
+    protocol_version: int
+    client: Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class RegisterNamespace(_Request, tag="register_namespace"):
+    """Declares a layout so the agent can carve slots for it; idempotent for equal sizes."""
+
+    namespace: Namespace
+    block_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    block_tokens: Annotated[int, msgspec.Meta(gt=0)]
+    description: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+
+
+class Lookup(_Request, tag="lookup"):
+    """How many leading ``keys`` are committed in *every* listed namespace (all TP ranks).
+
+    With ``lease_id`` set, the hit blocks of ``namespaces[i]`` are leased (pinned against
+    eviction) under ``f"{lease_id}#{i}"`` until :class:`Release` or the end of the session, and
+    their slots are returned. One lease per namespace lets each TP rank release its own.
+    """
+
+    namespaces: Annotated[list[Namespace], msgspec.Meta(min_length=1, max_length=1024)]
+    keys: list[Key]
+    block_tokens: Annotated[int, msgspec.Meta(gt=0)]
+    lease_id: str | None = None
+
+
+class Reserve(_Request, tag="reserve"):
+    """Reserves slots to save a chain of blocks; ``parent`` is the key before ``keys[0]``.
+
+    Keys already present (or being written by another session) get slot ``-1``; so do keys
+    for which no space could be freed. A reservation is invisible to lookups until committed.
+    """
+
+    namespace: Namespace
+    keys: list[Key]
+    parent: Key | None = None
+
+
+class Commit(_Request, tag="commit"):
+    """Makes reserved blocks visible (``keys``) and returns the rest (``abort``) to the pool."""
+
+    namespace: Namespace
+    keys: list[Key]
+    abort: list[Key] = []
+    copy_seconds: Seconds = 0.0
+
+
+class Release(_Request, tag="release"):
+    """Ends leases. ``loaded_blocks`` and ``copy_seconds`` feed the agent's load metrics."""
+
+    lease_ids: Annotated[list[str], msgspec.Meta(max_length=65536)]
+    loaded_blocks: NonNegative = 0
+    copy_seconds: Seconds = 0.0
+
+
+class Stats(_Request, tag="stats"):
+    pass
+
+
+Request = Hello | RegisterNamespace | Lookup | Reserve | Commit | Release | Stats
+
+
+class _Reply(msgspec.Struct, tag_field="kind", frozen=True):
+    pass
+
+
+class HelloReply(_Reply, tag="hello"):
+    session_id: int
+    agent_id: str
+    pool_id: str
+    pool_path: str
+    pool_bytes: int
+    protocol_version: int
+
+
+class NamespaceReply(_Reply, tag="namespace"):
+    namespace: str
+    block_bytes: int
+
+
+class LookupReply(_Reply, tag="lookup"):
+    hits: int
+    pool_id: str
+    #: ``slots[i][j]``: slot of hit block ``j`` in ``namespaces[i]``; empty without a lease.
+    slots: list[list[int]]
+
+
+class ReserveReply(_Reply, tag="reserve"):
+    pool_id: str
+    slots: list[int]
+
+
+class CommitReply(_Reply, tag="commit"):
+    committed: int
+
+
+class ReleaseReply(_Reply, tag="release"):
+    #: Per lease: False when it was unknown (already released or its session dropped); data a
+    #: client copied under such a lease may have been overwritten and must not be trusted.
+    held: list[bool]
+
+
+class StatsReply(_Reply, tag="stats"):
+    stats: dict[str, int | float | str]
+
+
+class ErrorReply(_Reply, tag="error"):
+    code: str
+    message: str
+
+
+Reply = (
+    HelloReply
+    | NamespaceReply
+    | LookupReply
+    | ReserveReply
+    | CommitReply
+    | ReleaseReply
+    | StatsReply
+    | ErrorReply
+)
+
+# Error codes carried by ErrorReply.code.
+E_BAD_FRAME = "bad_frame"
+E_BAD_REQUEST = "bad_request"
+E_NO_SESSION = "no_session"
+E_VERSION = "version_mismatch"
+E_NAMESPACE = "namespace"
+E_INTERNAL = "internal"
+
+request_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def frame(body: bytes) -> bytes:
+    """Prefixes ``body`` with its length header."""
+    return HEADER.pack(len(body)) + body
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encodes one request or reply as a complete frame."""
+    return frame(request_encoder.encode(message))

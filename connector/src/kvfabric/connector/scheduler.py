@@ -1,0 +1,201 @@
+"""Scheduler role: finds hits in the agent, leases them, and plans loads and saves per step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvfabric.connector.client import AgentClient
+from kvfabric.connector.config import ConnectorConfig
+from kvfabric.connector.errors import AgentError
+from kvfabric.connector.keys import chain_keys, request_seed
+from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_of_rank
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _PendingLoad:
+    lease_id: str
+    pool_id: str
+    first_block: int
+    slots: list[list[int]]
+
+
+@dataclass
+class _RequestState:
+    keys: list[bytes]
+    prompt_len: int
+    block_ids: list[int] = field(default_factory=list)
+    #: Blocks before this index are in the agent already, or have been handed to a worker to save.
+    saved_upto: int = 0
+    pending: _PendingLoad | None = None
+    lease_id: str | None = None
+
+
+@dataclass
+class SchedulerStats:
+    lookups: int = 0
+    lookup_failures: int = 0
+    hit_tokens: int = 0
+    loads_planned: int = 0
+    blocks_to_load: int = 0
+    blocks_to_save: int = 0
+
+
+class SchedulerSide:
+    def __init__(
+        self, config: ConnectorConfig, namespaces: list[str], block_size: int, engine_tag: str
+    ) -> None:
+        self.config = config
+        self.namespaces = namespaces
+        self.block_size = block_size
+        self.engine_tag = engine_tag
+        self.client = AgentClient(
+            config.socket_path,
+            f"scheduler:{engine_tag}",
+            timeout_s=config.timeout_ms / 1000,
+            backoff_initial_s=config.backoff_initial_ms / 1000,
+            backoff_max_s=config.backoff_max_ms / 1000,
+        )
+        self.requests: dict[str, _RequestState] = {}
+        self._loads: list[LoadIntent] = []
+        self.stats = SchedulerStats()
+
+    # -- lookups -------------------------------------------------------------------------------------
+
+    def _state(self, req_id: str, prompt: list[int], salt: list[str]) -> _RequestState:
+        st = self.requests.get(req_id)
+        if st is None:
+            keys = chain_keys(prompt, self.block_size, request_seed(salt))
+            st = _RequestState(keys=keys, prompt_len=len(prompt))
+            self.requests[req_id] = st
+        return st
+
+    @staticmethod
+    def _salt(request: Request) -> list[str]:
+        lora = request.lora_request
+        return [request.cache_salt or "", lora.lora_name if lora is not None else ""]
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        prompt = request.prompt_token_ids
+        if prompt is None:
+            return 0, False
+        st = self._state(request.request_id, list(prompt), self._salt(request))
+        local = num_computed_tokens // self.block_size
+        # vLLM must compute at least one prompt token itself, so a full-prompt hit stops short.
+        usable = min(len(st.keys), (len(prompt) - 1) // self.block_size)
+        st.saved_upto = max(st.saved_upto, local)
+        if not self.config.load or usable <= local:
+            return 0, False
+        lease_id = f"{self.engine_tag}:{request.request_id}"
+        self.stats.lookups += 1
+        try:
+            reply = self.client.lookup(self.namespaces, st.keys[local:usable], self.block_size, lease_id)
+        except AgentError as exc:
+            self.stats.lookup_failures += 1
+            log.debug("lookup failed, recomputing", extra={"req": request.request_id, "error": str(exc)})
+            st.pending = None
+            return 0, False
+        if reply.hits == 0:
+            st.pending = None
+            return 0, False
+        st.pending = _PendingLoad(lease_id, reply.pool_id, local, reply.slots)
+        st.lease_id = lease_id
+        st.saved_upto = max(st.saved_upto, local + reply.hits)
+        self.stats.hit_tokens += reply.hits * self.block_size
+        return reply.hits * self.block_size, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        st = self.requests.get(request.request_id)
+        if st is None or st.pending is None:
+            return
+        pending, st.pending = st.pending, None
+        if num_external_tokens == 0:
+            self._release(st)
+            return
+        n = num_external_tokens // self.block_size
+        block_ids = blocks.get_block_ids()[0]
+        ids = block_ids[pending.first_block : pending.first_block + n]
+        self._loads.append(
+            LoadIntent(
+                req_id=request.request_id,
+                lease_id=pending.lease_id,
+                pool_id=pending.pool_id,
+                block_ids=tuple(ids),
+                slots=tuple(tuple(s[:n]) for s in pending.slots),
+            )
+        )
+        self.stats.loads_planned += 1
+        self.stats.blocks_to_load += n
+
+    # -- per step --------------------------------------------------------------------------------------
+
+    def build_connector_meta(self, out: SchedulerOutput) -> KVFabricMetadata:
+        meta = KVFabricMetadata(loads=self._loads)
+        self._loads = []
+        if not self.config.save:
+            return meta
+        for new in out.scheduled_new_reqs:
+            st = self.requests.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            done = new.num_computed_tokens + out.num_scheduled_tokens.get(new.req_id, 0)
+            self._plan_save(new.req_id, st, done, meta)
+        cached = out.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self.requests.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            done = cached.num_computed_tokens[i] + out.num_scheduled_tokens.get(req_id, 0)
+            self._plan_save(req_id, st, done, meta)
+        return meta
+
+    def _plan_save(self, req_id: str, st: _RequestState, computed: int, meta: KVFabricMetadata) -> None:
+        full = min(min(computed, st.prompt_len) // self.block_size, len(st.keys), len(st.block_ids))
+        if full <= st.saved_upto:
+            return
+        start = st.saved_upto
+        meta.saves.append(
+            SaveIntent(
+                req_id=req_id,
+                block_ids=tuple(st.block_ids[start:full]),
+                keys=tuple(st.keys[start:full]),
+                parent=st.keys[start - 1] if start else None,
+            )
+        )
+        self.stats.blocks_to_save += full - start
+        st.saved_upto = full
+
+    def request_finished(self, request: Request) -> None:
+        st = self.requests.pop(request.request_id, None)
+        if st is not None:
+            self._release(st)
+
+    def _release(self, st: _RequestState) -> None:
+        """Drops the request's leases (usually already released by the workers)."""
+        if st.lease_id is None:
+            return
+        lease_ids = [lease_of_rank(st.lease_id, r) for r in range(len(self.namespaces))]
+        st.lease_id = None
+        try:
+            self.client.release(lease_ids)
+        except AgentError:
+            pass  # the agent drops a dead session's leases itself
+
+    def shutdown(self) -> None:
+        self.client.close()

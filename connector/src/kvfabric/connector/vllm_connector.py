@@ -1,0 +1,135 @@
+"""``KVFabricConnector``: vLLM's ``KVConnectorBase_V1``, a thin facade over one role object.
+
+Enable with::
+
+    --kv-transfer-config '{"kv_connector":"KVFabricConnector","kv_role":"kv_both",
+                           "kv_connector_module_path":"kvfabric.connector"}'
+
+Loads are synchronous (done in ``start_load_kv`` before the forward pass); saves happen in
+``wait_for_save`` after it. Any agent failure degrades to a miss or a skipped save, and a block
+that could not be loaded is reported through ``get_block_ids_with_load_errors`` so vLLM
+recomputes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvfabric.connector.config import ConnectorConfig
+from kvfabric.connector.layout import layout_specs
+from kvfabric.connector.metadata import KVFabricMetadata
+from kvfabric.connector.scheduler import SchedulerSide
+from kvfabric.connector.worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.attention.backends.abstract import AttentionMetadata
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class KVFabricConnector(KVConnectorBase_V1):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        assert transfer is not None
+        self.config = ConnectorConfig.from_sources(transfer.kv_connector_extra_config)
+        from vllm.platforms import current_platform
+
+        specs = layout_specs(vllm_config, self.config, current_platform.device_type)
+        tag = uuid.uuid4().hex[:12]
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            # The scheduler reads this right after building us: cache failures must not fail
+            # requests unless the user asked for that.
+            transfer.kv_load_failure_policy = self.config.load_failure_policy
+            self._scheduler = SchedulerSide(
+                self.config, [s.namespace() for s in specs], vllm_config.cache_config.block_size, tag
+            )
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self._worker = WorkerSide(self.config, specs[get_tensor_model_parallel_rank()], tag)
+        log.info(
+            "KVFabric connector ready",
+            extra={"role": role.name, "socket": self.config.socket_path, "namespace": specs[0].namespace()},
+        )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a dropped save is just a future miss
+
+    # -- worker side ---------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVFabricMetadata)
+        self._worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        return  # whole blocks are saved after the step, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVFabricMetadata)
+        self._worker.wait_for_save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.get_block_ids_with_load_errors() if self._worker is not None else set()
+
+    # -- scheduler side -------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        self._scheduler.request_finished(request)
+        return False, None
+
+    def shutdown(self) -> None:
+        for side in (self._scheduler, self._worker):
+            if side is not None:
+                side.shutdown()

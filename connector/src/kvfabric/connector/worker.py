@@ -1,0 +1,186 @@
+"""Worker role: maps the agent's pool and copies blocks between it and vLLM's KV tensors."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvfabric.connector.client import AgentClient
+from kvfabric.connector.config import ConnectorConfig
+from kvfabric.connector.copier import BlockCopier
+from kvfabric.connector.errors import AgentError
+from kvfabric.connector.keys import LayoutSpec
+from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_of_rank
+from kvfabric.connector import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    loaded_blocks: int = 0
+    load_errors: int = 0
+    saved_blocks: int = 0
+    save_skipped_blocks: int = 0
+    save_failures: int = 0
+
+
+class WorkerSide:
+    def __init__(self, config: ConnectorConfig, spec: LayoutSpec, engine_tag: str) -> None:
+        self.config = config
+        self.spec = spec
+        self.namespace = spec.namespace()
+        self.rank = spec.tp_rank
+        self.copier: BlockCopier | None = None
+        self.pool_id: str | None = None
+        self._map: mmap.mmap | None = None
+        self._load_errors: set[int] = set()
+        self.stats = WorkerStats()
+        self.client = AgentClient(
+            config.socket_path,
+            f"worker{self.rank}:{engine_tag}",
+            timeout_s=config.timeout_ms / 1000,
+            backoff_initial_s=config.backoff_initial_ms / 1000,
+            backoff_max_s=config.backoff_max_ms / 1000,
+            on_connect=self._on_connect,
+        )
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layers = list(kv_caches.values())
+        s = self.spec
+        expected = (s.num_kv_heads, s.block_size, 2 * s.head_size)
+        bad = [name for name, t in kv_caches.items() if tuple(t.shape[1:]) != expected]
+        if len(layers) != s.num_layers or bad:
+            log.error(
+                "KV cache layout is not the one this connector supports; KVFabric disabled",
+                extra={"expected": expected, "layers": len(layers), "mismatched": bad[:4]},
+            )
+            return
+        self.copier = BlockCopier(layers)
+        if not self.client.connect():  # connecting registers the layout and maps the pool
+            log.warning("agent not reachable yet; will retry", extra={"socket": self.config.socket_path})
+
+    def _on_connect(self, client: AgentClient, hello: p.HelloReply) -> None:
+        """(Re)connected: declare our layout and map the agent's pool if it is a new one."""
+        assert self.copier is not None
+        client._roundtrip(
+            p.RegisterNamespace(
+                namespace=self.namespace,
+                block_bytes=self.copier.block_bytes,
+                block_tokens=self.spec.block_size,
+                description=repr(self.spec),
+            ),
+            p.NamespaceReply,
+        )
+        if hello.pool_id != self.pool_id:
+            self._map_pool(hello)
+
+    def _map_pool(self, hello: p.HelloReply) -> None:
+        assert self.copier is not None
+        self.copier.detach()
+        self._map = None  # the old mapping goes when the last view of it does
+        fd = os.open(hello.pool_path, os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, hello.pool_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._map = m
+        self.copier.attach(torch.frombuffer(m, dtype=torch.uint8))
+        self.pool_id = hello.pool_id
+        log.info("pool mapped", extra={"pool_id": hello.pool_id, "pool_bytes": hello.pool_bytes})
+
+    # -- loads ---------------------------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: KVFabricMetadata) -> None:
+        if not meta.loads:
+            return
+        if self.copier is None:
+            self._fail_loads(meta.loads)
+            return
+        # Maps the pool if this worker has not reached the agent yet; a worker that cannot
+        # connect may still serve from its mapping (the scheduler's session holds the leases).
+        self.client.connect()
+        copied: list[LoadIntent] = []
+        started = time.perf_counter()
+        for intent in meta.loads:
+            if intent.pool_id != self.pool_id or not self.copier.attached:
+                self._fail_loads([intent])
+                continue
+            try:
+                self.copier.load(intent.block_ids, intent.slots[self.rank])
+            except (ValueError, RuntimeError) as exc:
+                log.warning("load failed", extra={"req": intent.req_id, "error": str(exc)})
+                self._fail_loads([intent])
+                continue
+            copied.append(intent)
+        elapsed = time.perf_counter() - started
+        if not copied:
+            return
+        # Trust the bytes only if our leases still held after the copy: otherwise a slot may
+        # have been evicted and rewritten under us.
+        blocks = sum(len(i.block_ids) for i in copied)
+        try:
+            held = self.client.release(
+                [lease_of_rank(i.lease_id, self.rank) for i in copied], blocks, elapsed
+            )
+        except AgentError:
+            held = [False] * len(copied)
+        for intent, ok in zip(copied, held):
+            if ok:
+                self.stats.loaded_blocks += len(intent.block_ids)
+            else:
+                self._fail_loads([intent])
+
+    def _fail_loads(self, intents: list[LoadIntent]) -> None:
+        for intent in intents:
+            self._load_errors.update(intent.block_ids)
+            self.stats.load_errors += len(intent.block_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- saves ---------------------------------------------------------------------------------------------
+
+    def wait_for_save(self, meta: KVFabricMetadata) -> None:
+        if not meta.saves or self.copier is None:
+            return
+        for intent in meta.saves:
+            try:
+                self._save(intent)
+            except AgentError as exc:
+                self.stats.save_failures += 1
+                log.debug("save skipped", extra={"req": intent.req_id, "error": str(exc)})
+
+    def _save(self, intent: SaveIntent) -> None:
+        assert self.copier is not None
+        reply = self.client.reserve(self.namespace, list(intent.keys), intent.parent)
+        granted = [(b, s, k) for b, s, k in zip(intent.block_ids, reply.slots, intent.keys) if s >= 0]
+        self.stats.save_skipped_blocks += len(intent.keys) - len(granted)
+        if not granted:
+            return
+        keys = [k for _, _, k in granted]
+        if reply.pool_id != self.pool_id or not self.copier.attached:
+            self.client.commit(self.namespace, [], keys, 0.0)
+            return
+        started = time.perf_counter()
+        try:
+            self.copier.save([b for b, _, _ in granted], [s for _, s, _ in granted])
+        except (ValueError, RuntimeError) as exc:
+            log.warning("save copy failed", extra={"req": intent.req_id, "error": str(exc)})
+            self.client.commit(self.namespace, [], keys, 0.0)
+            return
+        done = self.client.commit(self.namespace, keys, [], time.perf_counter() - started)
+        self.stats.saved_blocks += done.committed
+
+    def shutdown(self) -> None:
+        self.client.close()
+        if self.copier is not None:
+            self.copier.detach()

@@ -1,0 +1,40 @@
+"""Admin HTTP: ``/healthz`` (process alive), ``/readyz`` (serving), ``/stats``, ``/metrics``.
+
+Handlers are ``async`` on purpose: they then run on the agent's loop thread, the only thread
+that touches the index.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from kvfabric.agent.server import Agent
+
+
+def build_app(agent: Agent) -> FastAPI:
+    app = FastAPI(title="kvfabric-agent", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok"
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if agent.ready:
+            return PlainTextResponse("ready")
+        return PlainTextResponse("not ready", status_code=503)
+
+    @app.get("/stats")
+    async def stats() -> JSONResponse:
+        return JSONResponse(agent.stats())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(agent.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,65 @@
+"""``kvfabric-agent`` entry point: parse settings, start the pool, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import uvicorn
+
+from kvfabric.agent import logs
+from kvfabric.agent.http import build_app
+from kvfabric.agent.server import Agent, AgentStartError
+from kvfabric.agent.settings import AgentSettings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+async def run(settings: AgentSettings) -> None:
+    agent = Agent(settings)
+    await agent.start()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(agent),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    http = asyncio.create_task(server.serve())
+    try:
+        await asyncio.wait(
+            [http, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        server.should_exit = True
+        await agent.stop()
+        await http
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        asyncio.run(run(settings))
+    except AgentStartError as exc:
+        log.error("agent failed to start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Prometheus metrics of the agent (all prefixed ``kvfabric_``; catalogue in docs/metrics.md).
+
+Counts the index already keeps are read at scrape time by a collector rather than duplicated;
+latencies are real histograms observed on the request path. Each agent has its own registry so
+several agents can live in one test process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from kvfabric.agent.index import BlockIndex
+
+_RPC_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1.0)
+_COPY_BUCKETS = (100e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0, 5.0)
+
+
+class _IndexCollector(Collector):
+    def __init__(self, index: BlockIndex, sessions: Callable[[], int]) -> None:
+        self._index = index
+        self._sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        idx = self._index
+        c = idx.counters
+        alloc = idx.allocator
+
+        def counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+            fam = CounterMetricFamily(name, doc, labels=list(labels) if labels else None)
+            fam.add_metric(list(labels.values()) if labels else [], value)
+            return fam
+
+        blocks = CounterMetricFamily(
+            "kvfabric_lookup_blocks", "Blocks asked for in lookups, by result.", labels=["tier", "result"]
+        )
+        blocks.add_metric(["memory", "hit"], c.hit_blocks)
+        blocks.add_metric(["memory", "miss"], c.miss_blocks)
+        yield blocks
+        tokens = CounterMetricFamily(
+            "kvfabric_lookup_tokens", "Tokens asked for in lookups, by result.", labels=["tier", "result"]
+        )
+        tokens.add_metric(["memory", "hit"], c.hit_tokens)
+        tokens.add_metric(["memory", "miss"], c.miss_tokens)
+        yield tokens
+        yield counter("kvfabric_lookups", "Lookup requests served.", c.lookups)
+        yield counter("kvfabric_saved_blocks", "Blocks committed to the pool.", c.committed_blocks)
+        yield counter("kvfabric_saved_bytes", "Bytes committed to the pool.", c.committed_bytes)
+        yield counter("kvfabric_loaded_blocks", "Blocks engines loaded from the pool.", c.loaded_blocks)
+        yield counter("kvfabric_loaded_bytes", "Bytes engines loaded from the pool.", c.loaded_bytes)
+        yield counter("kvfabric_evictions", "Blocks evicted to make room.", c.evictions)
+        yield counter("kvfabric_evicted_bytes", "Bytes evicted to make room.", c.evicted_bytes)
+        refused = CounterMetricFamily(
+            "kvfabric_save_refused_blocks", "Blocks a save could not reserve, by reason.", labels=["reason"]
+        )
+        refused.add_metric(["present"], c.reserve_refused_present)
+        refused.add_metric(["full"], c.reserve_refused_full)
+        yield refused
+        yield counter("kvfabric_leases", "Leases granted on lookups.", c.leases_granted)
+        yield counter(
+            "kvfabric_leases_lost", "Leases dropped because their session vanished.", c.leases_lost
+        )
+        cap = GaugeMetricFamily("kvfabric_pool_capacity_bytes", "Bytes of the pool.")
+        cap.add_metric([], alloc.pool_bytes)
+        yield cap
+        used = GaugeMetricFamily("kvfabric_pool_used_bytes", "Bytes of the pool holding blocks.")
+        used.add_metric([], alloc.used_bytes)
+        yield used
+        arenas = GaugeMetricFamily("kvfabric_pool_free_arenas", "Arenas not lent to any layout.")
+        arenas.add_metric([], alloc.free_arenas)
+        yield arenas
+        states = GaugeMetricFamily("kvfabric_pool_blocks", "Blocks in the pool, by state.", labels=["state"])
+        for state, n in idx.block_counts().items():
+            states.add_metric([state], n)
+        yield states
+        ns = GaugeMetricFamily("kvfabric_namespaces", "Layouts registered with the agent.")
+        ns.add_metric([], len(idx.namespaces))
+        yield ns
+        sess = GaugeMetricFamily("kvfabric_sessions", "Engine sessions connected now.")
+        sess.add_metric([], self._sessions())
+        yield sess
+
+
+class AgentMetrics:
+    def __init__(self, index: BlockIndex, sessions: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_IndexCollector(index, sessions))
+        self.rpc_seconds = Histogram(
+            "kvfabric_rpc_seconds",
+            "Time the agent spent handling one request, by operation.",
+            ["op"],
+            buckets=_RPC_BUCKETS,
+            registry=self.registry,
+        )
+        self.save_seconds = Histogram(
+            "kvfabric_save_copy_seconds",
+            "Time an engine spent copying one batch of blocks into the pool.",
+            buckets=_COPY_BUCKETS,
+            registry=self.registry,
+        )
+        self.load_seconds = Histogram(
+            "kvfabric_load_copy_seconds",
+            "Time an engine spent copying one batch of leased blocks out of the pool.",
+            buckets=_COPY_BUCKETS,
+            registry=self.registry,
+        )
+        self.sessions_opened = Counter(
+            "kvfabric_sessions_opened", "Engine sessions opened.", registry=self.registry
+        )
+        self.errors = Counter(
+            "kvfabric_errors",
+            "Requests or connections that failed, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.up = Gauge("kvfabric_agent_ready", "1 when the agent serves requests.", registry=self.registry)

@@ -1,0 +1,165 @@
+"""The agent's settings: one typed model, from flags or ``KVFABRIC_*`` environment variables.
+
+Precedence: command-line flag > environment > default. Validated once at start; an invalid
+value stops the agent with a message naming the key. The operator renders the same model
+into the agent's ConfigMap, so this class is the single source of truth for agent settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "KVFABRIC_"
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: object) -> int:
+    """``"2GiB"`` -> 2147483648; plain integers are bytes. SI (GB) and IEC (GiB) both accepted."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 2GiB")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size (examples: 512MiB, 2GiB, 1073741824)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_bytes)]
+
+
+class AgentSettings(BaseSettings):
+    """Settings of one node agent. Every field: unit, default, and why."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    pool_size: ByteSize = Field(
+        default=2 * 1024**3,
+        ge=16 * 1024**2,
+        description="Bytes of shared memory the pool owns (e.g. 2GiB). Reserved up front with "
+        "fallocate so an undersized /dev/shm fails at start, not with SIGBUS later.",
+    )
+    pool_path: Path = Field(
+        default=Path("/dev/shm/kvfabric-pool"),
+        description="File backing the pool; engines map it. Put it on a hugetlbfs mount for "
+        "huge pages. Removed on clean exit; a stale one from a crashed agent is replaced.",
+    )
+    arena_size: ByteSize = Field(
+        default=64 * 1024**2,
+        ge=1024**2,
+        description="Bytes per arena. The pool is cut into arenas, each serving one layout "
+        "(namespace), so several models share a pool without fragmenting it.",
+    )
+    huge_pages: bool = Field(
+        default=False,
+        description="Ask the kernel for transparent huge pages on the pool (madvise); "
+        "best effort, logged when refused.",
+    )
+    socket: Path = Field(
+        default=Path("/run/kvfabric/agent.sock"),
+        description="Unix socket engines connect to (mode 0660).",
+    )
+    http_host: str = Field(default="127.0.0.1", description="Admin HTTP bind address.")
+    http_port: int = Field(
+        default=9400, ge=0, le=65535, description="Admin HTTP port (/healthz, /metrics); 0 picks one."
+    )
+    max_frame_bytes: ByteSize = Field(
+        default=64 * 1024**2,
+        ge=4096,
+        description="Largest request frame accepted; bigger ones close the connection.",
+    )
+    max_sessions: int = Field(
+        default=1024, ge=1, description="Concurrent engine sessions before new ones are refused."
+    )
+    log_format: str = Field(default="text", description="'text' or 'json' log lines.")
+    log_level: str = Field(default="INFO", description="Python logging level name.")
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str) -> str:
+        if v not in ("text", "json"):
+            raise ValueError("must be 'text' or 'json'")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return v
+
+    def to_env(self) -> dict[str, str]:
+        """The ``KVFABRIC_*`` variables that reproduce these settings (used by the operator)."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message names every offending key."""
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "settings"
+        lines.append(f"{key} ({ENV_PREFIX}{key.upper()} / --{key.replace('_', '-')}): {err['msg']}")
+    return "invalid agent settings:\n  " + "\n  ".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvfabric-agent",
+        description="KVFabric node agent: a shared KV-cache pool for vLLM engines on this node. "
+        f"Every flag can also be set as {ENV_PREFIX}<NAME> in the environment.",
+    )
+    for name, field in AgentSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=field.description)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=field.description)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> AgentSettings:
+    """Parses flags over the environment; raises :class:`SettingsError` naming bad keys."""
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return AgentSettings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
