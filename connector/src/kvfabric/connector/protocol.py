@@ -20,6 +20,7 @@ it in the agent's dispatcher. Bump :data:`PROTOCOL_VERSION` for incompatible cha
 from __future__ import annotations
 
 import struct
+import typing
 from typing import Annotated
 
 import msgspec
@@ -176,6 +177,14 @@ E_INTERNAL = "internal"
 request_encoder = msgspec.msgpack.Encoder()
 request_decoder = msgspec.msgpack.Decoder(Request)
 reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+OPS: tuple[str, ...] = tuple(str(t.__struct_config__.tag) for t in typing.get_args(Request))
+
+
+def op_name(request: _Request) -> str:
+    """The request's wire tag (``"lookup"``...), used as a metrics label."""
+    return str(request.__struct_config__.tag)
 
 
 def frame(body: bytes) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -17,9 +18,29 @@ from kvfabric.agent.settings import AgentSettings, SettingsError, load_settings
 log = logging.getLogger(__name__)
 
 
+def _bind_http(settings: AgentSettings) -> socket.socket:
+    """Binds the admin port before anything else, so a taken port is a clean start error."""
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.http_host, settings.http_port))
+    except OSError as exc:
+        sock.close()
+        raise AgentStartError(
+            f"cannot bind admin HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror}"
+        ) from exc
+    return sock
+
+
 async def run(settings: AgentSettings) -> None:
+    http_sock = _bind_http(settings)
     agent = Agent(settings)
-    await agent.start()
+    try:
+        await agent.start()
+    except BaseException:
+        http_sock.close()
+        await agent.stop()
+        raise
     server = uvicorn.Server(
         uvicorn.Config(
             build_app(agent),
@@ -35,7 +56,7 @@ async def run(settings: AgentSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    http = asyncio.create_task(server.serve())
+    http = asyncio.create_task(server.serve(sockets=[http_sock]))
     try:
         await asyncio.wait(
             [http, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED

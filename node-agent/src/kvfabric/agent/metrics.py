@@ -14,9 +14,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvfabric.connector.protocol import (
+    E_BAD_FRAME,
+    E_BAD_REQUEST,
+    E_INTERNAL,
+    E_NAMESPACE,
+    E_NO_SESSION,
+    E_VERSION,
+    OPS,
+)
+
 if TYPE_CHECKING:
     from kvfabric.agent.index import BlockIndex
 
+ERROR_KINDS = (
+    E_BAD_FRAME, E_BAD_REQUEST, E_NO_SESSION, E_VERSION, E_NAMESPACE, E_INTERNAL, "truncated_frame", "connection",
+)
 _RPC_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1.0)
 _COPY_BUCKETS = (100e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0, 5.0)
 
@@ -118,4 +131,9 @@ class AgentMetrics:
             ["kind"],
             registry=self.registry,
         )
+        # Pre-created children, so dashboards and alerts see zeros rather than absent series.
+        for op in OPS:
+            self.rpc_seconds.labels(op)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
         self.up = Gauge("kvfabric_agent_ready", "1 when the agent serves requests.", registry=self.registry)

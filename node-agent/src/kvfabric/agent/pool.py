@@ -35,6 +35,13 @@ class Segment:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale segment of a crashed agent (a live one is ruled out by the socket)
+        # Checked before fallocate: on tmpfs an oversized fallocate fills RAM before it fails.
+        fs = os.statvfs(path.parent)
+        if size > fs.f_bavail * fs.f_frsize:
+            raise PoolError(
+                f"pool of {size} bytes does not fit in {path.parent} "
+                f"({fs.f_bavail * fs.f_frsize} bytes free); lower --pool-size or grow the filesystem"
+            )
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)
         try:
             os.ftruncate(fd, size)

@@ -21,7 +21,7 @@ import msgspec
 
 from kvfabric.agent.index import BlockIndex
 from kvfabric.agent.metrics import AgentMetrics
-from kvfabric.agent.pool import Segment, SlotAllocator
+from kvfabric.agent.pool import PoolError, Segment, SlotAllocator
 from kvfabric.agent.settings import AgentSettings
 from kvfabric.connector import protocol as p
 
@@ -81,7 +81,7 @@ class Agent:
         self._claim_socket(str(path))
         try:
             self.segment = Segment(self.settings.pool_path, self.settings.pool_size, self.settings.huge_pages)
-        except OSError as exc:
+        except (OSError, PoolError) as exc:
             raise AgentStartError(str(exc)) from exc
         self._server = await asyncio.start_unix_server(self._handle, path=str(path))
         os.chmod(path, 0o660)
@@ -165,7 +165,7 @@ class Agent:
                         request = p.request_decoder.decode(body)
                     except msgspec.DecodeError as exc:
                         raise _ProtocolError(p.E_BAD_REQUEST, f"undecodable request: {exc}") from exc
-                    op = type(request).__name__.lower()
+                    op = p.op_name(request)
                     if isinstance(request, p.Hello):
                         if session is not None:
                             raise _ProtocolError(p.E_BAD_REQUEST, "hello sent twice")

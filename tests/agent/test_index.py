@@ -1,0 +1,135 @@
+import pytest
+
+from kvfabric.agent.index import BlockIndex
+from kvfabric.agent.pool import SlotAllocator
+
+BB = 1024  # block bytes
+
+
+def make(slots_per_arena: int = 4, arenas: int = 2) -> BlockIndex:
+    idx = BlockIndex(SlotAllocator(arenas * slots_per_arena * BB, slots_per_arena * BB))
+    idx.register("ns", BB, 16)
+    return idx
+
+
+def k(i: int, branch: int = 0) -> bytes:
+    return bytes([branch, i]) * 8
+
+
+def save(idx: BlockIndex, keys: list[bytes], session: int = 1, parent: bytes | None = None) -> list[int]:
+    slots = idx.reserve("ns", keys, parent, session)
+    idx.commit("ns", [key for key, s in zip(keys, slots) if s >= 0], [], session)
+    return slots
+
+
+def test_reserved_blocks_are_invisible_until_committed() -> None:
+    idx = make()
+    slots = idx.reserve("ns", [k(0), k(1)], None, session=1)
+    assert slots == [0, 1]
+    assert idx.lookup(["ns"], [k(0), k(1)], 16, 2, None)[0] == 0
+    assert idx.commit("ns", [k(0)], [k(1)], session=2) == 0  # not the owner
+    assert idx.commit("ns", [k(0)], [k(1)], session=1) == 1
+    assert idx.lookup(["ns"], [k(0), k(1)], 16, 2, None)[0] == 1
+    assert idx.allocator.used_bytes == BB  # the aborted slot went back
+
+
+def test_present_keys_are_not_reserved_twice() -> None:
+    idx = make()
+    save(idx, [k(0)])
+    assert idx.reserve("ns", [k(0), k(1)], None, 2) == [-1, 1]
+    assert idx.reserve("ns", [k(1)], k(0), 3) == [-1]  # reserved by session 2
+
+
+def test_lookup_is_a_prefix_across_all_namespaces() -> None:
+    idx = make()
+    idx.register("ns2", BB, 16)
+    save(idx, [k(0), k(1), k(2)])
+    idx.reserve("ns2", [k(0), k(1)], None, 1)
+    idx.commit("ns2", [k(0), k(1)], [], 1)
+    assert idx.lookup(["ns"], [k(0), k(1), k(2)], 16, 1, None)[0] == 3
+    assert idx.lookup(["ns", "ns2"], [k(0), k(1), k(2)], 16, 1, None)[0] == 2
+    assert idx.lookup(["ns", "missing"], [k(0)], 16, 1, None)[0] == 0
+    hits, slots = idx.lookup(["ns", "ns2"], [k(0), k(1), k(2)], 16, 1, "L")
+    assert hits == 2 and len(slots) == 2 and set(idx.leases) == {"L#0", "L#1"}
+
+
+def test_eviction_takes_leaves_before_parents_in_lru_order() -> None:
+    idx = make(slots_per_arena=4, arenas=1)
+    save(idx, [k(0), k(1), k(2)])  # chain a0 <- a1 <- a2
+    save(idx, [k(0, 1)])  # another root, newer
+    # pool is full (4 slots); saving a new root must evict the chain's tail, not its head
+    assert save(idx, [k(0, 2)]) != [-1]
+    ns = idx.namespaces["ns"]
+    assert k(2) not in ns.entries and k(0) in ns.entries and k(1) in ns.entries
+    assert save(idx, [k(0, 3)]) != [-1]
+    assert k(1) not in ns.entries and k(0) in ns.entries
+    assert idx.counters.evictions == 2
+
+
+def test_recent_use_protects_from_eviction() -> None:
+    idx = make(slots_per_arena=2, arenas=1)
+    save(idx, [k(0)])
+    save(idx, [k(0, 1)])
+    idx.lookup(["ns"], [k(0)], 16, 1, None)  # touch the older one
+    save(idx, [k(0, 2)])
+    ns = idx.namespaces["ns"]
+    assert k(0) in ns.entries and k(0, 1) not in ns.entries
+
+
+def test_leased_blocks_are_never_evicted_and_full_pool_refuses() -> None:
+    idx = make(slots_per_arena=2, arenas=1)
+    save(idx, [k(0), k(1)])
+    hits, _ = idx.lookup(["ns"], [k(0), k(1)], 16, 7, "L")
+    assert hits == 2
+    assert idx.reserve("ns", [k(0, 1)], None, 1) == [-1]
+    assert idx.counters.reserve_refused_full == 1
+    assert idx.release_many(["L#0"], loaded_blocks=2) == [True]
+    assert idx.counters.loaded_bytes == 2 * BB
+    assert idx.release_many(["L#0"]) == [False]
+    assert idx.reserve("ns", [k(0, 1)], None, 1) != [-1]
+
+
+def test_dropping_a_session_frees_its_leases_and_reservations() -> None:
+    idx = make()
+    save(idx, [k(0), k(1)])
+    idx.lookup(["ns"], [k(0), k(1)], 16, 5, "L")
+    idx.reserve("ns", [k(2), k(3)], k(1), 5)
+    assert idx.drop_session(5) == (1, 2)
+    ns = idx.namespaces["ns"]
+    assert not idx.leases and k(2) not in ns.entries and ns.entries[k(1)].children == 0
+    assert idx.allocator.used_bytes == 2 * BB
+
+
+def test_repeated_lookup_replaces_the_lease() -> None:
+    idx = make()
+    save(idx, [k(0)])
+    idx.lookup(["ns"], [k(0)], 16, 1, "L")
+    idx.lookup(["ns"], [k(0)], 16, 1, "L")
+    assert idx.namespaces["ns"].entries[k(0)].leases == 1
+
+
+def test_namespaces_share_the_pool_by_arena() -> None:
+    idx = make(slots_per_arena=4, arenas=2)
+    idx.register("big", 2 * BB, 16)
+    with pytest.raises(ValueError, match="block_bytes"):
+        idx.register("ns", 2 * BB, 16)
+    with pytest.raises(ValueError, match="arena"):
+        idx.register("huge", 100 * BB, 16)
+    save(idx, [k(0)])  # takes arena 0 for "ns"
+    slots = idx.reserve("big", [k(0), k(1)], None, 1)
+    # arena 1 starts at byte 4*BB = slot 2 in units of 2*BB
+    assert slots == [2, 3]
+    idx.commit("big", [k(0), k(1)], [], 1)
+    assert idx.allocator.free_arenas == 0
+    with pytest.raises(KeyError):
+        idx.reserve("unknown", [k(0)], None, 1)
+
+
+def test_an_emptied_arena_returns_to_the_pool() -> None:
+    idx = make(slots_per_arena=2, arenas=1)
+    idx.register("other", BB, 16)
+    idx.reserve("ns", [k(0)], None, 1)
+    assert idx.allocator.free_arenas == 0
+    idx.commit("ns", [], [k(0)], 1)
+    assert idx.allocator.free_arenas == 1
+    assert idx.reserve("other", [k(0)], None, 1) == [0]

@@ -1,0 +1,39 @@
+import pytest
+
+from kvfabric.agent.settings import AgentSettings, SettingsError, load_settings, parse_bytes
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1GB", 10**9), ("4096", 4096), (123, 123), ("1.5Gi", 3 << 29)],
+)
+def test_parse_bytes(text: object, value: int) -> None:
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "2 GiBs", "-1", "lots", True])
+def test_parse_bytes_rejects(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_bytes(text)
+
+
+def test_flags_beat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVFABRIC_POOL_SIZE", "64MiB")
+    monkeypatch.setenv("KVFABRIC_HTTP_PORT", "1234")
+    s = load_settings(["--pool-size", "128MiB", "--huge-pages"])
+    assert s.pool_size == 128 << 20 and s.http_port == 1234 and s.huge_pages
+
+
+def test_errors_name_key_flag_and_variable() -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(["--pool-size", "1KiB", "--http-port", "70000"])
+    text = str(err.value)
+    assert "pool_size" in text and "--pool-size" in text and "KVFABRIC_POOL_SIZE" in text
+    assert "http_port" in text
+
+
+def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings(["--pool-size", "64MiB", "--huge-pages", "--log-format", "json"])
+    for key, value in s.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert AgentSettings() == s
