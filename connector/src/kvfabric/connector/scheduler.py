@@ -67,6 +67,8 @@ class SchedulerSide:
         self.requests: dict[str, _RequestState] = {}
         self._loads: list[LoadIntent] = []
         self.stats = SchedulerStats()
+        if not self.client.connect():  # early, so the agent lists this engine; failure is fine
+            log.warning("agent not reachable yet; serving without it", extra={"socket": config.socket_path})
 
     # -- lookups -------------------------------------------------------------------------------------
 

@@ -1,0 +1,116 @@
+"""The connector's worker role against a real agent, driven directly (no engine).
+
+Covers the load-error path deterministically: a lease that is lost between the scheduler's
+lookup and the worker's copy must be reported to vLLM, never trusted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+with warnings.catch_warnings():  # vLLM's own import-time deprecations are not ours to fix
+    warnings.simplefilter("ignore")
+    import vllm.distributed.kv_transfer.kv_connector.v1.base  # noqa: F401
+
+from e2e.agent import AgentProcess
+from kvfabric.connector.client import AgentClient
+from kvfabric.connector.config import ConnectorConfig
+from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed
+from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent
+from kvfabric.connector.worker import WorkerSide
+
+pytestmark = pytest.mark.vllm
+
+SPEC = LayoutSpec(
+    model="roles", dtype="float32", kv_cache_dtype="auto", num_layers=2, num_kv_heads=2, head_size=8,
+    block_size=16, tp_size=1, tp_rank=0, layout="cpu",
+)
+
+
+_WORKERS: list[WorkerSide] = []
+
+
+@pytest.fixture(autouse=True)
+def _shutdown_workers() -> Iterator[None]:
+    yield
+    while _WORKERS:
+        _WORKERS.pop().shutdown()
+
+
+def make_worker(agent: AgentProcess, num_blocks: int = 16) -> tuple[WorkerSide, list[torch.Tensor]]:
+    cfg = ConnectorConfig(socket_path=str(agent.socket_path), backoff_initial_ms=1, backoff_max_ms=1)
+    w = WorkerSide(cfg, SPEC, "t")
+    _WORKERS.append(w)
+    kv = [torch.randn(num_blocks, 2, 16, 16) for _ in range(2)]
+    w.register_kv_caches({f"layer.{i}": t for i, t in enumerate(kv)})
+    return w, kv
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    with AgentProcess(tmp_path / "agent", "64MiB", extra_args=["--arena-size", "4MiB"]) as a:
+        yield a
+
+
+def test_save_then_load_through_the_pool_and_lost_lease_is_a_load_error(agent: AgentProcess) -> None:
+    keys = chain_keys(list(range(64)), 16, request_seed())
+    w, kv = make_worker(agent)
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (1, 2, 3, 4), tuple(keys), None)]))
+    assert w.stats.saved_blocks == 4
+
+    sched = AgentClient(str(agent.socket_path), "sched")
+    try:
+        reply = sched.lookup([SPEC.namespace()], keys, 16, lease_id="L")
+        assert reply.hits == 4
+        w2, kv2 = make_worker(agent)
+        intent = LoadIntent("r", "L", reply.pool_id, (9, 10, 11, 12), tuple(tuple(s) for s in reply.slots))
+        w2.start_load_kv(KVFabricMetadata(loads=[intent]))
+        assert w2.get_block_ids_with_load_errors() == set()
+        for a, b in zip(kv, kv2):
+            assert torch.equal(a[1:5], b[9:13])
+
+        # The lease is gone (already released by the load above): a second copy under it
+        # must be reported as failed, not trusted.
+        w2.start_load_kv(KVFabricMetadata(loads=[intent]))
+        assert w2.get_block_ids_with_load_errors() == {9, 10, 11, 12}
+        assert w2.stats.load_errors == 4
+
+        # A lease from a previous agent (another pool) is never copied at all.
+        stale = LoadIntent("r", "L", "another-pool", (5,), ((0,),))
+        w2.start_load_kv(KVFabricMetadata(loads=[stale]))
+        assert w2.get_block_ids_with_load_errors() == {5}
+    finally:
+        sched.close()
+
+
+def test_worker_with_agent_gone_reports_every_load_as_failed(agent: AgentProcess) -> None:
+    keys = chain_keys(list(range(32)), 16, request_seed())
+    w, _ = make_worker(agent)
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (1, 2), tuple(keys), None)]))
+    sched = AgentClient(str(agent.socket_path), "sched")
+    reply = sched.lookup([SPEC.namespace()], keys, 16, lease_id="L")
+    agent.kill()  # leases die with the agent
+    try:
+        intent = LoadIntent("r", "L", reply.pool_id, (3, 4), tuple(tuple(s) for s in reply.slots))
+        w.start_load_kv(KVFabricMetadata(loads=[intent]))
+        assert w.get_block_ids_with_load_errors() == {3, 4}
+        # saves are skipped quietly
+        w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r2", (5,), (b"k" * 16,), None)]))
+        assert w.stats.save_failures == 1
+    finally:
+        sched.close()
+
+
+def test_unsupported_layout_disables_the_worker(agent: AgentProcess) -> None:
+    w = WorkerSide(ConnectorConfig(socket_path=str(agent.socket_path)), SPEC, "t")
+    _WORKERS.append(w)
+    w.register_kv_caches({"layer.0": torch.zeros(4, 3, 3)})
+    assert w.copier is None
+    intent = LoadIntent("r", "L", "p", (1,), ((0,),))
+    w.start_load_kv(KVFabricMetadata(loads=[intent]))
+    assert w.get_block_ids_with_load_errors() == {1}

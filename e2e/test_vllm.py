@@ -1,0 +1,198 @@
+"""Real vLLM engines (CPU, float32, greedy) against a real agent, each engine its own process.
+
+Every identity check has a control that shows it can fail: loading poisoned KV changes the
+output, so equal outputs with hits really mean the right KV was loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.agent import AgentProcess
+from e2e.conftest import BLOCK, MAX_TOKENS, PROMPTS
+from e2e.engine import EngineProcess
+
+pytestmark = pytest.mark.vllm
+
+
+def full_blocks(name: str) -> int:
+    return len(PROMPTS[name]) // BLOCK
+
+
+def usable_blocks(name: str) -> int:
+    """Blocks a hit can cover: vLLM always computes at least the last prompt token."""
+    return (len(PROMPTS[name]) - 1) // BLOCK
+
+
+def fast_retry(agent: AgentProcess) -> dict[str, Any]:
+    return {"socket_path": str(agent.socket_path), "backoff_initial_ms": 50, "backoff_max_ms": 200}
+
+
+def start(engines: list[EngineProcess], model_dir: Path, tmp: Path, cfg: dict[str, Any] | None, name: str) -> EngineProcess:
+    e = EngineProcess(model_dir, tmp, cfg, log_name=name)
+    engines.append(e)
+    return e
+
+
+def poison_pool(agent: AgentProcess) -> None:
+    """Overwrites every byte the pool has handed out with noise."""
+    used = agent.stats()["pool_used_bytes"]
+    arena = 64 << 20
+    with open(agent.pool_path, "r+b") as f:
+        for offset in range(0, max(used, arena), 1 << 20):
+            f.seek(offset)
+            f.write(os.urandom(1 << 20))
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Any:
+    with AgentProcess(tmp_path / "agent", "1GiB") as a:
+        yield a
+
+
+def test_restart_reuses_prefix_and_output_is_identical(
+    agent: AgentProcess, engines: list[EngineProcess], model_dir: Path, tmp_path: Path,
+    baseline: dict[str, list[int]],
+) -> None:
+    cfg = fast_retry(agent)
+    e1 = start(engines, model_dir, tmp_path, cfg, "engine1")
+    (cold,) = e1.generate([PROMPTS["P"]], MAX_TOKENS)
+    assert cold.cached_tokens == 0 and cold.tokens == baseline["P"]
+    e1.close()
+    assert agent.stats()["committed_blocks"] == full_blocks("P")
+
+    e2 = start(engines, model_dir, tmp_path, cfg, "engine2")
+    (warm,) = e2.generate([PROMPTS["P"]], MAX_TOKENS)
+    stats = agent.stats()
+    assert warm.cached_tokens >= 0.9 * full_blocks("P") * BLOCK
+    assert stats["loaded_blocks"] >= 0.9 * full_blocks("P")
+    assert stats["hit_blocks"] == usable_blocks("P")
+    assert warm.tokens == baseline["P"]
+    e2.close()
+
+    # Control: the same hits served from a poisoned pool must change the output.
+    poison_pool(agent)
+    e3 = start(engines, model_dir, tmp_path, cfg, "engine3")
+    (poisoned,) = e3.generate([PROMPTS["P"]], MAX_TOKENS)
+    assert poisoned.cached_tokens == warm.cached_tokens
+    assert poisoned.tokens != baseline["P"]
+
+
+def test_two_live_engines_share_one_pool(
+    agent: AgentProcess, engines: list[EngineProcess], model_dir: Path, tmp_path: Path,
+    baseline: dict[str, list[int]],
+) -> None:
+    cfg = fast_retry(agent)
+    a = start(engines, model_dir, tmp_path, cfg, "engineA")
+    b = start(engines, model_dir, tmp_path, cfg, "engineB")
+    assert agent.stats()["sessions"] == 4  # scheduler + worker of each engine
+    (qa,) = a.generate([PROMPTS["Q"]], MAX_TOKENS)
+    (qb,) = b.generate([PROMPTS["Q"]], MAX_TOKENS)
+    assert qa.cached_tokens == 0
+    assert qb.cached_tokens == usable_blocks("Q") * BLOCK
+    assert qa.tokens == qb.tokens == baseline["Q"]
+    # and the other way round
+    (pb,) = b.generate([PROMPTS["P"]], MAX_TOKENS)
+    (pa,) = a.generate([PROMPTS["P"]], MAX_TOKENS)
+    assert pb.cached_tokens == 0 and pa.cached_tokens == usable_blocks("P") * BLOCK
+    assert pa.tokens == pb.tokens == baseline["P"]
+
+
+def test_partial_prefix_reuses_exactly_the_shared_full_blocks(
+    agent: AgentProcess, engines: list[EngineProcess], model_dir: Path, tmp_path: Path,
+    baseline: dict[str, list[int]],
+) -> None:
+    e = start(engines, model_dir, tmp_path, fast_retry(agent), "engine")
+    r1, r2 = e.generate([PROMPTS["R1"], PROMPTS["R2"]], MAX_TOKENS)
+    assert r1.cached_tokens == 0
+    # R1 and R2 share 5 full blocks and 37 tokens of a sixth: exactly 5 blocks are reused.
+    assert r2.cached_tokens == 5 * BLOCK
+    assert r1.tokens == baseline["R1"] and r2.tokens == baseline["R2"]
+    assert agent.stats()["loaded_blocks"] == 5
+
+
+def _serve_until_hit(e: EngineProcess, name: str, tries: int = 40) -> int:
+    """Serves ``name`` until it is a hit (the connector reconnects with backoff); bounded."""
+    for _ in range(tries):
+        (out,) = e.generate([PROMPTS[name]], 1)
+        if out.cached_tokens:
+            return out.cached_tokens
+        time.sleep(0.1)
+    return 0
+
+
+def test_agent_faults_fall_back_to_recompute_and_hits_resume(
+    engines: list[EngineProcess], model_dir: Path, tmp_path: Path, baseline: dict[str, list[int]],
+) -> None:
+    agent = AgentProcess(tmp_path / "agent", "1GiB")  # not started yet
+    e = start(engines, model_dir, tmp_path, fast_retry(agent), "engine")
+    try:
+        # 1. no agent at all: serves, no hits
+        outs = e.generate([PROMPTS["D0"], PROMPTS["D0"]], MAX_TOKENS)
+        assert [o.tokens for o in outs] == [baseline["D0"]] * 2
+        assert all(o.cached_tokens == 0 for o in outs)
+
+        # 2. the agent appears: the same engine starts saving and hitting
+        agent.start()
+        assert _serve_until_hit(e, "D1") == usable_blocks("D1") * BLOCK
+
+        # 3. agent paused (slow, not dead): requests still succeed, within the call deadline
+        for name in ("D2", "D3"):
+            e.generate([PROMPTS[name]], MAX_TOKENS)  # saved while the agent is healthy
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGSTOP)
+        try:
+            (slow,) = e.generate([PROMPTS["D2"]], MAX_TOKENS)
+        finally:
+            agent.proc.send_signal(signal.SIGCONT)
+        assert slow.tokens == baseline["D2"]
+
+        # 4. agent killed in the middle of a batch with hits: every request succeeds unchanged
+        killer = threading.Timer(0.3, agent.kill)
+        killer.start()
+        names = ["D3", "D1", "D2", "D3", "D1", "D2"]
+        outs = e.generate([PROMPTS[n] for n in names], MAX_TOKENS)
+        killer.join()
+        assert [o.tokens for o in outs] == [baseline[n] for n in names]
+        assert agent.proc is not None and agent.proc.poll() is not None
+
+        # 5. agent restarted: hits resume without restarting the engine
+        agent.start()
+        (fresh,) = e.generate([PROMPTS["D4"]], MAX_TOKENS)
+        assert fresh.tokens == baseline["D4"]
+        assert _serve_until_hit(e, "D4") == usable_blocks("D4") * BLOCK
+        (again,) = e.generate([PROMPTS["D4"]], MAX_TOKENS)
+        assert again.tokens == baseline["D4"]
+    finally:
+        agent.cleanup()
+
+
+def test_pool_pressure_evicts_without_errors(
+    engines: list[EngineProcess], model_dir: Path, tmp_path: Path, baseline: dict[str, list[int]],
+) -> None:
+    # 32 slots of 512 KiB; six 7-block prompts need 42.
+    with AgentProcess(tmp_path / "agent", "16MiB", extra_args=["--arena-size", "4MiB"]) as agent:
+        names = [f"E{i}" for i in range(6)]
+        cfg = fast_retry(agent)
+        e1 = start(engines, model_dir, tmp_path, cfg, "engine1")
+        first = e1.generate([PROMPTS[n] for n in names], MAX_TOKENS)
+        e1.close()
+        stats = agent.stats()
+        assert stats["evictions"] > 0
+        assert stats["pool_used_bytes"] <= stats["pool_bytes"]
+        e2 = start(engines, model_dir, tmp_path, cfg, "engine2")
+        second = e2.generate([PROMPTS[n] for n in reversed(names)], MAX_TOKENS)
+        assert [o.tokens for o in first] == [baseline[n] for n in names]
+        assert [o.tokens for o in second] == [baseline[n] for n in reversed(names)]
+        hits = [o.cached_tokens for o in second]
+        assert hits[0] > 0  # the most recent prompt survived
+        metrics = agent.metrics_text()
+        for kind in ("internal", "bad_request", "namespace", "bad_frame"):
+            assert f'kvfabric_errors_total{{kind="{kind}"}} 0.0' in metrics
