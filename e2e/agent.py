@@ -21,7 +21,9 @@ def free_port() -> int:
 
 
 class AgentProcess:
-    def __init__(self, workdir: Path, pool_size: str = "1GiB", *, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, pool_size: str = "1GiB", *, extra_args: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket_path = workdir / "agent.sock"
@@ -41,10 +43,14 @@ class AgentProcess:
             sys.executable,
             "-m",
             "kvfabric.agent.main",
-            "--pool-size", self.pool_size,
-            "--pool-path", str(self.pool_path),
-            "--socket", str(self.socket_path),
-            "--http-port", str(self.http_port),
+            "--pool-size",
+            self.pool_size,
+            "--pool-path",
+            str(self.pool_path),
+            "--socket",
+            str(self.socket_path),
+            "--http-port",
+            str(self.http_port),
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")

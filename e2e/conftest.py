@@ -44,7 +44,7 @@ def baseline(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     """Greedy outputs of every prompt from an engine without any connector or prefix cache."""
     with EngineProcess(model_dir, tmp_path_factory.mktemp("baseline"), None, log_name="baseline") as e:
         outs = e.generate(list(PROMPTS.values()), MAX_TOKENS)
-    return {name: o.tokens for name, o in zip(PROMPTS, outs)}
+    return {name: o.tokens for name, o in zip(PROMPTS, outs, strict=True)}
 
 
 @pytest.fixture

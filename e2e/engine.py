@@ -97,9 +97,7 @@ class EngineProcess:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=30)
-            raise RuntimeError(
-                f"engine exited with {self.proc.returncode}; log tail:\n{self.tail()}"
-            )
+            raise RuntimeError(f"engine exited with {self.proc.returncode}; log tail:\n{self.tail()}")
         return dict(json.loads(line))
 
     def tail(self, n: int = 4000) -> str:
@@ -109,7 +107,9 @@ class EngineProcess:
     def generate(self, prompts: list[list[int]], max_tokens: int = 16) -> list[Output]:
         """Greedy generation, one prompt at a time (so ``seconds`` is that prompt's latency)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps({"op": "generate", "prompts": prompts, "max_tokens": max_tokens}) + "\n").encode())
+        self.proc.stdin.write(
+            (json.dumps({"op": "generate", "prompts": prompts, "max_tokens": max_tokens}) + "\n").encode()
+        )
         self.proc.stdin.flush()
         reply = self._read()
         if "error" in reply:

@@ -27,8 +27,16 @@ from kvfabric.connector.worker import WorkerSide
 pytestmark = pytest.mark.vllm
 
 SPEC = LayoutSpec(
-    model="roles", dtype="float32", kv_cache_dtype="auto", num_layers=2, num_kv_heads=2, head_size=8,
-    block_size=16, tp_size=1, tp_rank=0, layout="cpu",
+    model="roles",
+    dtype="float32",
+    kv_cache_dtype="auto",
+    num_layers=2,
+    num_kv_heads=2,
+    head_size=8,
+    block_size=16,
+    tp_size=1,
+    tp_rank=0,
+    layout="cpu",
 )
 
 
@@ -71,7 +79,7 @@ def test_save_then_load_through_the_pool_and_lost_lease_is_a_load_error(agent: A
         intent = LoadIntent("r", "L", reply.pool_id, (9, 10, 11, 12), tuple(tuple(s) for s in reply.slots))
         w2.start_load_kv(KVFabricMetadata(loads=[intent]))
         assert w2.get_block_ids_with_load_errors() == set()
-        for a, b in zip(kv, kv2):
+        for a, b in zip(kv, kv2, strict=True):
             assert torch.equal(a[1:5], b[9:13])
 
         # The lease is gone (already released by the load above): a second copy under it

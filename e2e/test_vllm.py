@@ -35,7 +35,9 @@ def fast_retry(agent: AgentProcess) -> dict[str, Any]:
     return {"socket_path": str(agent.socket_path), "backoff_initial_ms": 50, "backoff_max_ms": 200}
 
 
-def start(engines: list[EngineProcess], model_dir: Path, tmp: Path, cfg: dict[str, Any] | None, name: str) -> EngineProcess:
+def start(
+    engines: list[EngineProcess], model_dir: Path, tmp: Path, cfg: dict[str, Any] | None, name: str
+) -> EngineProcess:
     e = EngineProcess(model_dir, tmp, cfg, log_name=name)
     engines.append(e)
     return e
@@ -58,7 +60,10 @@ def agent(tmp_path: Path) -> Any:
 
 
 def test_restart_reuses_prefix_and_output_is_identical(
-    agent: AgentProcess, engines: list[EngineProcess], model_dir: Path, tmp_path: Path,
+    agent: AgentProcess,
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp_path: Path,
     baseline: dict[str, list[int]],
 ) -> None:
     cfg = fast_retry(agent)
@@ -86,7 +91,10 @@ def test_restart_reuses_prefix_and_output_is_identical(
 
 
 def test_two_live_engines_share_one_pool(
-    agent: AgentProcess, engines: list[EngineProcess], model_dir: Path, tmp_path: Path,
+    agent: AgentProcess,
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp_path: Path,
     baseline: dict[str, list[int]],
 ) -> None:
     cfg = fast_retry(agent)
@@ -106,7 +114,10 @@ def test_two_live_engines_share_one_pool(
 
 
 def test_partial_prefix_reuses_exactly_the_shared_full_blocks(
-    agent: AgentProcess, engines: list[EngineProcess], model_dir: Path, tmp_path: Path,
+    agent: AgentProcess,
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp_path: Path,
     baseline: dict[str, list[int]],
 ) -> None:
     e = start(engines, model_dir, tmp_path, fast_retry(agent), "engine")
@@ -129,7 +140,10 @@ def _serve_until_hit(e: EngineProcess, name: str, tries: int = 40) -> int:
 
 
 def test_agent_faults_fall_back_to_recompute_and_hits_resume(
-    engines: list[EngineProcess], model_dir: Path, tmp_path: Path, baseline: dict[str, list[int]],
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp_path: Path,
+    baseline: dict[str, list[int]],
 ) -> None:
     agent = AgentProcess(tmp_path / "agent", "1GiB")  # not started yet
     e = start(engines, model_dir, tmp_path, fast_retry(agent), "engine")
@@ -175,7 +189,10 @@ def test_agent_faults_fall_back_to_recompute_and_hits_resume(
 
 
 def test_pool_pressure_evicts_without_errors(
-    engines: list[EngineProcess], model_dir: Path, tmp_path: Path, baseline: dict[str, list[int]],
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp_path: Path,
+    baseline: dict[str, list[int]],
 ) -> None:
     # 32 slots of 512 KiB; six 7-block prompts need 42.
     with AgentProcess(tmp_path / "agent", "16MiB", extra_args=["--arena-size", "4MiB"]) as agent:

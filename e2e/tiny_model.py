@@ -35,10 +35,37 @@ CONFIG = {
 
 
 def _corpus() -> list[str]:
-    words = (
-        "cache block key value token prefix engine agent pool node pod shared memory restart "
-        "warm cold load save evict lease commit reserve layer head size tensor model vllm fabric"
-    ).split()
+    words = [
+        "cache",
+        "block",
+        "key",
+        "value",
+        "token",
+        "prefix",
+        "engine",
+        "agent",
+        "pool",
+        "node",
+        "pod",
+        "shared",
+        "memory",
+        "restart",
+        "warm",
+        "cold",
+        "load",
+        "save",
+        "evict",
+        "lease",
+        "commit",
+        "reserve",
+        "layer",
+        "head",
+        "size",
+        "tensor",
+        "model",
+        "vllm",
+        "fabric",
+    ]
     # Deterministic pseudo-text so the tokenizer is the same on every machine.
     return [" ".join(words[(i * 7 + j * 13) % len(words)] for j in range(40)) for i in range(400)]
 

@@ -18,7 +18,7 @@ def k(i: int, branch: int = 0) -> bytes:
 
 def save(idx: BlockIndex, keys: list[bytes], session: int = 1, parent: bytes | None = None) -> list[int]:
     slots = idx.reserve("ns", keys, parent, session)
-    idx.commit("ns", [key for key, s in zip(keys, slots) if s >= 0], [], session)
+    idx.commit("ns", [key for key, s in zip(keys, slots, strict=True) if s >= 0], [], session)
     return slots
 
 
@@ -133,3 +133,36 @@ def test_an_emptied_arena_returns_to_the_pool() -> None:
     idx.commit("ns", [], [k(0)], 1)
     assert idx.allocator.free_arenas == 1
     assert idx.reserve("other", [k(0)], None, 1) == [0]
+
+
+def test_a_new_namespace_reclaims_arenas_from_one_that_holds_them_all() -> None:
+    idx = make(slots_per_arena=2, arenas=4)
+    save(idx, [k(i) for i in range(8)])  # "ns" fills all 4 arenas with one chain
+    idx.register("late", BB, 16)
+    assert idx.allocator.free_arenas == 0
+    slots = idx.reserve("late", [k(0, 9)], None, 1)
+    assert slots != [-1]
+    ns = idx.namespaces["ns"]
+    # the emptied arena held the chain's head: its whole subtree went, children first
+    assert len(ns.entries) < 8 and all(
+        e.parent is None or e.parent in ns.entries for e in ns.entries.values()
+    )
+    assert sum(e.children for e in ns.entries.values()) == sum(len(v) for v in ns.kids.values())
+    assert idx.allocator.used_bytes == (len(ns.entries) + 1) * BB
+
+
+def test_reclaim_skips_arenas_with_leased_blocks_and_shares_converge() -> None:
+    idx = make(slots_per_arena=2, arenas=4)
+    for b in range(4):
+        save(idx, [k(0, b), k(1, b)])  # four 2-block chains, one per arena
+    idx.lookup(["ns"], [k(0, 0), k(1, 0)], 16, 3, "L")  # arena 0 leased
+    idx.register("late", BB, 16)
+    for i in range(6):
+        assert idx.reserve("late", [k(i, 7)], k(i - 1, 7) if i else None, 1) != [-1]
+        idx.commit("late", [k(i, 7)], [], 1)
+    ns = idx.namespaces["ns"]
+    assert k(0, 0) in ns.entries and k(1, 0) in ns.entries  # leased chain survived
+    # equal shares: two arenas each; beyond that "late" evicts its own oldest blocks
+    late = idx.namespaces["late"]
+    assert len(ns.slots.arenas) == 2 and len(late.slots.arenas) == 2
+    assert len(late.entries) == 4 and k(5, 7) in late.entries and k(0, 7) in late.entries

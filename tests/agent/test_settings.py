@@ -5,7 +5,14 @@ from kvfabric.agent.settings import AgentSettings, SettingsError, load_settings,
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1GB", 10**9), ("4096", 4096), (123, 123), ("1.5Gi", 3 << 29)],
+    [
+        ("2GiB", 2 << 30),
+        ("512MiB", 512 << 20),
+        ("1GB", 10**9),
+        ("4096", 4096),
+        (123, 123),
+        ("1.5Gi", 3 << 29),
+    ],
 )
 def test_parse_bytes(text: object, value: int) -> None:
     assert parse_bytes(text) == value

@@ -34,7 +34,7 @@ def test_save_then_load_restores_every_byte(fragmented: bool) -> None:
     loader = BlockCopier(dst)
     loader.attach(pool)
     loader.load(blocks.tolist(), slots.tolist())
-    for a, b in zip(src, dst):
+    for a, b in zip(src, dst, strict=True):
         assert torch.equal(a[blocks], b[blocks])
         untouched = np.setdiff1d(np.arange(32), blocks)
         assert torch.isnan(b[untouched]).all()

@@ -8,8 +8,16 @@ import pytest
 from kvfabric.connector.keys import KEY_BYTES, LayoutSpec, chain_keys, request_seed
 
 SPEC = LayoutSpec(
-    model="m", dtype="float32", kv_cache_dtype="auto", num_layers=4, num_kv_heads=2, head_size=64,
-    block_size=128, tp_size=1, tp_rank=0, layout="cpu",
+    model="m",
+    dtype="float32",
+    kv_cache_dtype="auto",
+    num_layers=4,
+    num_kv_heads=2,
+    head_size=64,
+    block_size=128,
+    tp_size=1,
+    tp_rank=0,
+    layout="cpu",
 )
 
 
@@ -27,7 +35,7 @@ def test_key_depends_on_every_preceding_token() -> None:
     changed = tokens.copy()
     changed[5] += 1
     other = chain_keys(changed, 128, request_seed())
-    assert all(a != b for a, b in zip(base, other))
+    assert all(a != b for a, b in zip(base, other, strict=True))
     tail = tokens.copy()
     tail[300] += 1
     other = chain_keys(tail, 128, request_seed())
@@ -67,8 +75,11 @@ def test_keys_do_not_depend_on_pythonhashseed() -> None:
     )
     outs = {
         subprocess.run(
-            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True, text=True, check=True,
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         for seed in ("0", "1", "random")
     }

@@ -79,8 +79,12 @@ def test_save_lookup_lease_release_through_a_real_agent(agent: AgentProcess) -> 
         (msgspec.msgpack.encode({"op": "teleport"}), False),  # unknown op
         (msgspec.msgpack.encode({"op": "lookup", "namespaces": [], "keys": [], "block_tokens": 1}), False),
         (msgspec.msgpack.encode({"op": "reserve", "namespace": "unregistered", "keys": [b"k" * 16]}), False),
-        (msgspec.msgpack.encode({"op": "register_namespace", "namespace": "n", "block_bytes": 1 << 40,
-                                 "block_tokens": 1}), False),  # bigger than an arena
+        (
+            msgspec.msgpack.encode(
+                {"op": "register_namespace", "namespace": "n", "block_bytes": 1 << 40, "block_tokens": 1}
+            ),
+            False,
+        ),  # bigger than an arena
     ],
 )
 def test_bad_requests_get_an_error_and_the_session_survives(
@@ -146,9 +150,22 @@ def test_rejections_surface_as_agent_rejected(agent: AgentProcess) -> None:
 
 def test_refuses_to_start_beside_a_live_agent(agent: AgentProcess, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "kvfabric.agent.main", "--socket", str(agent.socket_path),
-         "--pool-size", "16MiB", "--pool-path", str(tmp_path / "other-pool"), "--http-port", "0"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "kvfabric.agent.main",
+            "--socket",
+            str(agent.socket_path),
+            "--pool-size",
+            "16MiB",
+            "--pool-path",
+            str(tmp_path / "other-pool"),
+            "--http-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert "another agent is serving" in proc.stderr
@@ -157,12 +174,22 @@ def test_refuses_to_start_beside_a_live_agent(agent: AgentProcess, tmp_path: Pat
 
 
 def test_invalid_settings_and_oversized_pool_fail_clearly(tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "kvfabric.agent.main", "--socket", str(tmp_path / "s.sock"), "--http-port", "0"]
+    base = [
+        sys.executable,
+        "-m",
+        "kvfabric.agent.main",
+        "--socket",
+        str(tmp_path / "s.sock"),
+        "--http-port",
+        "0",
+    ]
     bad = subprocess.run([*base, "--pool-size", "lots"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "pool_size" in bad.stderr
     huge = subprocess.run(
         [*base, "--pool-size", "100TiB", "--pool-path", str(tmp_path / "pool")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert huge.returncode == 1 and "does not fit" in huge.stderr
     assert not (tmp_path / "pool").exists() and not (tmp_path / "s.sock").exists()
@@ -216,9 +243,16 @@ def test_admin_endpoints(agent: AgentProcess) -> None:
         with urllib.request.urlopen(agent.url + path) as r:
             assert r.status == 200 and r.read() == body
     text = agent.metrics_text()
-    for name in ["kvfabric_pool_capacity_bytes", "kvfabric_pool_used_bytes", "kvfabric_lookup_blocks_total",
-                 "kvfabric_evictions_total", "kvfabric_sessions", "kvfabric_rpc_seconds_bucket",
-                 "kvfabric_save_copy_seconds_bucket", "kvfabric_load_copy_seconds_bucket"]:
+    for name in [
+        "kvfabric_pool_capacity_bytes",
+        "kvfabric_pool_used_bytes",
+        "kvfabric_lookup_blocks_total",
+        "kvfabric_evictions_total",
+        "kvfabric_sessions",
+        "kvfabric_rpc_seconds_bucket",
+        "kvfabric_save_copy_seconds_bucket",
+        "kvfabric_load_copy_seconds_bucket",
+    ]:
         assert name in text, name
 
 

@@ -81,9 +81,7 @@ class AgentClient:
         """Drops the connection and opens the breaker."""
         self.close()
         self.failures += 1
-        self._backoff_s = min(
-            self.backoff_max_s, max(self.backoff_initial_s, self._backoff_s * 2)
-        )
+        self._backoff_s = min(self.backoff_max_s, max(self.backoff_initial_s, self._backoff_s * 2))
         self._retry_at = time.monotonic() + self._backoff_s
         log.warning(
             "kvfabric agent unavailable, recomputing for %.2fs",
@@ -199,9 +197,7 @@ class AgentClient:
             p.CommitReply,
         )
 
-    def release(
-        self, lease_ids: list[str], loaded_blocks: int = 0, copy_seconds: float = 0.0
-    ) -> list[bool]:
+    def release(self, lease_ids: list[str], loaded_blocks: int = 0, copy_seconds: float = 0.0) -> list[bool]:
         reply = self.call(
             p.Release(lease_ids=lease_ids, loaded_blocks=loaded_blocks, copy_seconds=copy_seconds),
             p.ReleaseReply,

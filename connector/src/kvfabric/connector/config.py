@@ -36,9 +36,7 @@ class ConnectorConfig(BaseModel):
     backoff_initial_ms: int = Field(
         default=200, ge=1, description="First wait before reconnecting to a failed agent."
     )
-    backoff_max_ms: int = Field(
-        default=5000, ge=1, description="Longest wait between reconnect attempts."
-    )
+    backoff_max_ms: int = Field(default=5000, ge=1, description="Longest wait between reconnect attempts.")
     load: bool = Field(default=True, description="Load hits from the pool.")
     save: bool = Field(default=True, description="Save newly computed prompt blocks to the pool.")
     model_id: str | None = Field(

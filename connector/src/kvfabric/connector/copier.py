@@ -25,7 +25,7 @@ def find_runs(dst: np.ndarray, src: np.ndarray) -> list[tuple[int, int, int]]:
     breaks = np.flatnonzero((np.diff(dst) != 1) | (np.diff(src) != 1)) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(dst)]))
-    return [(int(dst[s]), int(src[s]), int(e - s)) for s, e in zip(starts, ends)]
+    return [(int(dst[s]), int(src[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
 class BlockCopier:
@@ -69,10 +69,7 @@ class BlockCopier:
         if dst.shape != src.shape:
             raise ValueError("block_ids and slots differ in length")
         if len(dst) and (
-            dst.min() < 0
-            or dst.max() >= self.num_blocks
-            or src.min() < 0
-            or src.max() >= self._pool.shape[0]
+            dst.min() < 0 or dst.max() >= self.num_blocks or src.min() < 0 or src.max() >= self._pool.shape[0]
         ):
             raise ValueError("block id or slot out of range")
         return dst, src
@@ -96,7 +93,7 @@ class BlockCopier:
             return
         runs = find_runs(blocks, slots)
         if len(runs) * _MIN_BLOCKS_PER_RUN <= len(blocks):
-            for layer, off in zip(self.layers, self.offsets):
+            for layer, off in zip(self.layers, self.offsets, strict=True):
                 width = layer.shape[1]
                 for b, s, n in runs:
                     kv = layer[b : b + n]
@@ -108,7 +105,7 @@ class BlockCopier:
             return
         bt = torch.from_numpy(blocks)
         st = torch.from_numpy(slots)
-        for layer, off in zip(self.layers, self.offsets):
+        for layer, off in zip(self.layers, self.offsets, strict=True):
             width = layer.shape[1]
             if to_pool:
                 pool[st, off : off + width] = layer.index_select(0, bt)

@@ -40,14 +40,14 @@ class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, froze
     pass
 
 
-class Hello(_Request, tag="hello"):
+class Hello(_Request, frozen=True, tag="hello"):
     """Opens the session. ``client`` names the engine process for logs and stats."""
 
     protocol_version: int
     client: Annotated[str, msgspec.Meta(max_length=256)]
 
 
-class RegisterNamespace(_Request, tag="register_namespace"):
+class RegisterNamespace(_Request, frozen=True, tag="register_namespace"):
     """Declares a layout so the agent can carve slots for it; idempotent for equal sizes."""
 
     namespace: Namespace
@@ -56,7 +56,7 @@ class RegisterNamespace(_Request, tag="register_namespace"):
     description: Annotated[str, msgspec.Meta(max_length=4096)] = ""
 
 
-class Lookup(_Request, tag="lookup"):
+class Lookup(_Request, frozen=True, tag="lookup"):
     """How many leading ``keys`` are committed in *every* listed namespace (all TP ranks).
 
     With ``lease_id`` set, the hit blocks of ``namespaces[i]`` are leased (pinned against
@@ -70,7 +70,7 @@ class Lookup(_Request, tag="lookup"):
     lease_id: str | None = None
 
 
-class Reserve(_Request, tag="reserve"):
+class Reserve(_Request, frozen=True, tag="reserve"):
     """Reserves slots to save a chain of blocks; ``parent`` is the key before ``keys[0]``.
 
     Keys already present (or being written by another session) get slot ``-1``; so do keys
@@ -82,7 +82,7 @@ class Reserve(_Request, tag="reserve"):
     parent: Key | None = None
 
 
-class Commit(_Request, tag="commit"):
+class Commit(_Request, frozen=True, tag="commit"):
     """Makes reserved blocks visible (``keys``) and returns the rest (``abort``) to the pool."""
 
     namespace: Namespace
@@ -91,7 +91,7 @@ class Commit(_Request, tag="commit"):
     copy_seconds: Seconds = 0.0
 
 
-class Release(_Request, tag="release"):
+class Release(_Request, frozen=True, tag="release"):
     """Ends leases. ``loaded_blocks`` and ``copy_seconds`` feed the agent's load metrics."""
 
     lease_ids: Annotated[list[str], msgspec.Meta(max_length=65536)]
@@ -99,7 +99,7 @@ class Release(_Request, tag="release"):
     copy_seconds: Seconds = 0.0
 
 
-class Stats(_Request, tag="stats"):
+class Stats(_Request, frozen=True, tag="stats"):
     pass
 
 
@@ -110,7 +110,7 @@ class _Reply(msgspec.Struct, tag_field="kind", frozen=True):
     pass
 
 
-class HelloReply(_Reply, tag="hello"):
+class HelloReply(_Reply, frozen=True, tag="hello"):
     session_id: int
     agent_id: str
     pool_id: str
@@ -119,38 +119,38 @@ class HelloReply(_Reply, tag="hello"):
     protocol_version: int
 
 
-class NamespaceReply(_Reply, tag="namespace"):
+class NamespaceReply(_Reply, frozen=True, tag="namespace"):
     namespace: str
     block_bytes: int
 
 
-class LookupReply(_Reply, tag="lookup"):
+class LookupReply(_Reply, frozen=True, tag="lookup"):
     hits: int
     pool_id: str
     #: ``slots[i][j]``: slot of hit block ``j`` in ``namespaces[i]``; empty without a lease.
     slots: list[list[int]]
 
 
-class ReserveReply(_Reply, tag="reserve"):
+class ReserveReply(_Reply, frozen=True, tag="reserve"):
     pool_id: str
     slots: list[int]
 
 
-class CommitReply(_Reply, tag="commit"):
+class CommitReply(_Reply, frozen=True, tag="commit"):
     committed: int
 
 
-class ReleaseReply(_Reply, tag="release"):
+class ReleaseReply(_Reply, frozen=True, tag="release"):
     #: Per lease: False when it was unknown (already released or its session dropped); data a
     #: client copied under such a lease may have been overwritten and must not be trusted.
     held: list[bool]
 
 
-class StatsReply(_Reply, tag="stats"):
+class StatsReply(_Reply, frozen=True, tag="stats"):
     stats: dict[str, int | float | str]
 
 
-class ErrorReply(_Reply, tag="error"):
+class ErrorReply(_Reply, frozen=True, tag="error"):
     code: str
     message: str
 

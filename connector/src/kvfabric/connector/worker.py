@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kvfabric.connector import protocol as p
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.copier import BlockCopier
 from kvfabric.connector.errors import AgentError
 from kvfabric.connector.keys import LayoutSpec
 from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_of_rank
-from kvfabric.connector import protocol as p
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class WorkerSide:
             )
         except AgentError:
             held = [False] * len(copied)
-        for intent, ok in zip(copied, held):
+        for intent, ok in zip(copied, held, strict=True):
             if ok:
                 self.stats.loaded_blocks += len(intent.block_ids)
             else:
@@ -162,7 +162,9 @@ class WorkerSide:
     def _save(self, intent: SaveIntent) -> None:
         assert self.copier is not None
         reply = self.client.reserve(self.namespace, list(intent.keys), intent.parent)
-        granted = [(b, s, k) for b, s, k in zip(intent.block_ids, reply.slots, intent.keys) if s >= 0]
+        granted = [
+            (b, s, k) for b, s, k in zip(intent.block_ids, reply.slots, intent.keys, strict=True) if s >= 0
+        ]
         self.stats.save_skipped_blocks += len(intent.keys) - len(granted)
         if not granted:
             return

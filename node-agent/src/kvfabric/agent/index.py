@@ -43,6 +43,9 @@ class Namespace:
     description: str = ""
     entries: dict[bytes, Entry] = field(default_factory=dict)
     heap: list[tuple[int, bytes]] = field(default_factory=list)
+    #: parent key -> resident child keys (``Entry.children`` is its size); walked only when an
+    #: arena is reclaimed for another namespace.
+    kids: dict[bytes, set[bytes]] = field(default_factory=dict)
 
     @property
     def block_bytes(self) -> int:
@@ -170,9 +173,7 @@ class BlockIndex:
                 out.append(-1)
                 self.counters.reserve_refused_present += 1
             else:
-                slot = self.allocator.allocate(ns.slots)
-                if slot is None and self._evict_one(ns):
-                    slot = self.allocator.allocate(ns.slots)
+                slot = self._make_room(ns)
                 if slot is None:
                     out.append(-1)
                     self.counters.reserve_refused_full += 1
@@ -181,7 +182,9 @@ class BlockIndex:
                     # exactly the entries that will decrement it when they go.
                     pe = ns.entries.get(prev) if prev is not None else None
                     if pe is not None:
+                        assert prev is not None
                         pe.children += 1
+                        ns.kids.setdefault(prev, set()).add(key)
                     ns.entries[key] = Entry(
                         slot=slot,
                         parent=prev if pe is not None else None,
@@ -259,13 +262,7 @@ class BlockIndex:
         while ns.heap:
             tick, key = heapq.heappop(ns.heap)
             e = ns.entries.get(key)
-            if (
-                e is None
-                or e.tick != tick
-                or e.state is not State.COMMITTED
-                or e.children
-                or e.leases
-            ):
+            if e is None or e.tick != tick or e.state is not State.COMMITTED or e.children or e.leases:
                 continue  # stale heap item
             self._drop(ns, key, e)
             self.counters.evictions += 1
@@ -278,7 +275,73 @@ class BlockIndex:
         self.allocator.free(ns.slots, e.slot)
         if e.parent is not None and (pe := ns.entries.get(e.parent)) is not None:
             pe.children -= 1
+            siblings = ns.kids[e.parent]
+            siblings.discard(key)
+            if not siblings:
+                del ns.kids[e.parent]
             self._maybe_candidate(ns, e.parent, pe)
+
+    # -- sharing the pool between namespaces ------------------------------------------------------------
+
+    def _make_room(self, ns: Namespace) -> int | None:
+        """A slot for ``ns``: free, else taken from an over-share namespace, else by eviction.
+
+        Under pressure arenas drift towards an equal share per namespace: a namespace holding
+        at least two arenas more than ``ns`` gives one up before ``ns`` evicts its own blocks.
+        """
+        slot = self.allocator.allocate(ns.slots)
+        if slot is not None:
+            return slot
+        others = sorted(
+            (o for o in self.namespaces.values() if o is not ns and o.slots.arenas),
+            key=lambda o: len(o.slots.arenas),
+            reverse=True,
+        )
+        if others and len(others[0].slots.arenas) > len(ns.slots.arenas) + 1 and self._reclaim(others[0]):
+            return self.allocator.allocate(ns.slots)
+        if self._evict_one(ns):
+            return self.allocator.allocate(ns.slots)
+        for victim in others:
+            if self._reclaim(victim):
+                return self.allocator.allocate(ns.slots)
+        return None
+
+    def _reclaim(self, victim: Namespace, max_arenas: int = 4) -> bool:
+        """Empties one of ``victim``'s arenas (its blocks and their descendants are evicted).
+
+        An arena holding a leased or reserved block, or the ancestor of one, is skipped.
+        """
+        arenas = sorted(victim.slots.arenas.values(), key=lambda a: a.used)[:max_arenas]
+        for arena in arenas:
+            lo, hi = arena.first_slot, arena.first_slot + arena.n_slots
+            roots = [k for k, e in victim.entries.items() if lo <= e.slot < hi]
+            order: list[bytes] = []
+            if all(self._subtree(victim, k, order) for k in roots):
+                seen: set[bytes] = set()
+                for key in order:  # children before parents
+                    if key in seen or key not in victim.entries:
+                        continue
+                    seen.add(key)
+                    self._drop(victim, key, victim.entries[key])
+                    self.counters.evictions += 1
+                    self.counters.evicted_bytes += victim.block_bytes
+                return True
+        return False
+
+    def _subtree(self, ns: Namespace, key: bytes, order: list[bytes]) -> bool:
+        """Appends ``key``'s subtree in post-order; False if any of it is leased or reserved."""
+        stack: list[tuple[bytes, bool]] = [(key, False)]
+        while stack:
+            k, expanded = stack.pop()
+            if expanded:
+                order.append(k)
+                continue
+            e = ns.entries[k]
+            if e.leases or e.state is not State.COMMITTED:
+                return False
+            stack.append((k, True))
+            stack.extend((c, False) for c in ns.kids.get(k, ()))
+        return True
 
     def _namespace(self, name: str) -> Namespace:
         ns = self.namespaces.get(name)

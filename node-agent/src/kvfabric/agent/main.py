@@ -51,16 +51,13 @@ async def run(settings: AgentSettings) -> None:
             lifespan="off",
         )
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     http = asyncio.create_task(server.serve(sockets=[http_sock]))
     try:
-        await asyncio.wait(
-            [http, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait([http, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     finally:
         server.should_exit = True
         await agent.stop()

@@ -28,7 +28,14 @@ if TYPE_CHECKING:
     from kvfabric.agent.index import BlockIndex
 
 ERROR_KINDS = (
-    E_BAD_FRAME, E_BAD_REQUEST, E_NO_SESSION, E_VERSION, E_NAMESPACE, E_INTERNAL, "truncated_frame", "connection",
+    E_BAD_FRAME,
+    E_BAD_REQUEST,
+    E_NO_SESSION,
+    E_VERSION,
+    E_NAMESPACE,
+    E_INTERNAL,
+    "truncated_frame",
+    "connection",
 )
 _RPC_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1.0)
 _COPY_BUCKETS = (100e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0, 5.0)
@@ -75,9 +82,7 @@ class _IndexCollector(Collector):
         refused.add_metric(["full"], c.reserve_refused_full)
         yield refused
         yield counter("kvfabric_leases", "Leases granted on lookups.", c.leases_granted)
-        yield counter(
-            "kvfabric_leases_lost", "Leases dropped because their session vanished.", c.leases_lost
-        )
+        yield counter("kvfabric_leases_lost", "Leases dropped because their session vanished.", c.leases_lost)
         cap = GaugeMetricFamily("kvfabric_pool_capacity_bytes", "Bytes of the pool.")
         cap.add_metric([], alloc.pool_bytes)
         yield cap

@@ -106,7 +106,7 @@ class Agent:
             probe.connect(path)
         except FileNotFoundError:
             pass
-        except (ConnectionRefusedError, socket.timeout, OSError):
+        except (TimeoutError, ConnectionRefusedError, OSError):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # stale socket of an agent that is gone
         else:
@@ -223,7 +223,9 @@ class Agent:
         session = Session(session_id=next(self._ids), client=hello.client, peer_pid=pid)
         self.sessions[session.session_id] = session
         self.metrics.sessions_opened.inc()
-        log.info("session opened", extra={"session": session.session_id, "client": hello.client, "peer_pid": pid})
+        log.info(
+            "session opened", extra={"session": session.session_id, "client": hello.client, "peer_pid": pid}
+        )
         return session
 
     def _close_session(self, session: Session) -> None:
@@ -257,12 +259,18 @@ class Agent:
         pool_id = self.segment.pool_id
         try:
             if isinstance(request, p.Lookup):
-                hits, slots = self.index.lookup(
-                    request.namespaces, request.keys, request.block_tokens, session.session_id, request.lease_id
+                hits, leased = self.index.lookup(
+                    request.namespaces,
+                    request.keys,
+                    request.block_tokens,
+                    session.session_id,
+                    request.lease_id,
                 )
-                return p.LookupReply(hits=hits, pool_id=pool_id, slots=slots)
+                return p.LookupReply(hits=hits, pool_id=pool_id, slots=leased)
             if isinstance(request, p.Reserve):
-                slots = self.index.reserve(request.namespace, request.keys, request.parent, session.session_id)
+                slots = self.index.reserve(
+                    request.namespace, request.keys, request.parent, session.session_id
+                )
                 return p.ReserveReply(pool_id=pool_id, slots=slots)
             if isinstance(request, p.Commit):
                 done = self.index.commit(request.namespace, request.keys, request.abort, session.session_id)
@@ -280,7 +288,11 @@ class Agent:
                 )
                 log.info(
                     "namespace registered",
-                    extra={"namespace": ns.name, "block_bytes": ns.block_bytes, "session": session.session_id},
+                    extra={
+                        "namespace": ns.name,
+                        "block_bytes": ns.block_bytes,
+                        "session": session.session_id,
+                    },
                 )
                 return p.NamespaceReply(namespace=ns.name, block_bytes=ns.block_bytes)
             if isinstance(request, p.Stats):

@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in AgentSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=field.description)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
+            )
         else:
             parser.add_argument(flag, dest=name, default=None, help=field.description)
     return parser

