@@ -14,6 +14,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -57,6 +58,7 @@ def bench_ttft(results: dict[str, Any], tmp: Path) -> None:
 
     base = serve(None, "no-connector")
     with AgentProcess(tmp / "agent", "2GiB") as agent:
+        agent.wait_prefaulted()
         cfg = {"socket_path": str(agent.socket_path)}
         ours_cold = serve(cfg, "kvfabric-cold")
         ours_warm = serve(cfg, "kvfabric-warm")
@@ -140,10 +142,14 @@ def bench_copy(results: dict[str, Any], tmp: Path) -> None:
     )
     spec = LayoutSpec("bench", "float32", "auto", layers, heads, hs, bs, 1, 0, "cpu")
     with AgentProcess(tmp / "agent-copy", "1GiB", extra_args=["--log-level", "WARNING"]) as agent:
+        agent.wait_prefaulted()
         w = WorkerSide(ConnectorConfig(socket_path=str(agent.socket_path)), spec, "bench")
         kv = [torch.randn(nblocks, heads, bs, 2 * hs) for _ in range(layers)]
         w.register_kv_caches({f"l{i}": t for i, t in enumerate(kv)})
         assert w.copier is not None
+        for t in threading.enumerate():  # let the background prefault finish: measure copies only
+            if t.name == "kvfabric-prefault":
+                t.join()
         nbytes = n * w.copier.block_bytes
         sched = AgentClient(str(agent.socket_path), "sched")
         src = torch.randn(nbytes // 4)

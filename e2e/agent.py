@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,7 +28,9 @@ class AgentProcess:
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.socket_path = workdir / "agent.sock"
+        # Unix socket paths are limited to 107 bytes: keep it short whatever the checkout's depth.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="kvf-", dir="/tmp"))
+        self.socket_path = self._socket_dir / "agent.sock"
         self.pool_path = Path("/dev/shm") / f"kvfabric-test-{os.getpid()}-{abs(hash(str(workdir)))}"
         self.pool_size = pool_size
         self.extra_args = extra_args or []
@@ -69,6 +73,14 @@ class AgentProcess:
             time.sleep(0.05)
         raise TimeoutError(f"agent not ready after {timeout}s:\n{self.log_tail()}")
 
+    def wait_prefaulted(self, timeout: float = 120.0) -> None:
+        """Waits until the agent has touched every pool page (benchmarks measure copies only)."""
+        deadline = time.monotonic() + timeout
+        while self.stats()["pool_prefaulted_bytes"] < self.stats()["pool_bytes"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("pool not prefaulted")
+            time.sleep(0.05)
+
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace") if self.log_path.exists() else ""
 
@@ -103,6 +115,7 @@ class AgentProcess:
         self.stop()
         if self.pool_path.exists():
             self.pool_path.unlink()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> AgentProcess:
         return self.start()

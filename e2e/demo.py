@@ -76,6 +76,7 @@ def _chart(cold_ms: float, warm_ms: float) -> None:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(["cold", "warm after restart"], [cold_ms, warm_ms], color=["#b0b0b0", "#2a7ab0"])
     ax.set_ylabel("TTFT (ms)")
+    ax.set_ylim(0, max(cold_ms, warm_ms) * 1.2)
     ax.set_title(f"KVFabric: {PROMPT_TOKENS}-token prompt, engine restarted")
     for i, v in enumerate([cold_ms, warm_ms]):
         ax.text(i, v, f"{v:.0f} ms", ha="center", va="bottom")

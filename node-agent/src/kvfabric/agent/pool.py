@@ -32,6 +32,7 @@ class Segment:
         self.path = path
         self.size = size
         self.pool_id = uuid.uuid4().hex
+        self.prefaulted_bytes = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale segment of a crashed agent (a live one is ruled out by the socket)
@@ -64,6 +65,20 @@ class Segment:
                 self.map.madvise(mmap.MADV_HUGEPAGE)
             except (OSError, AttributeError) as exc:
                 log.warning("huge pages refused for the pool", extra={"reason": str(exc)})
+
+    def prefault(self, chunk: int = 64 << 20) -> None:
+        """Populates every page (tmpfs zeroes a fallocated page at its first touch), so engines'
+        first saves into the pool run at copy speed. Runs in a background thread, in chunks so
+        the GIL is free between them; best effort (MADV_POPULATE_WRITE needs Linux >= 5.14).
+        """
+        advice = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+        try:
+            for start in range(0, self.size, chunk):
+                length = min(chunk, self.size - start)
+                self.map.madvise(advice, start, length)
+                self.prefaulted_bytes += length
+        except (OSError, ValueError) as exc:
+            log.info("pool not prefaulted", extra={"reason": str(exc)})
 
     def close(self) -> None:
         """Unmaps and removes the segment (engines that still map it keep their pages)."""

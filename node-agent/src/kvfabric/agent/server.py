@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ class Agent:
             self.segment = Segment(self.settings.pool_path, self.settings.pool_size, self.settings.huge_pages)
         except (OSError, PoolError) as exc:
             raise AgentStartError(str(exc)) from exc
+        if self.settings.prefault:
+            threading.Thread(target=self.segment.prefault, name="kvfabric-prefault", daemon=True).start()
         self._server = await asyncio.start_unix_server(self._handle, path=str(path))
         os.chmod(path, 0o660)
         self.started_at = time.time()
@@ -311,6 +314,7 @@ class Agent:
             pool_id=self.segment.pool_id if self.segment else "",
             pool_bytes=self.allocator.pool_bytes,
             pool_used_bytes=self.allocator.used_bytes,
+            pool_prefaulted_bytes=self.segment.prefaulted_bytes if self.segment else 0,
             free_arenas=self.allocator.free_arenas,
             namespaces=len(self.index.namespaces),
             sessions=len(self.sessions),

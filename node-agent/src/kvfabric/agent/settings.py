@@ -84,6 +84,11 @@ class AgentSettings(BaseSettings):
         description="Ask the kernel for transparent huge pages on the pool (madvise); "
         "best effort, logged when refused.",
     )
+    prefault: bool = Field(
+        default=True,
+        description="Touch every pool page in the background at start, so first saves do not pay "
+        "for the kernel zeroing pages.",
+    )
     socket: Path = Field(
         default=Path("/run/kvfabric/agent.sock"),
         description="Unix socket engines connect to (mode 0660).",
