@@ -1,0 +1,177 @@
+"""The agent's CUDA data path on a real GPU (marker ``gpu``; skipped where there is none).
+
+Run on a GPU host:  ``python -m pytest -m gpu tests/gpu -q``  (needs torch with CUDA and CuPy).
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+try:
+    import cupy
+    import torch
+
+    HAVE_GPU = torch.cuda.is_available() and cupy.cuda.runtime.getDeviceCount() > 0
+except Exception:  # ImportError, or a CUDA runtime without a device
+    HAVE_GPU = False
+if not HAVE_GPU:
+    pytest.skip("no CUDA GPU with torch and CuPy on this machine", allow_module_level=True)
+
+from kvfabric.agent.gpu import (  # noqa: E402
+    CopyEngine,
+    IpcMappings,
+    LayerLayout,
+    PinnedPool,
+    device_index,
+    host_address,
+    segments_for,
+)
+
+POOL_BYTES = 1 << 30
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[tuple[mmap.mmap, int]]:
+    path = f"/dev/shm/kvfabric-gpu-test-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, POOL_BYTES)
+    m = mmap.mmap(fd, POOL_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    os.close(fd)
+    addr = host_address(m)
+    pinned = PinnedPool(addr, POOL_BYTES, threads=8, chunk=256 << 20)
+    pinned.register()
+    yield m, addr
+    pinned.unregister()
+    os.unlink(path)
+
+
+def make_layers(layout: str, dtype: torch.dtype, num_layers: int = 4, nb: int = 300) -> list[torch.Tensor]:
+    bs, heads, d = 16, 8, 128
+    shape = {
+        "kv_planes": (2, nb, bs, heads, d),
+        "blocks_first": (nb, 2, bs, heads, d),
+        "mla": (nb, bs, 576),
+    }[layout]
+    return [torch.randint(-100, 100, shape, device="cuda", dtype=torch.int16).to(torch.float16).to(dtype)
+            for _ in range(num_layers)]
+
+
+def layouts_of(tensors: list[torch.Tensor], layout: str, bases: list[int] | None = None) -> list[LayerLayout]:
+    out = []
+    for i, t in enumerate(tensors):
+        nb = t.shape[1] if layout == "kv_planes" else t.shape[0]
+        per_block = t[0, 0].nbytes if layout == "kv_planes" else (t[0, 0].nbytes if layout == "blocks_first" else t[0].nbytes)
+        out.append(LayerLayout(bases[i] if bases else t.data_ptr(), nb, segments_for(layout, per_block, nb)))
+    return out
+
+
+def block_bytes_of(t: torch.Tensor, layout: str, b: int) -> bytes:
+    if layout == "kv_planes":
+        return t[0, b].view(torch.uint8).cpu().numpy().tobytes() + t[1, b].view(torch.uint8).cpu().numpy().tobytes()
+    return t[b].view(torch.uint8).cpu().numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", ["kv_planes", "blocks_first", "mla"])
+@pytest.mark.parametrize("placement", ["contiguous", "fragmented"])
+def test_save_load_round_trip(pool: tuple[mmap.mmap, int], layout: str, dtype: str, placement: str) -> None:
+    _, addr = pool
+    src = make_layers(layout, DTYPES[dtype])
+    eng = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, layout))
+    rng = np.random.default_rng(0)
+    n = 256
+    if placement == "contiguous":
+        blocks, slots = np.arange(10, 10 + n), np.arange(5, 5 + n)
+    else:
+        blocks = rng.permutation(300)[:n]
+        slots = rng.permutation(POOL_BYTES // eng.block_bytes)[:n]
+    eng.copy(blocks.tolist(), slots.tolist(), to_pool=True)
+    dst = [torch.full_like(t, float("nan")) if dtype != "fp8" else torch.zeros_like(t) for t in src]
+    for t in dst:  # poison every byte
+        t.view(torch.uint8).fill_(0xA5)
+    eng2 = CopyEngine(0, addr, POOL_BYTES, layouts_of(dst, layout))
+    targets = rng.permutation(300)[:n]
+    eng2.copy(targets.tolist(), slots.tolist(), to_pool=False)
+    torch.cuda.synchronize()
+    for a, b in zip(src, dst, strict=True):
+        for i in range(n):
+            assert block_bytes_of(a, layout, int(blocks[i])) == block_bytes_of(b, layout, int(targets[i]))
+        untouched = sorted(set(range(300)) - set(targets.tolist()))[:3]
+        for u in untouched:
+            assert set(block_bytes_of(b, layout, u)) == {0xA5}
+
+
+def test_contiguous_runs_use_dma_and_fragments_use_the_kernel(pool: tuple[mmap.mmap, int]) -> None:
+    _, addr = pool
+    # 2 layers x [NB, 2, 16, 8, 128] bf16: 64 KiB per layer-block
+    src = [torch.zeros(64, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    eng = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "blocks_first"))
+    # one run of 32 blocks: one pitched copy per layer, 2 MiB each
+    assert len(eng.dma_plan(list(range(32)), list(range(32)), True)) == 2
+    assert eng.copy(list(range(32)), list(range(32)), True) == "dma"
+    assert eng.copy([5, 1, 9], [7, 3, 0], True) == "kernel"
+
+
+def test_device_uuid_lookup() -> None:
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    assert device_index(uuid) == 0
+    assert device_index("GPU-" + uuid) == 0
+    with pytest.raises(LookupError):
+        device_index("00000000-0000-0000-0000-000000000000")
+
+
+def _engine(conn: Any, layout: str) -> None:
+    import torch
+
+    src = make_layers(layout, torch.bfloat16, num_layers=3, nb=64)
+    exported = []
+    for t in src:
+        dev, handle, _size, storage_off, *_ = t.untyped_storage()._share_cuda_()
+        exported.append((bytes(handle), storage_off + t.storage_offset() * t.element_size()))
+    conn.send((exported, [block_bytes_of(t, layout, b) for t in src for b in range(8)]))
+    conn.recv()  # agent done: saved blocks 0..7, loaded them into blocks 20..27
+    conn.send([block_bytes_of(t, layout, 20 + b) for t in src for b in range(8)])
+    conn.recv()
+
+
+def test_engine_and_agent_in_different_processes(pool: tuple[mmap.mmap, int]) -> None:
+    _, addr = pool
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_engine, args=(child, "kv_planes"), daemon=True)
+    proc.start()
+    maps = IpcMappings(0)
+    try:
+        assert parent.poll(120), "engine process did not export its tensors"
+        exported, original = parent.recv()
+        bases = [maps.open(h) + off for h, off in exported]
+        like = make_layers("kv_planes", torch.bfloat16, num_layers=3, nb=64)  # shapes only
+        eng = CopyEngine(0, addr, POOL_BYTES, layouts_of(like, "kv_planes", bases))
+        eng.copy(list(range(8)), list(range(100, 108)), to_pool=True)
+        eng.copy(list(range(20, 28)), list(range(100, 108)), to_pool=False)
+        parent.send("done")
+        assert parent.poll(60)
+        assert parent.recv() == original
+        assert len(maps) >= 1
+    finally:
+        maps.close()
+        proc.kill()
+        proc.join(10)
+
+
+def test_handles_that_legacy_ipc_cannot_open_are_refused() -> None:
+    from kvfabric.agent.gpu import ipc_handle
+
+    assert ipc_handle(b"r" + b"x" * 64) == b"x" * 64
+    with pytest.raises(ValueError, match="expandable"):
+        ipc_handle(b"e" + b"x" * 80)
