@@ -82,7 +82,9 @@ def bench_ttft(results: dict[str, Any], tmp: Path, rounds: int = 2, per_round: i
     report(results, "ratio_warm_vs_example_warm", med["kvf_warm"] / med["ex_warm"], "x", "target < 1")
     report(results, "ratio_cold_vs_example_cold", med["kvf_cold"] / med["ex_cold"], "x", "target <= 1")
     spread = {k: (min(v) * 1e3, max(v) * 1e3) for k, v in samples.items()}
-    print("  min-max ms per configuration: " + ", ".join(f"{k} {a:.0f}-{b:.0f}" for k, (a, b) in spread.items()))
+    print(
+        "  min-max ms per configuration: " + ", ".join(f"{k} {a:.0f}-{b:.0f}" for k, (a, b) in spread.items())
+    )
 
 
 # -- agent round trips -------------------------------------------------------------------------------

@@ -8,9 +8,7 @@ from kvfabric.connector.copier import BlockCopier, find_runs
 def test_find_runs() -> None:
     dst = np.array([5, 6, 7, 1, 2, 9, 8, 7, 6, 7, 3])
     src = np.array([0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15])
-    assert find_runs(dst, src) == [
-        (5, 0, 3, 1), (1, 3, 2, 1), (9, 10, 4, -1), (7, 14, 1, 1), (3, 15, 1, 1)
-    ]
+    assert find_runs(dst, src) == [(5, 0, 3, 1), (1, 3, 2, 1), (9, 10, 4, -1), (7, 14, 1, 1), (3, 15, 1, 1)]
     assert find_runs(np.array([4]), np.array([9])) == [(4, 9, 1, 1)]
     assert find_runs(np.array([], dtype=np.int64), np.array([], dtype=np.int64)) == []
 

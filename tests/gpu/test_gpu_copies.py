@@ -62,22 +62,31 @@ def make_layers(layout: str, dtype: torch.dtype, num_layers: int = 4, nb: int = 
         "blocks_first": (nb, 2, bs, heads, d),
         "mla": (nb, bs, 576),
     }[layout]
-    return [torch.randint(-100, 100, shape, device="cuda", dtype=torch.int16).to(torch.float16).to(dtype)
-            for _ in range(num_layers)]
+    return [
+        torch.randint(-100, 100, shape, device="cuda", dtype=torch.int16).to(torch.float16).to(dtype)
+        for _ in range(num_layers)
+    ]
 
 
 def layouts_of(tensors: list[torch.Tensor], layout: str, bases: list[int] | None = None) -> list[LayerLayout]:
     out = []
     for i, t in enumerate(tensors):
         nb = t.shape[1] if layout == "kv_planes" else t.shape[0]
-        per_block = t[0, 0].nbytes if layout == "kv_planes" else (t[0, 0].nbytes if layout == "blocks_first" else t[0].nbytes)
+        per_block = (
+            t[0, 0].nbytes
+            if layout == "kv_planes"
+            else (t[0, 0].nbytes if layout == "blocks_first" else t[0].nbytes)
+        )
         out.append(LayerLayout(bases[i] if bases else t.data_ptr(), nb, segments_for(layout, per_block, nb)))
     return out
 
 
 def block_bytes_of(t: torch.Tensor, layout: str, b: int) -> bytes:
     if layout == "kv_planes":
-        return t[0, b].view(torch.uint8).cpu().numpy().tobytes() + t[1, b].view(torch.uint8).cpu().numpy().tobytes()
+        return (
+            t[0, b].view(torch.uint8).cpu().numpy().tobytes()
+            + t[1, b].view(torch.uint8).cpu().numpy().tobytes()
+        )
     return t[b].view(torch.uint8).cpu().numpy().tobytes()
 
 
@@ -136,7 +145,7 @@ def _engine(conn: Any, layout: str) -> None:
     src = make_layers(layout, torch.bfloat16, num_layers=3, nb=64)
     exported = []
     for t in src:
-        dev, handle, _size, storage_off, *_ = t.untyped_storage()._share_cuda_()
+        _dev, handle, _size, storage_off, *_ = t.untyped_storage()._share_cuda_()
         exported.append((bytes(handle), storage_off + t.storage_offset() * t.element_size()))
     conn.send((exported, [block_bytes_of(t, layout, b) for t in src for b in range(8)]))
     conn.recv()  # agent done: saved blocks 0..7, loaded them into blocks 20..27
@@ -167,11 +176,3 @@ def test_engine_and_agent_in_different_processes(pool: tuple[mmap.mmap, int]) ->
         maps.close()
         proc.kill()
         proc.join(10)
-
-
-def test_handles_that_legacy_ipc_cannot_open_are_refused() -> None:
-    from kvfabric.agent.gpu import ipc_handle
-
-    assert ipc_handle(b"r" + b"x" * 64) == b"x" * 64
-    with pytest.raises(ValueError, match="expandable"):
-        ipc_handle(b"e" + b"x" * 80)

@@ -103,7 +103,36 @@ class Stats(_Request, frozen=True, tag="stats"):
     pass
 
 
-Request = Hello | RegisterNamespace | Lookup | Reserve | Commit | Release | Stats
+class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
+    """A GPU engine worker's KV tensors, for the agent to copy blocks itself (CUDA IPC).
+
+    ``handles[i]`` is layer ``i``'s ``storage._share_cuda_()`` handle and ``offsets[i]`` the
+    byte offset of the tensor in that allocation. ``layout``: ``kv_planes`` ``[2, blocks, ...]``,
+    ``blocks_first`` ``[blocks, 2, ...]`` or ``mla`` ``[blocks, block_size, dim]``;
+    ``plane_bytes``: bytes of one block's K (or V, or MLA latent) in one layer. The mappings live
+    until the session ends.
+    """
+
+    namespace: Namespace
+    device_uuid: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    layout: Annotated[str, msgspec.Meta(max_length=32)]
+    num_blocks: Annotated[int, msgspec.Meta(gt=0)]
+    plane_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    handles: Annotated[list[bytes], msgspec.Meta(min_length=1, max_length=4096)]
+    offsets: list[NonNegative]
+
+
+class GpuCopy(_Request, frozen=True, tag="gpu_copy"):
+    """Copy blocks between a registered engine's KV tensors and pool slots; the reply comes
+    when the copy is complete (one round trip per batch, not per layer)."""
+
+    kv_id: int
+    to_pool: bool
+    block_ids: list[NonNegative]
+    slots: list[NonNegative]
+
+
+Request = Hello | RegisterNamespace | Lookup | Reserve | Commit | Release | Stats | RegisterGpuKV | GpuCopy
 
 
 class _Reply(msgspec.Struct, tag_field="kind", frozen=True):
@@ -150,6 +179,16 @@ class StatsReply(_Reply, frozen=True, tag="stats"):
     stats: dict[str, int | float | str]
 
 
+class GpuKVReply(_Reply, frozen=True, tag="gpu_kv"):
+    kv_id: int
+    block_bytes: int
+
+
+class GpuCopyReply(_Reply, frozen=True, tag="gpu_copy"):
+    method: str  # "dma" (copy engines) or "kernel" (gather/scatter)
+    seconds: float
+
+
 class ErrorReply(_Reply, frozen=True, tag="error"):
     code: str
     message: str
@@ -163,6 +202,8 @@ Reply = (
     | CommitReply
     | ReleaseReply
     | StatsReply
+    | GpuKVReply
+    | GpuCopyReply
     | ErrorReply
 )
 
@@ -173,6 +214,7 @@ E_NO_SESSION = "no_session"
 E_VERSION = "version_mismatch"
 E_NAMESPACE = "namespace"
 E_INTERNAL = "internal"
+E_GPU = "gpu"
 
 request_encoder = msgspec.msgpack.Encoder()
 request_decoder = msgspec.msgpack.Decoder(Request)

@@ -7,7 +7,9 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ from kvfabric.connector.copier import BlockCopier
 from kvfabric.connector.errors import AgentError
 from kvfabric.connector.keys import LayoutSpec
 from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_of_rank
+
+if TYPE_CHECKING:
+    from kvfabric.connector.cuda_kv import CudaKV
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,8 @@ class WorkerSide:
         self.namespace = spec.namespace()
         self.rank = spec.tp_rank
         self.copier: BlockCopier | None = None
+        self.cuda: CudaKV | None = None  # set for GPU engines: the agent does the copies
+        self.kv_id = 0
         self.pool_id: str | None = None
         self._map: mmap.mmap | None = None
         self._load_errors: set[int] = set()
@@ -71,6 +78,9 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layers = list(kv_caches.values())
+        if layers and layers[0].is_cuda:
+            self._register_cuda(kv_caches)
+            return
         s = self.spec
         expected = (s.num_kv_heads, s.block_size, 2 * s.head_size)
         bad = [name for name, t in kv_caches.items() if tuple(t.shape[1:]) != expected]
@@ -84,8 +94,27 @@ class WorkerSide:
         if not self.client.connect():  # connecting registers the layout and maps the pool
             log.warning("agent not reachable yet; will retry", extra={"socket": self.config.socket_path})
 
+    def _register_cuda(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """GPU engine: the agent copies blocks itself over CUDA IPC; nothing is pinned here."""
+        from kvfabric.connector.cuda_kv import describe
+
+        try:
+            self.cuda = describe(kv_caches)
+        except (ValueError, RuntimeError) as exc:
+            log.error(
+                "KV tensors cannot be shared with the agent; KVFabric disabled", extra={"error": str(exc)}
+            )
+            return
+        if not self.client.connect():
+            log.warning("agent not reachable yet; will retry", extra={"socket": self.config.socket_path})
+
     def _on_connect(self, client: AgentClient, hello: p.HelloReply) -> None:
         """(Re)connected: declare our layout and map the agent's pool if it is a new one."""
+        if self.cuda is not None:
+            reply = client._roundtrip(self.cuda.request(self.namespace), p.GpuKVReply)
+            self.kv_id = reply.kv_id
+            self.pool_id = hello.pool_id
+            return
         assert self.copier is not None
         client._roundtrip(
             p.RegisterNamespace(
@@ -116,24 +145,47 @@ class WorkerSide:
 
     # -- loads ---------------------------------------------------------------------------------------------
 
+    @property
+    def enabled(self) -> bool:
+        return self.copier is not None or self.cuda is not None
+
+    def _ready(self, pool_id: str) -> bool:
+        """Whether blocks of pool ``pool_id`` can be copied now."""
+        if pool_id != self.pool_id:
+            return False
+        return self.cuda is not None or (self.copier is not None and self.copier.attached)
+
+    def _copy(self, block_ids: Sequence[int], slots: Sequence[int], to_pool: bool) -> None:
+        """CPU engines copy through their own mapping; GPU engines ask the agent to copy (one
+        round trip per batch; the agent runs it on its own CUDA stream)."""
+        if self.cuda is not None:
+            self.client.call(
+                p.GpuCopy(kv_id=self.kv_id, to_pool=to_pool, block_ids=list(block_ids), slots=list(slots)),
+                p.GpuCopyReply,
+            )
+        elif self.copier is not None:
+            (self.copier.save if to_pool else self.copier.load)(block_ids, slots)
+        else:
+            raise RuntimeError("KVFabric is disabled on this worker")
+
     def start_load_kv(self, meta: KVFabricMetadata) -> None:
         if not meta.loads:
             return
-        if self.copier is None:
+        if not self.enabled:
             self._fail_loads(meta.loads)
             return
-        # Maps the pool if this worker has not reached the agent yet; a worker that cannot
+        # Maps the pool if this worker has not reached the agent yet; a CPU worker that cannot
         # connect may still serve from its mapping (the scheduler's session holds the leases).
         self.client.connect()
         copied: list[LoadIntent] = []
         started = time.perf_counter()
         for intent in meta.loads:
-            if intent.pool_id != self.pool_id or not self.copier.attached:
+            if not self._ready(intent.pool_id):
                 self._fail_loads([intent])
                 continue
             try:
-                self.copier.load(intent.block_ids, intent.slots[self.rank])
-            except (ValueError, RuntimeError) as exc:
+                self._copy(intent.block_ids, intent.slots[self.rank], to_pool=False)
+            except (ValueError, RuntimeError, AgentError) as exc:
                 log.warning("load failed", extra={"req": intent.req_id, "error": str(exc)})
                 self._fail_loads([intent])
                 continue
@@ -168,7 +220,7 @@ class WorkerSide:
     # -- saves ---------------------------------------------------------------------------------------------
 
     def wait_for_save(self, meta: KVFabricMetadata) -> None:
-        if not meta.saves or self.copier is None:
+        if not meta.saves or not self.enabled:
             return
         for intent in meta.saves:
             try:
@@ -178,7 +230,6 @@ class WorkerSide:
                 log.debug("save skipped", extra={"req": intent.req_id, "error": str(exc)})
 
     def _save(self, intent: SaveIntent) -> None:
-        assert self.copier is not None
         reply = self.client.reserve(self.namespace, list(intent.keys), intent.parent)
         granted = [
             (b, s, k) for b, s, k in zip(intent.block_ids, reply.slots, intent.keys, strict=True) if s >= 0
@@ -187,15 +238,15 @@ class WorkerSide:
         if not granted:
             return
         keys = [k for _, _, k in granted]
-        if reply.pool_id != self.pool_id or not self.copier.attached:
+        if not self._ready(reply.pool_id):
             self.client.commit(self.namespace, [], keys, 0.0)
             return
         started = time.perf_counter()
         try:
-            self.copier.save([b for b, _, _ in granted], [s for _, s, _ in granted])
-        except (ValueError, RuntimeError) as exc:
+            self._copy([b for b, _, _ in granted], [s for _, s, _ in granted], to_pool=True)
+        except (ValueError, RuntimeError, AgentError) as exc:
             log.warning("save copy failed", extra={"req": intent.req_id, "error": str(exc)})
-            self.client.commit(self.namespace, [], keys, 0.0)
+            self.client.commit(self.namespace, [], keys, 0.0)  # frees the reserved slots
             return
         done = self.client.commit(self.namespace, keys, [], time.perf_counter() - started)
         self.stats.saved_blocks += done.committed

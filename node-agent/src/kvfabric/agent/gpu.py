@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +60,7 @@ DMA_MIN_BYTES = 1 << 20
 DMA_MAX_CALLS = 256
 
 
-def _cupy():  # type: ignore[no-untyped-def]
+def _cupy() -> Any:
     import cupy
 
     return cupy
@@ -109,6 +111,25 @@ class PinnedPool:
         self._chunks: list[tuple[int, int]] = []
         self.register_seconds = 0.0
 
+    def populate(self) -> float:
+        """Faults every page in (tmpfs allocates and zeroes at first touch) with one thread per
+        chunk. Called through ctypes so the threads really run in parallel (CPython's
+        ``mmap.madvise`` holds the GIL); registering populated pages is then fast."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        advice = 23  # MADV_POPULATE_WRITE, Linux >= 5.14
+        chunks = [(a, min(self.chunk, self.size - a)) for a in range(0, self.size, self.chunk)]
+        started = time.perf_counter()
+
+        def one(c: tuple[int, int]) -> None:
+            if libc.madvise(self.address + c[0], c[1], advice) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"populating the pool failed: {os.strerror(err)}")
+
+        with ThreadPoolExecutor(self.threads, "kvfabric-populate") as ex:
+            list(ex.map(one, chunks))
+        return time.perf_counter() - started
+
     def register(self) -> float:
         cp = _cupy()
         flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
@@ -134,7 +155,9 @@ class PinnedPool:
 class CopyEngine:
     """Copies blocks between one engine's device KV layers and the pinned pool, on one GPU."""
 
-    def __init__(self, device: int, pool_address: int, pool_bytes: int, layers: Sequence[LayerLayout]) -> None:
+    def __init__(
+        self, device: int, pool_address: int, pool_bytes: int, layers: Sequence[LayerLayout]
+    ) -> None:
         cp = _cupy()
         self.device = device
         self.pool_address = pool_address
@@ -178,7 +201,9 @@ class CopyEngine:
         merged where both ends follow on directly."""
         b, s = self._check(block_ids, slots)
         dev = self._dev_off[:, None] + b[None, :] * self._stride[:, None]  # [segments, blocks]
-        host = np.uint64(self.pool_address) + s[None, :] * np.uint64(self.block_bytes) + self._slot_off[:, None]
+        host = (
+            np.uint64(self.pool_address) + s[None, :] * np.uint64(self.block_bytes) + self._slot_off[:, None]
+        )
         length = np.ascontiguousarray(np.broadcast_to(self._len[:, None], dev.shape))
         src, dst = (dev, host) if to_pool else (host, dev)
         cont = np.zeros(src.shape, dtype=bool)
@@ -190,7 +215,9 @@ class CopyEngine:
         sums = np.add.reduceat(length.reshape(-1), starts) if len(starts) else length.reshape(-1)
         return np.stack([src.reshape(-1)[starts], dst.reshape(-1)[starts], sums], axis=1)
 
-    def dma_plan(self, block_ids: Sequence[int], slots: Sequence[int], to_pool: bool) -> list[tuple[int, ...]]:
+    def dma_plan(
+        self, block_ids: Sequence[int], slots: Sequence[int], to_pool: bool
+    ) -> list[tuple[int, ...]]:
         """Pitched copies ``(dst, dpitch, src, spitch, width, height)``: one per run of consecutive
         (block, slot) pairs and per segment; a run's segment is strided on both sides."""
         b, s = self._check(block_ids, slots)
@@ -199,7 +226,7 @@ class CopyEngine:
         brk = np.flatnonzero((np.diff(b.astype(np.int64)) != 1) | (np.diff(s.astype(np.int64)) != 1)) + 1
         starts = np.concatenate(([0], brk))
         ends = np.concatenate((brk, [len(b)]))
-        plan = []
+        plan: list[tuple[int, ...]] = []
         for st, en in zip(starts.tolist(), ends.tolist(), strict=True):
             for j in range(len(self._len)):
                 dev = int(self._dev_off[j] + b[st] * self._stride[j])
@@ -217,10 +244,15 @@ class CopyEngine:
         cp = _cupy()
         if len(block_ids) == 0:
             return "none"
-        plan = self.dma_plan(block_ids, slots, to_pool)
+        b = np.asarray(block_ids, dtype=np.int64)
+        s = np.asarray(slots, dtype=np.int64)
+        runs = 1 + int(np.count_nonzero((np.diff(b) != 1) | (np.diff(s) != 1))) if len(b) else 0
+        use_dma = runs * len(self._len) <= DMA_MAX_CALLS
+        plan = self.dma_plan(block_ids, slots, to_pool) if use_dma else []
+        use_dma = use_dma and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES
         rt = cp.cuda.runtime
         with self._lock, cp.cuda.Device(self.device):
-            if len(plan) <= DMA_MAX_CALLS and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES:
+            if use_dma:
                 kind = rt.memcpyDeviceToHost if to_pool else rt.memcpyHostToDevice
                 for dst, dpitch, src, spitch, width, height in plan:
                     rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self._stream.ptr)
@@ -235,13 +267,25 @@ class CopyEngine:
         return method
 
 
+def _uuid_bytes(index: int) -> bytes:
+    """The 16-byte UUID of CUDA device ``index``, from the driver API (CuPy's properties turn
+    the UUID into a C string, which cuts it at the first zero byte)."""
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    dev = ctypes.c_int()
+    buf = (ctypes.c_char * 16)()
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGet(ctypes.byref(dev), index) != 0:
+        raise LookupError(f"CUDA device {index} is not available")
+    if libcuda.cuDeviceGetUuid_v2(buf, dev) != 0:
+        raise LookupError(f"cannot read the UUID of CUDA device {index}")
+    return bytes(buf)
+
+
 def device_index(uuid: str) -> int:
     """CUDA device index of the GPU with this UUID (immune to CUDA_VISIBLE_DEVICES remapping)."""
     cp = _cupy()
     want = uuid.lower().removeprefix("gpu-").replace("-", "")
     for i in range(cp.cuda.runtime.getDeviceCount()):
-        raw = cp.cuda.runtime.getDeviceProperties(i)["uuid"]
-        if bytes(raw).hex() == want:
+        if _uuid_bytes(i).hex() == want:
             return i
     raise LookupError(f"no visible GPU has UUID {uuid}")
 
@@ -252,16 +296,17 @@ _IPC_HANDLE_BYTES = 64
 def ipc_handle(shared: bytes) -> bytes:
     """The ``cudaIpcMemHandle_t`` inside a handle from torch's ``storage._share_cuda_()``.
 
-    torch prefixes the 64 bytes with a kind byte: ``b"r"`` for a plain ``cudaMalloc`` segment.
-    Expandable segments (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) and vLLM's cumem
-    allocator (sleep mode) export other kinds that legacy CUDA IPC cannot open: refused clearly.
+    torch writes ``[format version][kind][payload]``: kind ``c`` is a plain ``cudaMalloc`` block
+    followed by the 64-byte handle (seen on torch 2.11: version 2). Kind ``e`` (expandable
+    segments, ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) and vLLM's cumem allocator
+    (sleep mode) cannot be opened with legacy CUDA IPC: refused with a clear message.
     """
     if len(shared) == _IPC_HANDLE_BYTES:
-        return shared
-    if len(shared) == _IPC_HANDLE_BYTES + 1 and shared[:1] == b"r":
-        return shared[1:]
+        return shared  # a raw cudaIpcMemHandle_t
+    if len(shared) == _IPC_HANDLE_BYTES + 2 and shared[1:2] == b"c":
+        return shared[2:]
     raise ValueError(
-        f"unsupported CUDA IPC handle (kind {shared[:1]!r}, {len(shared)} bytes): the engine's KV "
+        f"unsupported CUDA IPC handle (prefix {shared[:2]!r}, {len(shared)} bytes): the engine's KV "
         "cache must come from plain cudaMalloc (no expandable segments, no cumem sleep mode)"
     )
 
@@ -281,7 +326,8 @@ class IpcMappings:
         if handle not in self._bases:
             with cp.cuda.Device(self.device):
                 self._bases[handle] = cp.cuda.runtime.ipcOpenMemHandle(
-                    handle, 1  # cudaIpcMemLazyEnablePeerAccess
+                    handle,
+                    1,  # cudaIpcMemLazyEnablePeerAccess
                 )
         return self._bases[handle]
 

@@ -25,7 +25,7 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        if agent.ready:
+        if agent.serving:
             return PlainTextResponse("ready")
         return PlainTextResponse("not ready", status_code=503)
 

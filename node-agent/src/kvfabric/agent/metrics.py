@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from kvfabric.connector.protocol import (
     E_BAD_FRAME,
     E_BAD_REQUEST,
+    E_GPU,
     E_INTERNAL,
     E_NAMESPACE,
     E_NO_SESSION,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 ERROR_KINDS = (
     E_BAD_FRAME,
     E_BAD_REQUEST,
+    E_GPU,
     E_NO_SESSION,
     E_VERSION,
     E_NAMESPACE,

@@ -16,10 +16,12 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
 
+from kvfabric.agent.gpu_service import GpuError, GpuService
 from kvfabric.agent.index import BlockIndex
 from kvfabric.agent.metrics import AgentMetrics
 from kvfabric.agent.pool import PoolError, Segment, SlotAllocator
@@ -74,6 +76,8 @@ class Agent:
         self._writers: set[asyncio.StreamWriter] = set()
         self.started_at = 0.0
         self.ready = False
+        self.gpu: GpuService | None = None
+        self._gpu_copies = ThreadPoolExecutor(4, "kvfabric-gpu-copy")
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -84,7 +88,10 @@ class Agent:
             self.segment = Segment(self.settings.pool_path, self.settings.pool_size, self.settings.huge_pages)
         except (OSError, PoolError) as exc:
             raise AgentStartError(str(exc)) from exc
-        if self.settings.prefault:
+        if self.settings.cuda:
+            self.gpu = GpuService(self.segment, self.settings.pin_threads)
+            threading.Thread(target=self.gpu.pin, name="kvfabric-pin", daemon=True).start()
+        elif self.settings.prefault:
             threading.Thread(target=self.segment.prefault, name="kvfabric-prefault", daemon=True).start()
         self._server = await asyncio.start_unix_server(self._handle, path=str(path))
         os.chmod(path, 0o660)
@@ -130,10 +137,19 @@ class Agent:
             self._server = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.settings.socket)
+        self._gpu_copies.shutdown(wait=True)
+        if self.gpu is not None:
+            self.gpu.close()
+            self.gpu = None
         if self.segment is not None:
             self.segment.close()
             self.segment = None
         log.info("agent stopped")
+
+    @property
+    def serving(self) -> bool:
+        """Ready for every kind of engine: started, and pinned when CUDA is on."""
+        return self.ready and (self.gpu is None or self.gpu.ready.is_set())
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -176,6 +192,9 @@ class Agent:
                         reply: p._Reply = self._hello_reply(session)
                     elif session is None:
                         raise _ProtocolError(p.E_NO_SESSION, "first request must be hello", fatal=True)
+                    elif isinstance(request, p.GpuCopy):
+                        session.requests += 1
+                        reply = await self._gpu_copy(request, session)
                     else:
                         session.requests += 1
                         reply = self._dispatch(request, session)
@@ -231,8 +250,31 @@ class Agent:
         )
         return session
 
+    async def _gpu_copy(self, request: p.GpuCopy, session: Session) -> p.GpuCopyReply:
+        if self.gpu is None:
+            raise _ProtocolError(p.E_GPU, "this agent does not serve GPU engines (start it with --cuda)")
+        gpu = self.gpu
+        started = time.perf_counter()
+        try:
+            method = await asyncio.get_running_loop().run_in_executor(
+                self._gpu_copies, gpu.copy, session.session_id, request
+            )
+        except GpuError as exc:
+            raise _ProtocolError(p.E_GPU, str(exc)) from exc
+        seconds = time.perf_counter() - started
+        hist = self.metrics.save_seconds if request.to_pool else self.metrics.load_seconds
+        hist.observe(seconds)
+        return p.GpuCopyReply(method=method, seconds=seconds)
+
     def _close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
+        if self.gpu is not None:
+            # Copies of this session have completed: _handle awaits each one before reading on.
+            closed = self.gpu.drop_session(session.session_id)
+            if closed:
+                log.info(
+                    "engine IPC mappings closed", extra={"session": session.session_id, "allocations": closed}
+                )
         leases, reservations = self.index.drop_session(session.session_id)
         log.info(
             "session closed",
@@ -300,6 +342,26 @@ class Agent:
                 return p.NamespaceReply(namespace=ns.name, block_bytes=ns.block_bytes)
             if isinstance(request, p.Stats):
                 return p.StatsReply(stats=self.stats())
+            if isinstance(request, p.RegisterGpuKV):
+                if self.gpu is None:
+                    raise _ProtocolError(
+                        p.E_GPU, "this agent does not serve GPU engines (start it with --cuda)"
+                    )
+                kv_id, block_bytes = self.gpu.register(session.session_id, request)
+                ns = self.index.register(request.namespace, block_bytes, 1, request.layout)
+                log.info(
+                    "GPU engine KV registered",
+                    extra={
+                        "session": session.session_id,
+                        "kv_id": kv_id,
+                        "layers": len(request.handles),
+                        "layout": request.layout,
+                        "namespace": ns.name,
+                    },
+                )
+                return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes)
+        except GpuError as exc:
+            raise _ProtocolError(p.E_GPU, str(exc)) from exc
         except KeyError as exc:
             raise _ProtocolError(p.E_NAMESPACE, str(exc.args[0] if exc.args else exc)) from exc
         except ValueError as exc:
@@ -320,6 +382,10 @@ class Agent:
             sessions=len(self.sessions),
             leases_active=len(self.index.leases),
             uptime_s=round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+            cuda=int(self.gpu is not None),
+            cuda_pinned=int(self.gpu is not None and self.gpu.pinned is not None),
+            cuda_pin_seconds=round(self.gpu.pin_seconds, 3) if self.gpu else 0.0,
+            cuda_ipc_mappings=self.gpu.mapped() if self.gpu else 0,
         )
         out.update({f"blocks_{k}": v for k, v in self.index.block_counts().items()})
         return out

@@ -89,6 +89,14 @@ class AgentSettings(BaseSettings):
         description="Touch every pool page in the background at start, so first saves do not pay "
         "for the kernel zeroing pages.",
     )
+    cuda: bool = Field(
+        default=False,
+        description="Serve GPU engines: pin the whole pool for CUDA once at start (in parallel "
+        "threads) and copy their blocks over CUDA IPC. Needs CuPy (kvfabric-agent[gpu]).",
+    )
+    pin_threads: int = Field(
+        default=16, ge=1, le=256, description="Threads that populate and register the pool for CUDA."
+    )
     socket: Path = Field(
         default=Path("/run/kvfabric/agent.sock"),
         description="Unix socket engines connect to (mode 0660).",

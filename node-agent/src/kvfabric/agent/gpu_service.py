@@ -1,0 +1,125 @@
+"""GPU engines' side of the agent: pins the pool once, opens engines' KV tensors per session,
+and runs their copies. CuPy is imported only when ``--cuda`` is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvfabric.connector import protocol as p
+
+if TYPE_CHECKING:
+    from kvfabric.agent.gpu import CopyEngine, IpcMappings, PinnedPool
+    from kvfabric.agent.pool import Segment
+
+log = logging.getLogger(__name__)
+
+
+class GpuError(RuntimeError):
+    """A GPU request could not be served (no CUDA, unknown GPU, unsupported handle...)."""
+
+
+@dataclass
+class _SessionKV:
+    mappings: dict[int, IpcMappings] = field(default_factory=dict)  # device index -> mappings
+    engines: dict[int, CopyEngine] = field(default_factory=dict)  # kv_id -> engine
+
+
+class GpuService:
+    def __init__(self, segment: Segment, pin_threads: int) -> None:
+        self.segment = segment
+        self.pin_threads = pin_threads
+        self.pinned: PinnedPool | None = None
+        self.pin_seconds = 0.0
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self._sessions: dict[int, _SessionKV] = {}
+        self._ids = 0
+        self._lock = threading.Lock()
+
+    def pin(self) -> None:
+        """Populates and registers the whole pool (run once, in a thread, at agent start)."""
+        try:
+            from kvfabric.agent.gpu import PinnedPool, host_address
+
+            pinned = PinnedPool(host_address(self.segment.map), self.segment.size, threads=self.pin_threads)
+            populate = pinned.populate()
+            self.segment.prefaulted_bytes = self.segment.size
+            register = pinned.register()
+            self.pinned = pinned
+            self.pin_seconds = populate + register
+            log.info(
+                "pool pinned for CUDA",
+                extra={"populate_s": round(populate, 2), "register_s": round(register, 2)},
+            )
+        except Exception as exc:  # no CUDA, no CuPy: the agent still serves CPU engines
+            self.error = repr(exc)
+            log.error(
+                "pinning the pool for CUDA failed; GPU engines will recompute", extra={"error": self.error}
+            )
+        finally:
+            self.ready.set()
+
+    def register(self, session: int, req: p.RegisterGpuKV) -> tuple[int, int]:
+        """Opens an engine worker's KV tensors; returns (kv_id, block_bytes)."""
+        if not self.ready.wait(timeout=0) or self.pinned is None:
+            raise GpuError(self.error or "the pool is still being pinned; retry shortly")
+        from kvfabric.agent.gpu import CopyEngine, IpcMappings, LayerLayout, device_index, segments_for
+
+        if len(req.handles) != len(req.offsets):
+            raise GpuError("handles and offsets differ in length")
+        try:
+            device = device_index(req.device_uuid)
+            segments = segments_for(req.layout, req.plane_bytes, req.num_blocks)
+        except (LookupError, ValueError) as exc:
+            raise GpuError(str(exc)) from exc
+        with self._lock:
+            state = self._sessions.setdefault(session, _SessionKV())
+            maps = state.mappings.setdefault(device, IpcMappings(device))
+            try:
+                layers = [
+                    LayerLayout(maps.open(h) + off, req.num_blocks, segments)
+                    for h, off in zip(req.handles, req.offsets, strict=True)
+                ]
+            except ValueError as exc:
+                raise GpuError(str(exc)) from exc
+            engine = CopyEngine(device, self.pinned.address, self.pinned.size, layers)
+            self._ids += 1
+            state.engines[self._ids] = engine
+            return self._ids, engine.block_bytes
+
+    def copy(self, session: int, req: p.GpuCopy) -> str:
+        """Runs on an executor thread; the event loop keeps serving other sessions."""
+        state = self._sessions.get(session)
+        engine = state.engines.get(req.kv_id) if state else None
+        if engine is None:
+            raise GpuError(f"unknown kv_id {req.kv_id} for this session")
+        try:
+            return engine.copy(req.block_ids, req.slots, req.to_pool)
+        except ValueError as exc:
+            raise GpuError(str(exc)) from exc
+
+    def drop_session(self, session: int) -> int:
+        """Closes a gone engine's IPC mappings (after its copies finished); returns how many."""
+        with self._lock:
+            state = self._sessions.pop(session, None)
+        if state is None:
+            return 0
+        closed = 0
+        for maps in state.mappings.values():
+            closed += len(maps)
+            maps.close()
+        return closed
+
+    def mapped(self) -> int:
+        return sum(len(m) for s in self._sessions.values() for m in s.mappings.values())
+
+    def close(self) -> None:
+        for session in list(self._sessions):
+            self.drop_session(session)
+        if self.pinned is not None:
+            self.pinned.unregister()
+            self.pinned = None
