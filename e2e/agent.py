@@ -118,7 +118,8 @@ class AgentProcess:
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> AgentProcess:
-        return self.start()
+        # --cuda agents are ready once the pool is pinned: allow for a large pool.
+        return self.start(timeout=600 if "--cuda" in self.extra_args else 30)
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

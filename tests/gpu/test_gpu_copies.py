@@ -120,7 +120,24 @@ def test_save_load_round_trip(pool: tuple[mmap.mmap, int], layout: str, dtype: s
             assert set(block_bytes_of(b, layout, u)) == {0xA5}
 
 
-def test_contiguous_runs_use_dma_and_fragments_use_the_kernel(pool: tuple[mmap.mmap, int]) -> None:
+@pytest.mark.parametrize("layout", ["kv_planes", "blocks_first", "mla"])
+def test_direct_kernel_round_trip(pool: tuple[mmap.mmap, int], layout: str) -> None:
+    """The ``fragmented="kernel"`` path (mapped pinned memory, no staging) is correct too."""
+    _, addr = pool
+    src = make_layers(layout, torch.bfloat16)
+    dst = [torch.zeros_like(t) for t in src]
+    save = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, layout), fragmented="kernel")
+    load = CopyEngine(0, addr, POOL_BYTES, layouts_of(dst, layout), fragmented="kernel")
+    blocks, slots, targets = [7, 3, 250, 11], [900, 2, 40, 41], [1, 299, 5, 6]
+    assert save.copy(blocks, slots, True) == "kernel"
+    assert load.copy(targets, slots, False) == "kernel"
+    torch.cuda.synchronize()
+    for a, b in zip(src, dst, strict=True):
+        for i, j in zip(blocks, targets, strict=True):
+            assert block_bytes_of(a, layout, i) == block_bytes_of(b, layout, j)
+
+
+def test_contiguous_runs_use_dma_and_fragments_are_staged(pool: tuple[mmap.mmap, int]) -> None:
     _, addr = pool
     # 2 layers x [NB, 2, 16, 8, 128] bf16: 64 KiB per layer-block
     src = [torch.zeros(64, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
@@ -128,7 +145,10 @@ def test_contiguous_runs_use_dma_and_fragments_use_the_kernel(pool: tuple[mmap.m
     # one run of 32 blocks: one pitched copy per layer, 2 MiB each
     assert len(eng.dma_plan(list(range(32)), list(range(32)), True)) == 2
     assert eng.copy(list(range(32)), list(range(32)), True) == "dma"
-    assert eng.copy([5, 1, 9], [7, 3, 0], True) == "kernel"
+    assert eng.copy([5, 1, 9], [7, 3, 0], True) == "staged"
+    # a staging buffer smaller than the batch is used in chunks
+    small = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "blocks_first"), staging_bytes=1)
+    assert small.copy([5, 1, 9], [7, 3, 0], True) == "staged"
 
 
 def test_device_uuid_lookup() -> None:

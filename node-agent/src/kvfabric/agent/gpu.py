@@ -54,6 +54,8 @@ extern "C" __global__ void copy_descriptors(const unsigned long long* desc, int 
 }
 """
 
+Ids = Sequence[int] | np.ndarray
+
 #: Descriptors at least this large (after coalescing) are sent to the DMA engines.
 DMA_MIN_BYTES = 1 << 20
 #: ... as long as there are at most this many of them; otherwise one kernel launch is cheaper.
@@ -156,9 +158,20 @@ class CopyEngine:
     """Copies blocks between one engine's device KV layers and the pinned pool, on one GPU."""
 
     def __init__(
-        self, device: int, pool_address: int, pool_bytes: int, layers: Sequence[LayerLayout]
+        self,
+        device: int,
+        pool_address: int,
+        pool_bytes: int,
+        layers: Sequence[LayerLayout],
+        fragmented: str = "staged",
+        staging_bytes: int = 64 << 20,
     ) -> None:
         cp = _cupy()
+        if fragmented not in ("staged", "kernel"):
+            raise ValueError("fragmented must be 'staged' or 'kernel'")
+        self.fragmented = fragmented
+        self.staging_bytes = staging_bytes
+        self._staging: Any = None  # device buffer, allocated at the first staged copy
         self.device = device
         self.pool_address = pool_address
         self.pool_bytes = pool_bytes
@@ -185,7 +198,7 @@ class CopyEngine:
             self._kernel = cp.RawKernel(_KERNEL, "copy_descriptors")
         self._lock = threading.Lock()
 
-    def _check(self, block_ids: Sequence[int], slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _check(self, block_ids: Ids, slots: Ids) -> tuple[np.ndarray, np.ndarray]:
         b = np.asarray(block_ids, dtype=np.uint64)
         s = np.asarray(slots, dtype=np.uint64)
         if b.shape != s.shape:
@@ -196,14 +209,17 @@ class CopyEngine:
             raise ValueError("block id or slot out of range")
         return b, s
 
-    def descriptors(self, block_ids: Sequence[int], slots: Sequence[int], to_pool: bool) -> np.ndarray:
+    def descriptors(self, block_ids: Ids, slots: Ids, to_pool: bool, base: int | None = None) -> np.ndarray:
         """``[n, 3]`` uint64 (src, dst, nbytes) for the kernel: one per block and segment,
-        merged where both ends follow on directly."""
-        b, s = self._check(block_ids, slots)
+        merged where both ends follow on directly. ``base``: address of slot 0 (default: the
+        pool; the staging buffer for staged copies, whose "slots" are checked by the caller)."""
+        if base is None:
+            b, s = self._check(block_ids, slots)
+        else:
+            b, s = np.asarray(block_ids, dtype=np.uint64), np.asarray(slots, dtype=np.uint64)
+        origin = np.uint64(self.pool_address if base is None else base)
         dev = self._dev_off[:, None] + b[None, :] * self._stride[:, None]  # [segments, blocks]
-        host = (
-            np.uint64(self.pool_address) + s[None, :] * np.uint64(self.block_bytes) + self._slot_off[:, None]
-        )
+        host = origin + s[None, :] * np.uint64(self.block_bytes) + self._slot_off[:, None]
         length = np.ascontiguousarray(np.broadcast_to(self._len[:, None], dev.shape))
         src, dst = (dev, host) if to_pool else (host, dev)
         cont = np.zeros(src.shape, dtype=bool)
@@ -215,9 +231,7 @@ class CopyEngine:
         sums = np.add.reduceat(length.reshape(-1), starts) if len(starts) else length.reshape(-1)
         return np.stack([src.reshape(-1)[starts], dst.reshape(-1)[starts], sums], axis=1)
 
-    def dma_plan(
-        self, block_ids: Sequence[int], slots: Sequence[int], to_pool: bool
-    ) -> list[tuple[int, ...]]:
+    def dma_plan(self, block_ids: Ids, slots: Ids, to_pool: bool) -> list[tuple[int, ...]]:
         """Pitched copies ``(dst, dpitch, src, spitch, width, height)``: one per run of consecutive
         (block, slot) pairs and per segment; a run's segment is strided on both sides."""
         b, s = self._check(block_ids, slots)
@@ -238,18 +252,25 @@ class CopyEngine:
                     plan.append((dev, int(self._stride[j]), host, self.block_bytes, width, height))
         return plan
 
-    def copy(self, block_ids: Sequence[int], slots: Sequence[int], to_pool: bool) -> str:
-        """Copies and waits for completion. Returns the method used: "dma" (copy engines, a few
-        large pitched copies) or "kernel" (one gather/scatter launch over many small pieces)."""
+    def copy(self, block_ids: Ids, slots: Ids, to_pool: bool) -> str:
+        """Copies and waits for completion. Returns the method used:
+
+        - ``dma``: runs of consecutive blocks and slots as a few large pitched copies;
+        - ``staged`` (fragmented batches): a kernel gathers the blocks into a device staging
+          buffer laid out like pool slots (HBM to HBM, brief), and the copy engines move slot
+          runs across PCIe; the SMs are left to the engine and both directions can overlap;
+        - ``kernel`` (``fragmented="kernel"``): one gather/scatter kernel reading and writing
+          mapped pinned memory directly; it holds SMs for the whole PCIe transfer.
+        """
         cp = _cupy()
         if len(block_ids) == 0:
             return "none"
-        b = np.asarray(block_ids, dtype=np.int64)
-        s = np.asarray(slots, dtype=np.int64)
-        runs = 1 + int(np.count_nonzero((np.diff(b) != 1) | (np.diff(s) != 1))) if len(b) else 0
-        use_dma = runs * len(self._len) <= DMA_MAX_CALLS
-        plan = self.dma_plan(block_ids, slots, to_pool) if use_dma else []
-        use_dma = use_dma and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES
+        b, s = self._check(block_ids, slots)
+        runs = 1 + int(
+            np.count_nonzero((np.diff(b.astype(np.int64)) != 1) | (np.diff(s.astype(np.int64)) != 1))
+        )
+        plan = self.dma_plan(block_ids, slots, to_pool) if runs * len(self._len) <= DMA_MAX_CALLS else []
+        use_dma = bool(plan) and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES
         rt = cp.cuda.runtime
         with self._lock, cp.cuda.Device(self.device):
             if use_dma:
@@ -257,14 +278,56 @@ class CopyEngine:
                 for dst, dpitch, src, spitch, width, height in plan:
                     rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self._stream.ptr)
                 method = "dma"
+            elif self.fragmented == "staged":
+                self._staged(b, s, to_pool)
+                method = "staged"
             else:
-                desc = self.descriptors(block_ids, slots, to_pool)
-                with self._stream:  # the table upload is ordered before the kernel
-                    table = cp.asarray(np.ascontiguousarray(desc))
-                self._kernel((len(desc),), (512,), (table, np.int32(len(desc))), stream=self._stream)
+                self._launch(self.descriptors(block_ids, slots, to_pool))
                 method = "kernel"
             self._stream.synchronize()
         return method
+
+    def _launch(self, desc: np.ndarray) -> None:
+        cp = _cupy()
+        with self._stream:  # the table upload is ordered before the kernel
+            table = cp.asarray(np.ascontiguousarray(desc))
+        self._kernel((len(desc),), (512,), (table, np.int32(len(desc))), stream=self._stream)
+
+    def _staged(self, b: np.ndarray, s: np.ndarray, to_pool: bool) -> None:
+        cp = _cupy()
+        rt = cp.cuda.runtime
+        per = self.block_bytes
+        if self._staging is None:
+            self._staging = cp.cuda.alloc(max(per, self.staging_bytes))
+        stage = int(self._staging.ptr)
+        cap = max(1, self._staging.mem.size // per)
+        for c0 in range(0, len(b), cap):
+            bc, sc = b[c0 : c0 + cap], s[c0 : c0 + cap]
+            local = np.arange(len(bc), dtype=np.uint64)
+            desc = self.descriptors(bc, local, to_pool, base=stage)
+            brk = np.flatnonzero(np.diff(sc.astype(np.int64)) != 1) + 1
+            starts = np.concatenate(([0], brk)).tolist()
+            ends = [*brk.tolist(), len(sc)]
+            if to_pool:
+                self._launch(desc)
+                for i0, i1 in zip(starts, ends, strict=True):
+                    rt.memcpyAsync(
+                        self.pool_address + int(sc[i0]) * per,
+                        stage + i0 * per,
+                        (i1 - i0) * per,
+                        rt.memcpyDeviceToHost,
+                        self._stream.ptr,
+                    )
+            else:
+                for i0, i1 in zip(starts, ends, strict=True):
+                    rt.memcpyAsync(
+                        stage + i0 * per,
+                        self.pool_address + int(sc[i0]) * per,
+                        (i1 - i0) * per,
+                        rt.memcpyHostToDevice,
+                        self._stream.ptr,
+                    )
+                self._launch(desc)
 
 
 def _uuid_bytes(index: int) -> bytes:
