@@ -125,6 +125,14 @@ def test_namespaces_share_the_pool_by_arena() -> None:
         idx.reserve("unknown", [k(0)], None, 1)
 
 
+def test_a_namespace_refuses_a_second_layout() -> None:
+    idx = make()
+    idx.register("gpu", BB, 16, "kv_planes")
+    idx.register("gpu", BB, 16, "kv_planes")
+    with pytest.raises(ValueError, match="layout"):
+        idx.register("gpu", BB, 16, "blocks_first")
+
+
 def test_an_emptied_arena_returns_to_the_pool() -> None:
     idx = make(slots_per_arena=2, arenas=1)
     idx.register("other", BB, 16)

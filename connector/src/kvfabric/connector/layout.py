@@ -15,9 +15,16 @@ if TYPE_CHECKING:
 CPU_LAYOUT = "cpu:[blocks,kv_heads,block_size,2*head_size]"
 
 
+#: CUDA: the agent copies blocks itself; a slot holds each layer's planes in the engine's byte
+#: order. The agent refuses a second engine whose tensor layout differs within one namespace.
+CUDA_LAYOUT = "cuda:agent-copy"
+
+
 def device_layout(device_type: str) -> str:
     if device_type == "cpu":
         return CPU_LAYOUT
+    if device_type == "cuda":
+        return CUDA_LAYOUT
     return f"{device_type}:unsupported"
 
 

@@ -91,12 +91,21 @@ class BlockIndex:
     # -- namespaces ------------------------------------------------------------------------------
 
     def register(self, name: str, block_bytes: int, block_tokens: int, description: str = "") -> Namespace:
+        self.check_layout(name, description)
         ns = self.namespaces.get(name)
         slots = self.allocator.add_namespace(name, block_bytes)  # raises on a size conflict
         if ns is None:
             ns = Namespace(name=name, block_tokens=block_tokens, slots=slots, description=description)
             self.namespaces[name] = ns
         return ns
+
+    def check_layout(self, name: str, description: str) -> None:
+        """Raises ValueError when ``name`` is registered with another non-empty layout."""
+        ns = self.namespaces.get(name)
+        if ns is not None and description and ns.description and description != ns.description:
+            raise ValueError(
+                f"namespace {name} is registered with layout {ns.description!r}, not {description!r}"
+            )
 
     # -- lookups and leases ----------------------------------------------------------------------
 
