@@ -18,6 +18,7 @@ from typing import TypeVar
 import msgspec
 
 from kvfabric.connector import protocol as p
+from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.errors import AgentRejected, AgentUnavailable
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,23 @@ class AgentClient:
         self.hello: p.HelloReply | None = None
         self.connects = 0
         self.failures = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ConnectorConfig,
+        client_name: str,
+        on_connect: Callable[[AgentClient, p.HelloReply], None] | None = None,
+    ) -> AgentClient:
+        """A client with the connector's socket, deadline and backoff settings."""
+        return cls(
+            config.socket_path,
+            client_name,
+            timeout_s=config.timeout_ms / 1000,
+            backoff_initial_s=config.backoff_initial_ms / 1000,
+            backoff_max_s=config.backoff_max_ms / 1000,
+            on_connect=on_connect,
+        )
 
     # -- connection management -------------------------------------------------------------
 

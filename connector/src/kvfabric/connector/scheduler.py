@@ -58,13 +58,7 @@ class SchedulerSide:
         self.namespaces = namespaces
         self.block_size = block_size
         self.engine_tag = engine_tag
-        self.client = AgentClient(
-            config.socket_path,
-            f"scheduler:{engine_tag}",
-            timeout_s=config.timeout_ms / 1000,
-            backoff_initial_s=config.backoff_initial_ms / 1000,
-            backoff_max_s=config.backoff_max_ms / 1000,
-        )
+        self.client = AgentClient.from_config(config, f"scheduler:{engine_tag}")
         self.requests: dict[str, _RequestState] = {}
         self._loads: list[LoadIntent] = []
         self.stats = SchedulerStats()

@@ -65,14 +65,7 @@ class WorkerSide:
         self._map: mmap.mmap | None = None
         self._load_errors: set[int] = set()
         self.stats = WorkerStats()
-        self.client = AgentClient(
-            config.socket_path,
-            f"worker{self.rank}:{engine_tag}",
-            timeout_s=config.timeout_ms / 1000,
-            backoff_initial_s=config.backoff_initial_ms / 1000,
-            backoff_max_s=config.backoff_max_ms / 1000,
-            on_connect=self._on_connect,
-        )
+        self.client = AgentClient.from_config(config, f"worker{self.rank}:{engine_tag}", self._on_connect)
 
     # -- setup -------------------------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -31,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from kvfabric.agent.pool import address_of, populate
 
 log = logging.getLogger(__name__)
 
@@ -114,23 +115,8 @@ class PinnedPool:
         self.register_seconds = 0.0
 
     def populate(self) -> float:
-        """Faults every page in (tmpfs allocates and zeroes at first touch) with one thread per
-        chunk. Called through ctypes so the threads really run in parallel (CPython's
-        ``mmap.madvise`` holds the GIL); registering populated pages is then fast."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        advice = 23  # MADV_POPULATE_WRITE, Linux >= 5.14
-        chunks = [(a, min(self.chunk, self.size - a)) for a in range(0, self.size, self.chunk)]
-        started = time.perf_counter()
-
-        def one(c: tuple[int, int]) -> None:
-            if libc.madvise(self.address + c[0], c[1], advice) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"populating the pool failed: {os.strerror(err)}")
-
-        with ThreadPoolExecutor(self.threads, "kvfabric-populate") as ex:
-            list(ex.map(one, chunks))
-        return time.perf_counter() - started
+        """Faults every page in, in parallel: registering populated pages is then fast."""
+        return populate(self.address, self.size, self.threads, self.chunk)
 
     def register(self) -> float:
         cp = _cupy()
@@ -405,6 +391,4 @@ class IpcMappings:
         return len(self._bases)
 
 
-def host_address(buffer: object) -> int:
-    """Address of a writable buffer (e.g. the pool's mmap)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))  # type: ignore[arg-type]
+host_address = address_of  # the address of a writable mapping (e.g. the pool's)

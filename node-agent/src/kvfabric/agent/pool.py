@@ -11,14 +11,43 @@ An arena whose slots are all free goes back to the shared list, so layouts can c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import mmap
 import os
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def populate(address: int, size: int, threads: int, chunk: int = 1 << 30) -> float:
+    """Faults every page of ``[address, address + size)`` in (tmpfs allocates and zeroes a page
+    at its first touch), one thread per chunk. Through ctypes, so the threads really run in
+    parallel: CPython's ``mmap.madvise`` holds the GIL. Returns seconds; raises OSError."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    chunks = [(a, min(chunk, size - a)) for a in range(0, size, chunk)]
+    started = time.perf_counter()
+
+    def one(c: tuple[int, int]) -> None:
+        if libc.madvise(address + c[0], c[1], MADV_POPULATE_WRITE) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"populating the pool failed: {os.strerror(err)}")
+
+    with ThreadPoolExecutor(max(1, threads), "kvfabric-populate") as ex:
+        list(ex.map(one, chunks))
+    return time.perf_counter() - started
+
+
+def address_of(buffer: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 class PoolError(RuntimeError):
@@ -66,17 +95,12 @@ class Segment:
             except (OSError, AttributeError) as exc:
                 log.warning("huge pages refused for the pool", extra={"reason": str(exc)})
 
-    def prefault(self, chunk: int = 64 << 20) -> None:
-        """Populates every page (tmpfs zeroes a fallocated page at its first touch), so engines'
-        first saves into the pool run at copy speed. Runs in a background thread, in chunks so
-        the GIL is free between them; best effort (MADV_POPULATE_WRITE needs Linux >= 5.14).
-        """
-        advice = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+    def prefault(self, threads: int = 4) -> None:
+        """Populates every page in the background, so engines' first saves into the pool run at
+        copy speed. Best effort: an old kernel without MADV_POPULATE_WRITE faults lazily."""
         try:
-            for start in range(0, self.size, chunk):
-                length = min(chunk, self.size - start)
-                self.map.madvise(advice, start, length)
-                self.prefaulted_bytes += length
+            populate(address_of(self.map), self.size, threads, chunk=256 << 20)
+            self.prefaulted_bytes = self.size
         except (OSError, ValueError) as exc:
             log.info("pool not prefaulted", extra={"reason": str(exc)})
 
