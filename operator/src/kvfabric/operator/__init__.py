@@ -1,1 +1,2 @@
-"""KVFabric Kubernetes operator (KVCachePool reconciler, pod webhook): not built yet, see issue 3."""
+"""KVFabric Kubernetes operator. So far: the ``KVCachePool`` spec model and the CRD generated
+from it (issue 3: the reconciler, webhook and chart are still to come)."""

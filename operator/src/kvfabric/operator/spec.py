@@ -1,0 +1,82 @@
+"""``KVCachePool`` (``kvfabric.io/v1alpha1``): the spec model, source of truth for the CRD schema.
+
+``crds/kvcachepools.kvfabric.io.yaml`` is generated from these models (``python -m
+kvfabric.operator.crd``) and a test checks the committed file equals the generated one, so the
+CRD, the operator and the docs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GROUP = "kvfabric.io"
+VERSION = "v1alpha1"
+KIND = "KVCachePool"
+PLURAL = "kvcachepools"
+
+Quantity = Annotated[
+    str,
+    Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description="A size such as 64Gi."),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, alias="tolerationSeconds")
+
+
+class Memory(_Model):
+    size: Quantity = Field(description="Pool bytes per node (the agent's --pool-size).")
+    huge_pages: bool = Field(
+        default=False, alias="hugePages", description="Back the pool with transparent huge pages."
+    )
+
+
+class Nvme(_Model):
+    path: str = Field(min_length=1, description="Host directory of the NVMe tier.")
+    size: Quantity = Field(description="Bytes the tier may use.")
+
+
+class Rdma(_Model):
+    enabled: bool = Field(default=False, description="Pull blocks from peers over RDMA where NICs exist.")
+
+
+class Resources(_Model):
+    cpu: str = Field(default="1", description="Agent CPU request and limit.")
+    memory_overhead: Quantity = Field(
+        default="512Mi",
+        alias="memoryOverhead",
+        description="Agent memory beyond the pool (the pool is counted on top).",
+    )
+
+
+class KVCachePoolSpec(_Model):
+    """What a user declares. Defaults make ``spec: {memory: {size: 8Gi}}`` a working pool."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, alias="nodeSelector", description="Nodes that get an agent."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, description="Agent pod tolerations.")
+    memory: Memory
+    nvme: Nvme | None = Field(default=None, description="Optional persistent NVMe tier.")
+    rdma: Rdma = Field(default_factory=Rdma)
+    remote_sharing: bool = Field(
+        default=False, alias="remoteSharing", description="Agents of this pool pull blocks from each other."
+    )
+    tenancy: Literal["shared", "perNamespace"] = Field(
+        default="shared",
+        description="shared: every engine may hit every block; perNamespace: engines only share "
+        "blocks within their Kubernetes namespace (the connector's tenant).",
+    )
+    cuda: bool = Field(default=False, description="Agents serve GPU engines (pin the pool for CUDA).")
+    image: str = Field(default="ghcr.io/kvfabric/agent:0.1.0", min_length=1, description="Agent image.")
+    resources: Resources = Field(default_factory=Resources)
