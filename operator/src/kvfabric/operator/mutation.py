@@ -1,0 +1,98 @@
+"""Pod mutation for the admission webhook: wires an annotated vLLM pod to its node's agent.
+
+A pod annotated ``kvfabric.io/pool: <pool>`` gets, in its vLLM container: the pool's socket and
+shared-memory host directories (at the paths the agent uses), ``KVFABRIC_SOCKET_PATH`` (and
+``KVFABRIC_TENANT`` for ``perNamespace`` tenancy), and ``--kv-transfer-config`` with the
+connector line. The container is the one named by ``kvfabric.io/container``, else the one named
+``vllm``, else the only one. Injection is recorded in ``kvfabric.io/injected`` so a re-admitted
+pod is not injected twice; a pod that cannot be injected is admitted unchanged except for a
+``kvfabric.io/skipped`` annotation saying why.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from kvfabric.operator.manifests import RUN_DIR, SHM_DIR, SOCKET_PATH, host_dirs
+from kvfabric.operator.spec import KVCachePoolSpec
+
+POOL_ANNOTATION = "kvfabric.io/pool"
+CONTAINER_ANNOTATION = "kvfabric.io/container"
+INJECTED_ANNOTATION = "kvfabric.io/injected"
+SKIPPED_ANNOTATION = "kvfabric.io/skipped"
+CONNECTOR_LINE = json.dumps(
+    {
+        "kv_connector": "KVFabricConnector",
+        "kv_role": "kv_both",
+        "kv_connector_module_path": "kvfabric.connector",
+    },
+    separators=(",", ":"),
+)
+Body = dict[str, Any]
+
+
+def _pick_container(pod: Body) -> tuple[Body | None, str]:
+    containers = pod.get("spec", {}).get("containers", [])
+    wanted = pod.get("metadata", {}).get("annotations", {}).get(CONTAINER_ANNOTATION)
+    if wanted:
+        for c in containers:
+            if c.get("name") == wanted:
+                return c, ""
+        return None, f"no container named {wanted!r} (annotation {CONTAINER_ANNOTATION})"
+    for c in containers:
+        if c.get("name") == "vllm":
+            return c, ""
+    if len(containers) == 1:
+        return containers[0], ""
+    return None, f"{len(containers)} containers and none named 'vllm'; set {CONTAINER_ANNOTATION}"
+
+
+def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None) -> tuple[Body, str]:
+    """Returns (the pod to admit, why it was skipped or ""). Never raises for a bad pod."""
+    out = copy.deepcopy(pod)
+    annotations = out.setdefault("metadata", {}).setdefault("annotations", {})
+    pool = annotations.get(POOL_ANNOTATION)
+    if not pool:
+        return pod, ""  # not ours: untouched
+    if annotations.get(INJECTED_ANNOTATION) == pool:
+        return pod, ""  # already injected (re-admission)
+    if spec is None:
+        annotations[SKIPPED_ANNOTATION] = f"KVCachePool {namespace}/{pool} not found"
+        return out, annotations[SKIPPED_ANNOTATION]
+    container, why = _pick_container(out)
+    if container is None:
+        annotations[SKIPPED_ANNOTATION] = why
+        return out, why
+    run_dir, shm_dir = host_dirs(namespace, pool)
+    volumes = out["spec"].setdefault("volumes", [])
+    volumes += [
+        {"name": "kvfabric-run", "hostPath": {"path": run_dir, "type": "DirectoryOrCreate"}},
+        {"name": "kvfabric-shm", "hostPath": {"path": shm_dir, "type": "DirectoryOrCreate"}},
+    ]
+    container.setdefault("volumeMounts", []).extend(
+        [{"name": "kvfabric-run", "mountPath": RUN_DIR}, {"name": "kvfabric-shm", "mountPath": SHM_DIR}]
+    )
+    env = container.setdefault("env", [])
+    env.append({"name": "KVFABRIC_SOCKET_PATH", "value": SOCKET_PATH})
+    if spec.tenancy == "perNamespace":
+        env.append({"name": "KVFABRIC_TENANT", "value": namespace})
+    args = container.setdefault("args", [])
+    if not any(str(a).startswith("--kv-transfer-config") for a in args):
+        args += ["--kv-transfer-config", CONNECTOR_LINE]
+    annotations[INJECTED_ANNOTATION] = pool
+    annotations.pop(SKIPPED_ANNOTATION, None)
+    return out, ""
+
+
+def json_patch(old: Body, new: Body) -> list[Body]:
+    """RFC 6902 operations turning ``old`` into ``new`` (whole ``metadata.annotations`` and
+    ``spec`` replaced: simple and exact for the webhook's response)."""
+    ops: list[Body] = []
+    if old.get("metadata", {}).get("annotations") != new["metadata"]["annotations"]:
+        op = "replace" if "annotations" in old.get("metadata", {}) else "add"
+        ops.append({"op": op, "path": "/metadata/annotations", "value": new["metadata"]["annotations"]})
+    if old.get("spec") != new.get("spec"):
+        ops.append({"op": "replace", "path": "/spec", "value": new["spec"]})
+    return ops

@@ -1,0 +1,77 @@
+"""Pod mutation (pure): what the webhook injects, and when it leaves a pod alone."""
+
+import json
+from typing import Any
+
+from kvfabric.operator.mutation import (
+    CONNECTOR_LINE,
+    INJECTED_ANNOTATION,
+    SKIPPED_ANNOTATION,
+    json_patch,
+    mutate,
+)
+from kvfabric.operator.spec import KVCachePoolSpec
+
+SPEC = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}})
+
+
+def pod(annotations: dict[str, str] | None = None, names: tuple[str, ...] = ("vllm",)) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p", "annotations": dict(annotations or {})},
+        "spec": {
+            "containers": [{"name": n, "image": "vllm/vllm-openai", "args": ["--model", "m"]} for n in names]
+        },
+    }
+
+
+def test_unannotated_pod_is_untouched() -> None:
+    p = pod()
+    assert mutate(p, "ml", SPEC) == (p, "")
+
+
+def test_annotated_pod_gets_mounts_env_and_the_connector_line_once() -> None:
+    out, why = mutate(pod({"kvfabric.io/pool": "default"}, ("sidecar", "vllm")), "ml", SPEC)
+    assert why == ""
+    sidecar, vllm = out["spec"]["containers"]
+    assert "volumeMounts" not in sidecar
+    assert {m["mountPath"] for m in vllm["volumeMounts"]} == {"/kvfabric/run", "/kvfabric/shm"}
+    assert {"name": "KVFABRIC_SOCKET_PATH", "value": "/kvfabric/run/agent.sock"} in vllm["env"]
+    assert vllm["args"][-2:] == ["--kv-transfer-config", CONNECTOR_LINE]
+    assert json.loads(CONNECTOR_LINE)["kv_connector_module_path"] == "kvfabric.connector"
+    paths = {v["hostPath"]["path"] for v in out["spec"]["volumes"]}
+    assert paths == {"/run/kvfabric/ml.default", "/dev/shm/kvfabric/ml.default"}
+    assert out["metadata"]["annotations"][INJECTED_ANNOTATION] == "default"
+    again, _ = mutate(out, "ml", SPEC)
+    assert again == out  # idempotent
+
+
+def test_per_namespace_tenancy_sets_the_tenant() -> None:
+    spec = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "tenancy": "perNamespace"})
+    out, _ = mutate(pod({"kvfabric.io/pool": "default"}), "team-a", spec)
+    assert {"name": "KVFABRIC_TENANT", "value": "team-a"} in out["spec"]["containers"][0]["env"]
+
+
+def test_container_annotation_and_unsupported_pods() -> None:
+    out, _ = mutate(pod({"kvfabric.io/pool": "d", "kvfabric.io/container": "b"}, ("a", "b")), "ml", SPEC)
+    assert "env" in out["spec"]["containers"][1] and "env" not in out["spec"]["containers"][0]
+    out, why = mutate(pod({"kvfabric.io/pool": "d"}, ("a", "b")), "ml", SPEC)
+    assert "none named 'vllm'" in why and out["metadata"]["annotations"][SKIPPED_ANNOTATION] == why
+    assert out["spec"] == pod(names=("a", "b"))["spec"]  # spec unchanged
+    out, why = mutate(pod({"kvfabric.io/pool": "missing"}), "ml", None)
+    assert "not found" in why and out["spec"] == pod()["spec"]
+
+
+def test_existing_kv_transfer_config_is_kept() -> None:
+    p = pod({"kvfabric.io/pool": "d"})
+    p["spec"]["containers"][0]["args"].append("--kv-transfer-config={}")
+    out, _ = mutate(p, "ml", SPEC)
+    assert out["spec"]["containers"][0]["args"] == ["--model", "m", "--kv-transfer-config={}"]
+
+
+def test_json_patch_reproduces_the_mutation() -> None:
+    old = pod({"kvfabric.io/pool": "d"})
+    new, _ = mutate(old, "ml", SPEC)
+    ops = json_patch(old, new)
+    assert [o["path"] for o in ops] == ["/metadata/annotations", "/spec"]
+    assert ops[1]["value"] == new["spec"]
+    assert json_patch(new, new) == []
