@@ -64,3 +64,11 @@ def test_schema_is_structural() -> None:
                 walk(v, f"{path}[{i}]")
 
     walk(schema(), "openAPIV3Schema")
+
+
+def test_committed_contract_is_the_generated_one() -> None:
+    from kvfabric.operator.contract import render as render_contract
+
+    doc = REPO / "docs" / "kvcachepool.md"
+    assert doc.read_text() == render_contract(), "run: python -m kvfabric.operator.contract > " + str(doc)
+    assert "`spec.memory.size`" in doc.read_text() and "required" in doc.read_text()
