@@ -11,7 +11,7 @@ define run_pytest
 	rc=0; $(PYTEST) $(1) || rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 0; fi; exit $$rc
 endef
 
-.PHONY: install install-tools demo test test-fast test-vllm bench lint clean
+.PHONY: install install-tools k8s-control-plane demo test test-fast test-vllm bench lint clean
 
 install: $(STAMP) install-tools
 
@@ -32,10 +32,15 @@ install-tools:
 	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool missing: install Debian's 'prometheus' package"; fi; }
 
+# A real kube-apiserver + kube-controller-manager (built from Debian's source package, about 11
+# minutes once) plus etcd, helm and kubectl, cached outside the repository.
+k8s-control-plane:
+	scripts/k8s/build-control-plane.sh
+
 demo: install
 	$(BIN)/python -m e2e.demo
 
-test: install
+test: install k8s-control-plane
 	$(call run_pytest,-m "" tests e2e)
 
 test-fast: install

@@ -1,0 +1,247 @@
+"""The operator against a real control plane (etcd + kube-apiserver + kube-controller-manager).
+
+Skipped with the reason when the control plane is not built (``make test`` builds it first).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e import k8s_cluster
+
+pytestmark = [
+    pytest.mark.k8s,
+    pytest.mark.skipif(bool(k8s_cluster.available()), reason=k8s_cluster.available() or "ok"),
+    # kopf and the kubernetes client emit deprecations and close sockets lazily at shutdown
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[k8s_cluster.ControlPlane]:
+    cp = k8s_cluster.ControlPlane(tmp_path_factory.mktemp("k8s")).start()
+    try:
+        cp.kubectl("apply", "-f", str(REPO / "crds" / "kvcachepools.kvfabric.io.yaml"))
+        cp.kubectl("wait", "--for=condition=established", "--timeout=60s", "crd/kvcachepools.kvfabric.io")
+        cp.kubectl("create", "namespace", "kvfabric")
+        for node, selected in (("node-a", True), ("node-b", False)):
+            lbl = {"kvfabric.io/node": "true"} if selected else {"other": "x"}
+            node_body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": lbl}}
+            cp.kubectl(
+                "apply",
+                "-f",
+                "-",
+                input=json.dumps(node_body),
+            )
+        yield cp
+    finally:
+        cp.stop()
+
+
+def until(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Polls ``check`` until it returns a truthy value (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def get(cp: k8s_cluster.ControlPlane, *args: str) -> dict[str, Any] | None:
+    r = cp.kubectl("get", "-o", "json", *args, check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def test_crd_schema_rejects_invalid_pools(cluster: k8s_cluster.ControlPlane) -> None:
+    bad = {
+        "apiVersion": "kvfabric.io/v1alpha1",
+        "kind": "KVCachePool",
+        "metadata": {"name": "bad", "namespace": "kvfabric"},
+        "spec": {"memory": {"size": "lots"}, "tenancy": "everyone"},
+    }
+    r = cluster.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
+    assert r.returncode != 0
+    assert "spec.memory.size" in r.stderr and "spec.tenancy" in r.stderr
+    r = cluster.kubectl(
+        "apply", "--dry-run=server", "-f", str(REPO / "manifests" / "sample-pool.yaml"), check=False
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_operator_reconciles_a_pool_into_owned_agents(
+    cluster: k8s_cluster.ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kopf
+    from kopf.testing import KopfRunner
+    from kubernetes import config as kube_config
+
+    from e2e.agent import free_port
+    from kvfabric.operator import reconcile, webhook
+    from kvfabric.operator.certs import self_signed
+
+    # kopf's login_via_client loads the default kubeconfig, whose path the client read at import
+    monkeypatch.setattr(kube_config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(cluster.kubeconfig))
+    kube_config.load_kube_config(config_file=str(cluster.kubeconfig))
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    reconcile.register(registry)
+    webhook.register(registry)
+    settings = kopf.OperatorSettings()
+    settings.watching.server_timeout = 10
+    cert, key = self_signed(["127.0.0.1"])
+    (cluster.dir / "tls.crt").write_bytes(cert)
+    (cluster.dir / "tls.key").write_bytes(key)
+    settings.admission.server = kopf.WebhookServer(
+        addr="127.0.0.1",
+        port=free_port(),
+        host="127.0.0.1",
+        cadata=cert,
+        certfile=str(cluster.dir / "tls.crt"),
+        pkeyfile=str(cluster.dir / "tls.key"),
+    )
+    settings.admission.managed = "kvfabric.kvfabric.io"
+
+    def pod(name: str, annotations: dict[str, str]) -> str:
+        container = {"name": "vllm", "image": "vllm/vllm-openai", "args": ["--model", "m"]}
+        return json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": "kvfabric", "annotations": annotations},
+                "spec": {"containers": [container]},
+            }
+        )
+
+    with KopfRunner(
+        ["run", "--standalone", "--namespace=kvfabric"], registry=registry, settings=settings
+    ) as runner:
+        cluster.kubectl("apply", "-f", str(REPO / "manifests" / "sample-pool.yaml"))
+        pool = until(lambda: get(cluster, "kvcachepool", "default", "-n", "kvfabric"), what="pool")
+        ds = until(
+            lambda: get(cluster, "daemonset", "kvfabric-default-agent", "-n", "kvfabric"), what="DaemonSet"
+        )
+        owner = ds["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "KVCachePool" and owner["uid"] == pool["metadata"]["uid"]
+        pod_spec = ds["spec"]["template"]["spec"]
+        assert pod_spec["nodeSelector"] == {"kvfabric.io/node": "true"}
+        cm = get(cluster, "configmap", "kvfabric-default-agent", "-n", "kvfabric")
+        assert cm is not None and cm["data"]["KVFABRIC_POOL_SIZE"] == str(8 << 30)
+        assert get(cluster, "service", "kvfabric-default-agents", "-n", "kvfabric") is not None
+
+        # The DaemonSet controller places an agent pod on the selected node only.
+        def agent_pods() -> list[dict[str, Any]]:
+            pods = get(cluster, "pods", "-n", "kvfabric", "-l", "kvfabric.io/pool=default") or {"items": []}
+            return list(pods["items"])
+
+        pods = until(agent_pods, what="agent pods")
+        terms = pods[0]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert len(pods) == 1 and "node-a" in json.dumps(terms) and "node-b" not in json.dumps(terms)
+
+        # Status follows the DaemonSet (no kubelet here, so desired 1, ready 0).
+        status = until(
+            lambda: (
+                (get(cluster, "kvcachepool", "default", "-n", "kvfabric") or {})
+                .get("status", {})
+                .get("nodesDesired")
+            ),
+            what="status",
+        )
+        assert status == 1
+        conditions = {
+            c["type"]: c
+            for c in get(cluster, "kvcachepool", "default", "-n", "kvfabric")["status"]["conditions"]
+        }
+        assert conditions["ConfigValid"]["status"] == "True" and conditions["Ready"]["status"] == "False"
+
+        # The apiserver calls the webhook over TLS: an annotated pod is injected, exactly once.
+        until(
+            lambda: get(cluster, "mutatingwebhookconfiguration", "kvfabric.kvfabric.io"),
+            what="webhook config",
+        )
+        until(
+            lambda: (
+                cluster.kubectl(
+                    "apply", "-f", "-", input=pod("vllm-1", {"kvfabric.io/pool": "default"}), check=False
+                ).returncode
+                == 0
+            ),
+            what="pod admitted",
+        )
+        stored = get(cluster, "pod", "vllm-1", "-n", "kvfabric")
+        assert stored is not None
+        (c,) = stored["spec"]["containers"]
+        assert {"name": "KVFABRIC_SOCKET_PATH", "value": "/kvfabric/run/agent.sock"} in c.get("env", []), (
+            stored
+        )
+        assert c["args"].count("--kv-transfer-config") == 1
+        assert [v["name"] for v in stored["spec"]["volumes"] if v["name"].startswith("kvfabric")] == [
+            "kvfabric-run",
+            "kvfabric-shm",
+        ]
+        assert stored["metadata"]["annotations"]["kvfabric.io/injected"] == "default"
+        cluster.kubectl("apply", "-f", "-", input=pod("plain", {}))
+        plain = get(cluster, "pod", "plain", "-n", "kvfabric")
+        assert plain is not None and "env" not in plain["spec"]["containers"][0]
+        cluster.kubectl("apply", "-f", "-", input=pod("orphan", {"kvfabric.io/pool": "missing"}))
+        orphan = get(cluster, "pod", "orphan", "-n", "kvfabric")
+        assert orphan is not None and "not found" in orphan["metadata"]["annotations"]["kvfabric.io/skipped"]
+        assert "env" not in orphan["spec"]["containers"][0]
+
+        # A spec change rolls the agents (new template hash) and updates their settings.
+        old_hash = ds["spec"]["template"]["metadata"]["annotations"]["kvfabric.io/spec-hash"]
+        cluster.kubectl(
+            "patch",
+            "kvcachepool",
+            "default",
+            "-n",
+            "kvfabric",
+            "--type=merge",
+            "-p",
+            '{"spec": {"memory": {"size": "16Gi"}}}',
+        )
+        until(
+            lambda: (
+                (get(cluster, "daemonset", "kvfabric-default-agent", "-n", "kvfabric") or {})["spec"][
+                    "template"
+                ]["metadata"]["annotations"]["kvfabric.io/spec-hash"]
+                != old_hash
+            ),
+            what="rolled DaemonSet",
+        )
+        cm = get(cluster, "configmap", "kvfabric-default-agent", "-n", "kvfabric")
+        assert cm is not None and cm["data"]["KVFABRIC_POOL_SIZE"] == str(16 << 30)
+
+        # Deleting the pool garbage-collects everything it owns.
+        cluster.kubectl("delete", "kvcachepool", "default", "-n", "kvfabric", "--wait=true")
+        until(
+            lambda: get(cluster, "daemonset", "kvfabric-default-agent", "-n", "kvfabric") is None,
+            what="GC of DaemonSet",
+        )
+        until(
+            lambda: get(cluster, "configmap", "kvfabric-default-agent", "-n", "kvfabric") is None,
+            what="GC of ConfigMap",
+        )
+        until(
+            lambda: get(cluster, "service", "kvfabric-default-agents", "-n", "kvfabric") is None,
+            what="GC of Service",
+        )
+    assert runner.exit_code == 0, runner.output
+
+    # The operator (and its webhook) is gone: pods are still admitted (failurePolicy Ignore).
+    r = cluster.kubectl(
+        "apply", "-f", "-", input=pod("while-down", {"kvfabric.io/pool": "default"}), check=False
+    )
+    assert r.returncode == 0, r.stderr
+    down = get(cluster, "pod", "while-down", "-n", "kvfabric")
+    assert down is not None and "kvfabric.io/injected" not in down["metadata"]["annotations"]

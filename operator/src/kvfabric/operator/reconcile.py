@@ -1,0 +1,170 @@
+"""kopf handlers reconciling ``KVCachePool`` objects into their agents.
+
+Handlers are registered into a registry passed in (never kopf's global one), so importing this
+module has no side effects and tests can run several operators.
+
+    kopf run -m kvfabric.operator.main        # production entry point (registers into the default registry)
+
+A spec the model rejects sets ``ConfigValid=False`` with the reason and an event; nothing is
+applied and nothing is retried until the spec changes (no crash loop). Children are applied
+idempotently (create, else replace) and owned by the pool, so deleting the pool garbage-collects
+them. Pool status follows the DaemonSet's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from kvfabric.operator.manifests import children, labels
+from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
+
+log = logging.getLogger(__name__)
+POOL_LABEL = "kvfabric.io/pool"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": _now(),
+        "observedGeneration": generation,
+    }
+
+
+def _merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_type = {c["type"]: c for c in old}
+    for c in new:
+        prev = by_type.get(c["type"])
+        if prev is not None and prev.get("status") == c["status"]:
+            c = {**c, "lastTransitionTime": prev.get("lastTransitionTime", c["lastTransitionTime"])}
+        by_type[c["type"]] = c
+    return list(by_type.values())
+
+
+def _apply(body: dict[str, Any]) -> None:
+    """Create, or replace when it exists (idempotent)."""
+    kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
+    core, apps = client.CoreV1Api(), client.AppsV1Api()
+    create, replace = {
+        "ConfigMap": (core.create_namespaced_config_map, core.replace_namespaced_config_map),
+        "Service": (core.create_namespaced_service, core.patch_namespaced_service),
+        "DaemonSet": (apps.create_namespaced_daemon_set, apps.replace_namespaced_daemon_set),
+    }[kind]
+    try:
+        create(ns, body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise kopf.TemporaryError(f"creating {kind} {name}: {exc.reason}", delay=10) from exc
+        replace(name, ns, body)
+
+
+def pool_status(ds_status: dict[str, Any] | None, generation: int, capacity_bytes: int) -> dict[str, Any]:
+    """Pool status from its DaemonSet's status (pure; unit-tested)."""
+    st = ds_status or {}
+    desired = int(st.get("desiredNumberScheduled") or 0)
+    ready = int(st.get("numberReady") or 0)
+    all_ready = desired > 0 and ready == desired
+    conditions = [
+        _condition(
+            "Ready",
+            all_ready,
+            "AgentsReady" if all_ready else ("NoNodes" if desired == 0 else "AgentsStarting"),
+            f"{ready}/{desired} agents ready",
+            generation,
+        ),
+        _condition(
+            "Degraded",
+            0 < ready < desired,
+            "SomeAgentsNotReady" if 0 < ready < desired else "None",
+            f"{desired - ready} agent(s) not ready" if ready < desired else "",
+            generation,
+        ),
+    ]
+    return {
+        "nodesDesired": desired,
+        "nodesReady": ready,
+        "capacity": str(ready * capacity_bytes),
+        "conditions": conditions,
+    }
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Registers the pool handlers into ``registry``."""
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
+    def reconcile(
+        body: kopf.Body,
+        spec: kopf.Spec,
+        name: str,
+        namespace: str | None,
+        uid: str,
+        patch: kopf.Patch,
+        **_: Any,
+    ) -> None:
+        assert namespace is not None  # a namespaced resource
+        generation = int(body.metadata.get("generation") or 0)
+        old = list(body.get("status", {}).get("conditions", []))
+        try:
+            model = KVCachePoolSpec.model_validate(dict(spec))
+        except ValidationError as exc:
+            why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            patch.status["conditions"] = _merge_conditions(
+                old, [_condition("ConfigValid", False, "InvalidSpec", why, generation)]
+            )
+            patch.status["observedGeneration"] = generation
+            kopf.warn(body, reason="InvalidSpec", message=why)
+            return
+        for child in children(namespace, name, uid, model):
+            _apply(child)
+        patch.status["conditions"] = _merge_conditions(
+            old, [_condition("ConfigValid", True, "Applied", "agents' objects applied", generation)]
+        )
+        patch.status["observedGeneration"] = generation
+        kopf.info(body, reason="Reconciled", message=f"applied ConfigMap, DaemonSet and Service for {name}")
+
+    @kopf.on.event("apps", "v1", "daemonsets", labels={POOL_LABEL: kopf.PRESENT}, registry=registry)
+    def follow_daemonset(
+        body: kopf.Body, namespace: str | None, labels: Mapping[str, str], type: str, **_: Any
+    ) -> None:
+        if type == "DELETED" or namespace is None:
+            return
+        pool = labels[POOL_LABEL]
+        api = client.CustomObjectsApi()
+        try:
+            obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, pool)
+        except ApiException as exc:
+            if exc.status == 404:
+                return  # the pool is being deleted; its children follow by garbage collection
+            raise
+        try:
+            size = KVCachePoolSpec.model_validate(obj["spec"]).memory.size
+        except ValidationError:
+            return
+        from kvfabric.agent.settings import parse_bytes
+
+        status = pool_status(
+            dict(body.get("status") or {}), int(obj["metadata"].get("generation") or 0), parse_bytes(size)
+        )
+        status["conditions"] = _merge_conditions(
+            [c for c in obj.get("status", {}).get("conditions", []) if c["type"] != "ConfigValid"],
+            status["conditions"],
+        ) + [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "ConfigValid"]
+        api.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, pool, {"status": status})
+
+    _ = (reconcile, follow_daemonset, labels)
