@@ -95,7 +95,7 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Bod
         "image": spec.image,
         "args": [],
         "envFrom": [{"configMapRef": {"name": f"kvfabric-{name}-agent"}}],
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
         "resources": {
@@ -144,7 +144,7 @@ def service(namespace: str, name: str, uid: str) -> Body:
         "spec": {
             "clusterIP": "None",
             "selector": labels(name),
-            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}],
+            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
         },
     }
 

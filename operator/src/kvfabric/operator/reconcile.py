@@ -21,6 +21,7 @@ from typing import Any
 import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from kvfabric.operator.manifests import children, labels
@@ -28,6 +29,10 @@ from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
 
 log = logging.getLogger(__name__)
 POOL_LABEL = "kvfabric.io/pool"
+# Operator metrics (the default registry, served by kvfabric-operator on :9401/metrics).
+RECONCILES = Counter("kvfabric_operator_reconciles", "Pool reconciliations, by result.", ["result"])
+for _result in ("applied", "invalid_spec"):
+    RECONCILES.labels(_result)
 
 
 def _now() -> str:
@@ -129,6 +134,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
             )
             patch.status["observedGeneration"] = generation
             kopf.warn(body, reason="InvalidSpec", message=why)
+            RECONCILES.labels("invalid_spec").inc()
             return
         for child in children(namespace, name, uid, model):
             _apply(child)
@@ -136,6 +142,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
             old, [_condition("ConfigValid", True, "Applied", "agents' objects applied", generation)]
         )
         patch.status["observedGeneration"] = generation
+        RECONCILES.labels("applied").inc()
         kopf.info(body, reason="Reconciled", message=f"applied ConfigMap, DaemonSet and Service for {name}")
 
     @kopf.on.event("apps", "v1", "daemonsets", labels={POOL_LABEL: kopf.PRESENT}, registry=registry)

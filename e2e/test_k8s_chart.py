@@ -1,0 +1,181 @@
+"""The Helm chart: lint, render for every values file, validate offline against Kubernetes 1.31
+schemas, generated files in sync, dashboard and alert PromQL checked, and helm install/uninstall
+against the real control plane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e import k8s_cluster
+from e2e.agent import AgentProcess
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "kvfabric"
+HELM = k8s_cluster.BIN / "helm"
+pytestmark = [
+    pytest.mark.k8s,
+    pytest.mark.skipif(not HELM.exists(), reason="helm not fetched: run scripts/k8s/build-control-plane.sh"),
+]
+VALUES = ["", *sorted(str(p) for p in (CHART / "ci").glob("*-values.yaml"))]
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}
+
+
+def helm(*args: str, tmp: Path) -> str:
+    env = dict(os.environ)
+    for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
+        env[var] = str(tmp / var.lower())
+    r = subprocess.run([str(HELM), *args], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_lint_strict(tmp_path: Path) -> None:
+    helm("lint", "--strict", str(CHART), tmp=tmp_path)
+    for values in VALUES[1:]:
+        helm("lint", "--strict", str(CHART), "-f", values, tmp=tmp_path)
+
+
+@pytest.mark.parametrize("values", VALUES, ids=lambda v: Path(v).name or "default")
+def test_render_validates_against_current_kubernetes(values: str, tmp_path: Path) -> None:
+    out = helm(
+        "template", "rel", str(CHART), "-n", "kvfabric", *(["-f", values] if values else []), tmp=tmp_path
+    )
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    builtin = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
+    path = tmp_path / "rendered.yaml"
+    path.write_text(yaml.safe_dump_all(builtin))
+    r = subprocess.run(
+        [
+            shutil.which("kubernetes-validate")
+            or str(Path(os.sys.executable).parent / "kubernetes-validate"),
+            "--strict",
+            "-k",
+            "1.31.0",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ClusterRole", "Service"} <= kinds
+    webhooks = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    for w in webhooks:
+        assert all(h["failurePolicy"] == "Ignore" for h in w["webhooks"])
+
+
+def test_schema_rejects_unknown_values(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(tmp_path / "c"),
+        "HELM_CONFIG_HOME": str(tmp_path / "g"),
+        "HELM_DATA_HOME": str(tmp_path / "d"),
+    }
+    r = subprocess.run(
+        [str(HELM), "template", "x", str(CHART), "--set", "webhook.failurePolicy=Sometimes"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "failurePolicy" in r.stderr
+    r = subprocess.run(
+        [str(HELM), "template", "x", str(CHART), "--set", "surprise=1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode != 0
+
+
+def test_chart_files_are_generated_ones() -> None:
+    from kvfabric.operator.dashboard import dashboard, rules
+
+    assert (CHART / "files" / "kvcachepools.kvfabric.io.yaml").read_text() == (
+        REPO / "crds" / "kvcachepools.kvfabric.io.yaml"
+    ).read_text()
+    assert json.loads((CHART / "dashboards" / "kvfabric.json").read_text()) == dashboard()
+    assert yaml.safe_load((CHART / "rules" / "kvfabric.rules.yaml").read_text()) == rules()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make install-tools)")
+def test_dashboard_and_alerts_use_only_real_metrics_and_parse(tmp_path: Path) -> None:
+    from kvfabric.operator.dashboard import ALERTS, dashboard, expressions
+
+    d = dashboard()
+    assert d["uid"] == "kvfabric-overview"
+    assert d["templating"]["list"][0]["name"] == "datasource"
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in d["panels"])
+    panel_exprs = [t["expr"] for p in d["panels"] for t in p["targets"]]
+    assert all("$__rate_interval" in e for e in panel_exprs if "rate(" in e)
+    # every expression parses: as recording rules (dashboard) and alerting rules
+    recording = [
+        {"record": f"kvfabric:check:{i}", "expr": e.replace("$__rate_interval", "5m")}
+        for i, e in enumerate(panel_exprs)
+    ]
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(
+        yaml.safe_dump(
+            {"groups": [{"name": "dash", "rules": recording}, {"name": "alerts", "rules": ALERTS}]}
+        )
+    )
+    r = subprocess.run(["promtool", "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # every metric named exists on a live agent's /metrics
+    with AgentProcess(tmp_path / "agent", "32MiB") as agent:
+        exported = set(re.findall(r"^# TYPE (kvfabric_\w+) (\w+)", agent.metrics_text(), re.M))
+    names = {n for n, _ in exported}
+    series = (
+        names
+        | {f"{n}_total" for n, t in exported if t == "counter"}
+        | {f"{n}_{s}" for n, t in exported if t == "histogram" for s in ("bucket", "sum", "count")}
+    )
+    used = {m for e in expressions() for m in re.findall(r"kvfabric_\w+", e)}
+    assert used and used <= series, used - series
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[k8s_cluster.ControlPlane]:
+    if k8s_cluster.available():
+        pytest.skip(k8s_cluster.available())
+    cp = k8s_cluster.ControlPlane(tmp_path / "k8s").start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+def test_helm_install_and_uninstall_on_a_real_control_plane(cluster: k8s_cluster.ControlPlane) -> None:
+    cluster.kubectl("create", "namespace", "kvfabric")
+    cluster.helm("install", "kvf", str(CHART), "-n", "kvfabric", "--wait=false")
+    for kind, name in [
+        ("deployment", "kvf-operator"),
+        ("service", "kvfabric-webhook"),
+        ("configmap", "kvfabric-dashboard"),
+        ("serviceaccount", "kvf-operator"),
+    ]:
+        cluster.kubectl("get", kind, name, "-n", "kvfabric")
+    cluster.kubectl("get", "crd", "kvcachepools.kvfabric.io")
+    cluster.kubectl("apply", "--dry-run=server", "-f", str(REPO / "manifests" / "sample-pool.yaml"))
+    cluster.helm("upgrade", "kvf", str(CHART), "-n", "kvfabric", "--set", "dashboard.enabled=false")
+    assert (
+        cluster.kubectl("get", "configmap", "kvfabric-dashboard", "-n", "kvfabric", check=False).returncode
+        != 0
+    )
+    cluster.helm("uninstall", "kvf", "-n", "kvfabric")
+    # the upgrade policy: the CRD (and so every pool) stays; everything else goes
+    cluster.kubectl("get", "crd", "kvcachepools.kvfabric.io")
+    assert cluster.kubectl("get", "deployment", "kvf-operator", "-n", "kvfabric", check=False).returncode != 0
+    assert cluster.kubectl("get", "clusterrole", "kvf-operator", check=False).returncode != 0

@@ -1,0 +1,161 @@
+"""The Grafana dashboard and the Prometheus alert rules, generated from one source.
+
+    python -m kvfabric.operator.dashboard dashboard > charts/kvfabric/dashboards/kvfabric.json
+    python -m kvfabric.operator.dashboard rules     > charts/kvfabric/rules/kvfabric.rules.yaml
+
+Tests check that every expression parses (``promtool check rules``), names only metrics a live
+agent exports, and that the chart's copies equal these outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import yaml
+
+UID = "kvfabric-overview"
+RATE = "$__rate_interval"
+
+#: (title, unit, [(legend, expr)])
+PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("Agents ready", "none", [("{{instance}}", "kvfabric_agent_ready")]),
+    (
+        "Pool use",
+        "percentunit",
+        [("{{instance}}", "kvfabric_pool_used_bytes / kvfabric_pool_capacity_bytes")],
+    ),
+    (
+        "Hit ratio per tier (blocks)",
+        "percentunit",
+        [
+            (
+                "{{tier}}",
+                f'sum by (tier) (rate(kvfabric_lookup_blocks_total{{result="hit"}}[{RATE}]))'
+                f" / sum by (tier) (rate(kvfabric_lookup_blocks_total[{RATE}]))",
+            )
+        ],
+    ),
+    (
+        "Save and load throughput",
+        "Bps",
+        [
+            ("saved {{instance}}", f"rate(kvfabric_saved_bytes_total[{RATE}])"),
+            ("loaded {{instance}}", f"rate(kvfabric_loaded_bytes_total[{RATE}])"),
+        ],
+    ),
+    (
+        "Copy latency p99",
+        "s",
+        [
+            (
+                "save",
+                f"histogram_quantile(0.99, sum by (le) (rate(kvfabric_save_copy_seconds_bucket[{RATE}])))",
+            ),
+            (
+                "load",
+                f"histogram_quantile(0.99, sum by (le) (rate(kvfabric_load_copy_seconds_bucket[{RATE}])))",
+            ),
+        ],
+    ),
+    (
+        "Agent request latency p99",
+        "s",
+        [
+            (
+                "{{op}}",
+                f"histogram_quantile(0.99, sum by (le, op) (rate(kvfabric_rpc_seconds_bucket[{RATE}])))",
+            )
+        ],
+    ),
+    ("Evictions", "short", [("{{instance}}", f"rate(kvfabric_evictions_total[{RATE}])")]),
+    ("Engine sessions", "short", [("{{instance}}", "kvfabric_sessions")]),
+    ("Errors", "short", [("{{kind}}", f"sum by (kind) (rate(kvfabric_errors_total[{RATE}]))")]),
+]
+
+ALERTS: list[dict[str, Any]] = [
+    {
+        "alert": "KVFabricAgentDown",
+        "expr": "kvfabric_agent_ready == 0",
+        "for": "5m",
+        "labels": {"severity": "warning"},
+        "annotations": {"summary": "A KVFabric agent is not serving: its engines recompute."},
+    },
+    {
+        "alert": "KVFabricHitRatioCollapsed",
+        "expr": 'sum(rate(kvfabric_lookup_blocks_total{result="hit"}[15m])) / sum(rate(kvfabric_lookup_blocks_total[15m])) < 0.05'
+        " and sum(rate(kvfabric_lookup_blocks_total[15m])) > 1",
+        "for": "30m",
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "Under 5% of looked-up blocks hit: keys changed (model, layout) or the pool thrashes."
+        },
+    },
+    {
+        "alert": "KVFabricPoolFull",
+        "expr": 'rate(kvfabric_save_refused_blocks_total{reason="full"}[10m]) > 0',
+        "for": "15m",
+        "labels": {"severity": "info"},
+        "annotations": {"summary": "Saves are refused because every block is leased: grow the pool."},
+    },
+    {
+        "alert": "KVFabricLoadErrors",
+        "expr": 'rate(kvfabric_leases_lost_total[10m]) > 0 or sum by (instance) (rate(kvfabric_errors_total{kind!="connection"}[10m])) > 0',
+        "for": "10m",
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "Engines lose leases or send failing requests: loads fall back to recompute."
+        },
+    },
+]
+
+
+def expressions() -> list[str]:
+    return [expr for _, _, targets in PANELS for _, expr in targets] + [a["expr"] for a in ALERTS]
+
+
+def dashboard() -> dict[str, Any]:
+    panels = []
+    for i, (title, unit, targets) in enumerate(PANELS):
+        panels.append(
+            {
+                "id": i + 1,
+                "type": "timeseries",
+                "title": title,
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "targets": [
+                    {"refId": chr(65 + j), "expr": expr, "legendFormat": legend}
+                    for j, (legend, expr) in enumerate(targets)
+                ],
+            }
+        )
+    return {
+        "uid": UID,
+        "title": "KVFabric",
+        "tags": ["kvfabric", "vllm", "kv-cache"],
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source"}
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def rules() -> dict[str, Any]:
+    return {"groups": [{"name": "kvfabric", "rules": ALERTS}]}
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "dashboard"
+    if what == "dashboard":
+        sys.stdout.write(json.dumps(dashboard(), indent=2) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(rules(), sort_keys=False, width=200))
