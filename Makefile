@@ -11,7 +11,7 @@ define run_pytest
 	rc=0; $(PYTEST) $(1) || rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 0; fi; exit $$rc
 endef
 
-.PHONY: install install-tools k8s-control-plane demo test test-fast test-vllm bench lint clean
+.PHONY: install install-tools k8s-control-plane manifests demo test test-fast test-vllm bench lint clean
 
 install: $(STAMP) install-tools
 
@@ -36,6 +36,17 @@ install-tools:
 # minutes once) plus etcd, helm and kubectl, cached outside the repository.
 k8s-control-plane:
 	scripts/k8s/build-control-plane.sh
+
+# Regenerates every generated file (each is also checked equal by a test).
+manifests: install k8s-control-plane
+	$(BIN)/python -m kvfabric.operator.crd > crds/kvcachepools.kvfabric.io.yaml
+	cp crds/kvcachepools.kvfabric.io.yaml charts/kvfabric/files/
+	$(BIN)/python -m kvfabric.operator.contract > docs/kvcachepool.md
+	$(BIN)/python -m kvfabric.operator.dashboard dashboard > charts/kvfabric/dashboards/kvfabric.json
+	$(BIN)/python -m kvfabric.operator.dashboard rules > charts/kvfabric/rules/kvfabric.rules.yaml
+	{ echo "# Generated: helm template kvfabric charts/kvfabric -n kvfabric  (do not edit; regenerate with make manifests)"; \
+	  HELM_CACHE_HOME=$$PWD/.cache/helm HELM_CONFIG_HOME=$$PWD/.cache/helm HELM_DATA_HOME=$$PWD/.cache/helm \
+	  $${KVFABRIC_K8S_CACHE:-$$HOME/.cache/kvfabric/k8s}/bin/helm template kvfabric charts/kvfabric -n kvfabric; } > manifests/install.yaml
 
 demo: install
 	$(BIN)/python -m e2e.demo

@@ -100,6 +100,12 @@ def test_schema_rejects_unknown_values(tmp_path: Path) -> None:
     assert r.returncode != 0
 
 
+def test_install_manifest_is_rendered_from_the_chart(tmp_path: Path) -> None:
+    rendered = helm("template", "kvfabric", str(CHART), "-n", "kvfabric", tmp=tmp_path)
+    committed = (REPO / "manifests" / "install.yaml").read_text()
+    assert committed.split("\n", 1)[1] == rendered, "run: make manifests"
+
+
 def test_chart_files_are_generated_ones() -> None:
     from kvfabric.operator.dashboard import dashboard, rules
 

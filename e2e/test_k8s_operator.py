@@ -82,6 +82,9 @@ def test_crd_schema_rejects_invalid_pools(cluster: k8s_cluster.ControlPlane) -> 
 def test_operator_reconciles_a_pool_into_owned_agents(
     cluster: k8s_cluster.ControlPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import base64
+    import threading
+
     import kopf
     from kopf.testing import KopfRunner
     from kubernetes import config as kube_config
@@ -96,21 +99,22 @@ def test_operator_reconciles_a_pool_into_owned_agents(
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
     reconcile.register(registry)
-    webhook.register(registry)
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
+    # The webhook as the operator serves it, at a URL the apiserver calls over TLS.
     cert, key = self_signed(["127.0.0.1"])
     (cluster.dir / "tls.crt").write_bytes(cert)
     (cluster.dir / "tls.key").write_bytes(key)
-    settings.admission.server = kopf.WebhookServer(
-        addr="127.0.0.1",
-        port=free_port(),
-        host="127.0.0.1",
-        cadata=cert,
-        certfile=str(cluster.dir / "tls.crt"),
-        pkeyfile=str(cluster.dir / "tls.key"),
+    port = free_port()
+    hook = webhook.server(port, str(cluster.dir / "tls.crt"), str(cluster.dir / "tls.key"), host="127.0.0.1")
+    hook_thread = threading.Thread(target=hook.run, daemon=True)
+    hook_thread.start()
+    until(lambda: hook.started, what="webhook server")
+    webhook.ensure_configuration(
+        webhook.configuration(
+            {"url": f"https://127.0.0.1:{port}{webhook.PATH}", "caBundle": base64.b64encode(cert).decode()}
+        )
     )
-    settings.admission.managed = "kvfabric.kvfabric.io"
 
     def pod(name: str, annotations: dict[str, str]) -> str:
         container = {"name": "vllm", "image": "vllm/vllm-openai", "args": ["--model", "m"]}
@@ -198,6 +202,17 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         assert orphan is not None and "not found" in orphan["metadata"]["annotations"]["kvfabric.io/skipped"]
         assert "env" not in orphan["spec"]["containers"][0]
 
+        # The sample vLLM Deployment: the ReplicaSet controller creates its pod, the webhook wires it.
+        cluster.kubectl("apply", "-f", str(REPO / "manifests" / "sample-vllm-deployment.yaml"))
+
+        def vllm_pod() -> dict[str, Any] | None:
+            items = (get(cluster, "pods", "-n", "kvfabric", "-l", "app=vllm") or {"items": []})["items"]
+            return items[0] if items else None
+
+        vp = until(vllm_pod, what="the sample Deployment's pod")
+        assert vp["metadata"]["annotations"].get("kvfabric.io/injected") == "default", vp["metadata"]
+        assert "--kv-transfer-config" in vp["spec"]["containers"][0]["args"]
+
         # A spec change rolls the agents (new template hash) and updates their settings.
         old_hash = ds["spec"]["template"]["metadata"]["annotations"]["kvfabric.io/spec-hash"]
         cluster.kubectl(
@@ -237,6 +252,8 @@ def test_operator_reconciles_a_pool_into_owned_agents(
             what="GC of Service",
         )
     assert runner.exit_code == 0, runner.output
+    hook.should_exit = True
+    hook_thread.join(10)
 
     # The operator (and its webhook) is gone: pods are still admitted (failurePolicy Ignore).
     r = cluster.kubectl(

@@ -75,3 +75,36 @@ def test_json_patch_reproduces_the_mutation() -> None:
     assert [o["path"] for o in ops] == ["/metadata/annotations", "/spec"]
     assert ops[1]["value"] == new["spec"]
     assert json_patch(new, new) == []
+
+
+def test_admission_review_uses_the_request_namespace_and_always_allows() -> None:
+    import base64
+
+    from kvfabric.operator.webhook import configuration, review
+
+    seen = []
+
+    def lookup(ns: str, name: str) -> KVCachePoolSpec | None:
+        seen.append((ns, name))
+        return SPEC
+
+    p = pod({"kvfabric.io/pool": "default"})  # no metadata.namespace: created by a controller
+    out = review(
+        {"apiVersion": "admission.k8s.io/v1", "request": {"uid": "u1", "namespace": "ml", "object": p}},
+        lookup,
+    )
+    r = out["response"]
+    assert seen == [("ml", "default")] and r["uid"] == "u1" and r["allowed"] and r["patchType"] == "JSONPatch"
+    ops = json.loads(base64.b64decode(r["patch"]))
+    assert ops == json_patch(p, mutate(p, "ml", SPEC)[0])
+
+    def broken(ns: str, name: str) -> KVCachePoolSpec | None:
+        raise ConnectionError("apiserver unreachable")
+
+    r = review({"request": {"uid": "u2", "namespace": "ml", "object": p}}, broken)["response"]
+    assert (
+        r["allowed"]
+        and "not found" in json.loads(base64.b64decode(r["patch"]))[0]["value"]["kvfabric.io/skipped"]
+    )
+    assert "patch" not in review({"request": {"uid": "u3", "object": pod()}}, lookup)["response"]
+    assert configuration({"url": "https://x"})["webhooks"][0]["failurePolicy"] == "Ignore"

@@ -1,4 +1,4 @@
-"""``kvfabric-operator``: runs the reconciler and the pod webhook (kopf) plus operator metrics.
+"""``kvfabric-operator``: runs the reconciler (kopf), the pod webhook (HTTPS) and operator metrics.
 
 Settings (environment, set by the Helm chart):
 
@@ -8,12 +8,14 @@ Settings (environment, set by the Helm chart):
 | ``KVFABRIC_WEBHOOK_PORT`` | ``9443`` | HTTPS port of the admission webhook |
 | ``KVFABRIC_WEBHOOK_HOST`` | ``kvfabric-webhook.<ns>.svc`` | name in the serving certificate |
 | ``KVFABRIC_WEBHOOK_CERT_DIR`` | (self-signed) | ``tls.crt``/``tls.key`` (e.g. from cert-manager) |
+| ``KVFABRIC_WEBHOOK_FAILURE_POLICY`` | ``Ignore`` | of the self-managed webhook configuration |
 | ``KVFABRIC_METRICS_PORT`` | ``9401`` | Prometheus metrics |
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import sys
@@ -29,48 +31,58 @@ from kvfabric.operator.certs import self_signed
 log = logging.getLogger(__name__)
 
 
-def build(namespace: str) -> tuple[kopf.OperatorRegistry, kopf.OperatorSettings]:
+def build() -> tuple[kopf.OperatorRegistry, kopf.OperatorSettings]:
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
     reconcile.register(registry)
-    webhook.register(registry)
-    settings = kopf.OperatorSettings()
-    port = int(os.environ.get("KVFABRIC_WEBHOOK_PORT", "9443"))
+    return registry, kopf.OperatorSettings()
+
+
+def webhook_tls(namespace: str) -> tuple[Path, Path, bytes | None, str]:
+    """(certfile, keyfile, CA to publish or None, host): cert-manager's, else a fresh self-signed
+    one (a restart rotates it; the operator republishes the caBundle)."""
     host = os.environ.get("KVFABRIC_WEBHOOK_HOST", f"kvfabric-webhook.{namespace}.svc")
     cert_dir = os.environ.get("KVFABRIC_WEBHOOK_CERT_DIR")
-    if cert_dir:  # provided (cert-manager): the chart puts its CA into the webhook configuration
-        certfile, pkeyfile = Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key"
-        cadata = None
-    else:  # self-signed, made at every start: a restart rotates it
-        cert, key = self_signed([host, host.split(".")[0]])
-        d = Path(tempfile.mkdtemp(prefix="kvfabric-webhook-"))
-        certfile, pkeyfile = d / "tls.crt", d / "tls.key"
-        certfile.write_bytes(cert)
-        pkeyfile.write_bytes(key)
-        cadata = cert
-    settings.admission.server = kopf.WebhookServer(
-        addr="0.0.0.0", port=port, host=host, certfile=str(certfile), pkeyfile=str(pkeyfile), cadata=cadata
+    if cert_dir:
+        return Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key", None, host
+    cert, key = self_signed([host, host.split(".")[0]])
+    d = Path(tempfile.mkdtemp(prefix="kvfabric-webhook-"))
+    (d / "tls.crt").write_bytes(cert)
+    (d / "tls.key").write_bytes(key)
+    return d / "tls.crt", d / "tls.key", cert, host
+
+
+async def run(namespace: str) -> None:
+    from kubernetes import config as kube_config
+
+    try:
+        kube_config.load_incluster_config()
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()
+    certfile, keyfile, ca, host = webhook_tls(namespace)
+    if ca is not None:  # self-managed: publish the configuration with our CA
+        service = {"name": host.split(".")[0], "namespace": namespace, "path": webhook.PATH, "port": 443}
+        webhook.ensure_configuration(
+            webhook.configuration(
+                {"service": service, "caBundle": base64.b64encode(ca).decode()},
+                os.environ.get("KVFABRIC_WEBHOOK_FAILURE_POLICY", "Ignore"),
+            )
+        )
+    hook = webhook.server(int(os.environ.get("KVFABRIC_WEBHOOK_PORT", "9443")), str(certfile), str(keyfile))
+    watched = [n for n in os.environ.get("KVFABRIC_OPERATOR_NAMESPACES", "").split(",") if n]
+    registry, settings = build()
+    await asyncio.gather(
+        hook.serve(),
+        kopf.operator(
+            registry=registry, settings=settings, standalone=True, clusterwide=not watched, namespaces=watched
+        ),
     )
-    if not cert_dir:
-        settings.admission.managed = "kvfabric.kvfabric.io"  # kopf keeps the caBundle current
-    return registry, settings
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    namespace = os.environ.get("POD_NAMESPACE", "kvfabric")
     start_http_server(int(os.environ.get("KVFABRIC_METRICS_PORT", "9401")))
-    watched = [n for n in os.environ.get("KVFABRIC_OPERATOR_NAMESPACES", "").split(",") if n]
-    registry, settings = build(namespace)
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            settings=settings,
-            standalone=True,
-            clusterwide=not watched,
-            namespaces=watched,
-        )
-    )
+    asyncio.run(run(os.environ.get("POD_NAMESPACE", "kvfabric")))
     return 0
 
 

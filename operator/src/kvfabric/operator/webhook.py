@@ -1,26 +1,37 @@
-"""The pod-mutating admission webhook (kopf), around the pure :mod:`kvfabric.operator.mutation`.
+"""The pod-mutating admission webhook: an HTTPS endpoint around :mod:`kvfabric.operator.mutation`.
 
-Registered with ``ignore_failures=True``: the webhook configuration says ``failurePolicy:
-Ignore``, so a webhook that is down never blocks pod creation.
+Served by the operator process (FastAPI on uvicorn with TLS). kopf's own admission machinery is
+not used: it does not pass the AdmissionRequest's namespace to handlers, and pods created by
+controllers (a Deployment's ReplicaSet) carry no namespace in their object at admission.
+
+The configuration says ``failurePolicy: Ignore`` by default, so a webhook that is down never
+blocks pod creation; a pod that cannot be injected is admitted with ``kvfabric.io/skipped``.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
-import kopf
+from fastapi import FastAPI, Request
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kvfabric.operator.mutation import mutate
+from kvfabric.operator.mutation import POOL_ANNOTATION, json_patch, mutate
 from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
 
 log = logging.getLogger(__name__)
 
+PATH = "/kvfabric-inject"
+CONFIG_NAME = "kvfabric.kvfabric.io"
+Lookup = Callable[[str, str], KVCachePoolSpec | None]
 
-def _pool_spec(namespace: str, name: str) -> KVCachePoolSpec | None:
+
+def pool_from_api(namespace: str, name: str) -> KVCachePoolSpec | None:
     try:
         obj = client.CustomObjectsApi().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as exc:
@@ -33,22 +44,106 @@ def _pool_spec(namespace: str, name: str) -> KVCachePoolSpec | None:
         return None
 
 
-def register(registry: kopf.OperatorRegistry) -> None:
-    @kopf.on.mutate("pods", operation="CREATE", id="kvfabric-inject", ignore_failures=True, registry=registry)
-    def inject(body: kopf.Body, patch: kopf.Patch, namespace: str | None, **_: Any) -> None:
-        pod = dict(body)
-        pool = (pod.get("metadata") or {}).get("annotations", {}).get("kvfabric.io/pool")
-        if not pool:
-            return
-        ns = namespace or (pod.get("metadata") or {}).get("namespace") or "default"
-        new, why = mutate(pod, ns, _pool_spec(ns, pool))
+def review(body: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
+    """AdmissionReview in, AdmissionReview out (always allowed; pure apart from ``lookup``)."""
+    request = body.get("request") or {}
+    response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": True}
+    pod = request.get("object") or {}
+    namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"
+    pool = ((pod.get("metadata") or {}).get("annotations") or {}).get(POOL_ANNOTATION)
+    if pool:
+        try:
+            spec = lookup(namespace, pool)
+        except Exception as exc:  # the API is unreachable: admit untouched, say why
+            log.warning("pool lookup failed", extra={"namespace": namespace, "pool": pool, "error": str(exc)})
+            spec = None
+        new, why = mutate(pod, namespace, spec)
         if why:
-            log.warning("pod not injected", extra={"namespace": ns, "pool": pool, "reason": why})
+            log.warning("pod not injected", extra={"namespace": namespace, "pool": pool, "reason": why})
+        ops = json_patch(pod, new)
+        if ops:
+            response["patchType"] = "JSONPatch"
+            response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
+    return {
+        "apiVersion": body.get("apiVersion", "admission.k8s.io/v1"),
+        "kind": "AdmissionReview",
+        "response": response,
+    }
 
-        def apply(target: kopf.RawBody) -> None:
-            target["metadata"]["annotations"] = new["metadata"]["annotations"]
-            target["spec"] = new["spec"]
 
-        patch.fns.append(apply)
+def build_app(lookup: Lookup = pool_from_api) -> FastAPI:
+    app = FastAPI(title="kvfabric-webhook", docs_url=None, redoc_url=None, openapi_url=None)
 
-    _ = inject
+    @app.post(PATH)
+    async def inject(request: Request) -> dict[str, Any]:
+        return review(await request.json(), lookup)
+
+    @app.get("/healthz")
+    async def healthz() -> str:
+        return "ok"
+
+    return app
+
+
+def configuration(
+    client_config: dict[str, Any], failure_policy: str = "Ignore", timeout_seconds: int = 5
+) -> dict[str, Any]:
+    """The MutatingWebhookConfiguration for ``client_config`` (a URL or Service, with caBundle)."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": CONFIG_NAME},
+        "webhooks": [
+            {
+                "name": "kvfabric-inject.kvfabric.io",
+                "admissionReviewVersions": ["v1", "v1beta1"],
+                "sideEffects": "None",
+                "failurePolicy": failure_policy,
+                "timeoutSeconds": timeout_seconds,
+                "clientConfig": client_config,
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["pods"],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def ensure_configuration(body: dict[str, Any]) -> None:
+    """Creates or replaces the webhook configuration (the operator keeps its caBundle current)."""
+    api = client.AdmissionregistrationV1Api()
+    try:
+        api.create_mutating_webhook_configuration(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        current = api.read_mutating_webhook_configuration(body["metadata"]["name"])
+        body = {
+            **body,
+            "metadata": {**body["metadata"], "resourceVersion": current.metadata.resource_version},
+        }
+        api.replace_mutating_webhook_configuration(body["metadata"]["name"], body)
+
+
+def server(
+    port: int, certfile: str, keyfile: str, host: str = "0.0.0.0", lookup: Lookup = pool_from_api
+) -> Any:
+    """A uvicorn server for the webhook over TLS (``await s.serve()``, or ``s.run()`` in a thread)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        build_app(lookup),
+        host=host,
+        port=port,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+    )
+    return uvicorn.Server(config)
