@@ -262,3 +262,52 @@ def test_operator_reconciles_a_pool_into_owned_agents(
     assert r.returncode == 0, r.stderr
     down = get(cluster, "pod", "while-down", "-n", "kvfabric")
     assert down is not None and "kvfabric.io/injected" not in down["metadata"]["annotations"]
+
+
+def test_the_operator_entry_point_reconciles_and_exports_metrics(
+    cluster: k8s_cluster.ControlPlane, tmp_path: Path
+) -> None:
+    """``kvfabric-operator`` as the chart runs it (one process): pools reconciled, /metrics served,
+    its own webhook configuration published with failurePolicy Ignore."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from e2e.agent import free_port
+
+    metrics = free_port()
+    env = dict(
+        os.environ,
+        KUBECONFIG=str(cluster.kubeconfig),
+        POD_NAMESPACE="kvfabric",
+        KVFABRIC_OPERATOR_NAMESPACES="kvfabric",
+        KVFABRIC_METRICS_PORT=str(metrics),
+        KVFABRIC_WEBHOOK_PORT=str(free_port()),
+    )
+    log = open(tmp_path / "operator.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "kvfabric.operator.main"], env=env, stdout=log, stderr=log)
+    try:
+        pool = {
+            "apiVersion": "kvfabric.io/v1alpha1",
+            "kind": "KVCachePool",
+            "metadata": {"name": "second", "namespace": "kvfabric"},
+            "spec": {"memory": {"size": "1Gi"}},
+        }
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(pool))
+        until(lambda: get(cluster, "daemonset", "kvfabric-second-agent", "-n", "kvfabric"), what="DaemonSet")
+        config = get(cluster, "mutatingwebhookconfiguration", "kvfabric.kvfabric.io")
+        assert config is not None and config["webhooks"][0]["failurePolicy"] == "Ignore"
+        assert config["webhooks"][0]["clientConfig"]["service"]["name"] == "kvfabric-webhook"
+
+        def scraped() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+                text = str(r.read().decode())
+            return text if 'kvfabric_operator_reconciles_total{result="applied"} 1.0' in text else ""
+
+        until(scraped, what="operator metrics")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        cluster.kubectl("delete", "kvcachepool", "second", "-n", "kvfabric", "--wait=false", check=False)

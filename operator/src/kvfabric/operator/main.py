@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import sys
@@ -69,14 +70,24 @@ async def run(namespace: str) -> None:
             )
         )
     hook = webhook.server(int(os.environ.get("KVFABRIC_WEBHOOK_PORT", "9443")), str(certfile), str(keyfile))
+    # kopf owns SIGTERM/SIGINT; uvicorn must not swallow them, and stops when kopf has stopped.
+    hook.capture_signals = contextlib.nullcontext
     watched = [n for n in os.environ.get("KVFABRIC_OPERATOR_NAMESPACES", "").split(",") if n]
     registry, settings = build()
-    await asyncio.gather(
-        hook.serve(),
-        kopf.operator(
-            registry=registry, settings=settings, standalone=True, clusterwide=not watched, namespaces=watched
-        ),
-    )
+
+    async def operator() -> None:
+        try:
+            await kopf.operator(
+                registry=registry,
+                settings=settings,
+                standalone=True,
+                clusterwide=not watched,
+                namespaces=watched,
+            )
+        finally:
+            hook.should_exit = True
+
+    await asyncio.gather(hook.serve(), operator())
 
 
 def main() -> int:

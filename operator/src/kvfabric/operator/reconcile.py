@@ -95,7 +95,7 @@ def pool_status(ds_status: dict[str, Any] | None, generation: int, capacity_byte
             "Degraded",
             0 < ready < desired,
             "SomeAgentsNotReady" if 0 < ready < desired else "None",
-            f"{desired - ready} agent(s) not ready" if ready < desired else "",
+            f"{desired - ready} of {desired} agent(s) not ready" if ready < desired else "all agents ready",
             generation,
         ),
     ]
