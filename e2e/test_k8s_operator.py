@@ -6,6 +6,7 @@ Skipped with the reason when the control plane is not built (``make test`` build
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,6 +238,27 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         cm = get(cluster, "configmap", "kvfabric-default-agent", "-n", "kvfabric")
         assert cm is not None and cm["data"]["KVFABRIC_POOL_SIZE"] == str(16 << 30)
 
+        # A spec the CRD accepts but the agent cannot run with: ConfigValid=False, nothing applied.
+        tiny = {
+            "apiVersion": "kvfabric.io/v1alpha1",
+            "kind": "KVCachePool",
+            "metadata": {"name": "tiny", "namespace": "kvfabric"},
+            "spec": {"memory": {"size": "1Ki"}},
+        }
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(tiny))
+
+        def config_valid() -> dict[str, Any] | None:
+            obj = get(cluster, "kvcachepool", "tiny", "-n", "kvfabric") or {}
+            found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "ConfigValid"]
+            return found[0] if found else None
+
+        cond = until(config_valid, what="ConfigValid on the tiny pool")
+        assert (
+            cond["status"] == "False" and cond["reason"] == "InvalidSpec" and "pool_size" in cond["message"]
+        )
+        assert get(cluster, "daemonset", "kvfabric-tiny-agent", "-n", "kvfabric") is None
+        cluster.kubectl("delete", "kvcachepool", "tiny", "-n", "kvfabric")
+
         # Deleting the pool garbage-collects everything it owns.
         cluster.kubectl("delete", "kvcachepool", "default", "-n", "kvfabric", "--wait=true")
         until(
@@ -303,7 +325,8 @@ def test_the_operator_entry_point_reconciles_and_exports_metrics(
         def scraped() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
                 text = str(r.read().decode())
-            return text if 'kvfabric_operator_reconciles_total{result="applied"} 1.0' in text else ""
+            applied = re.search(r'^kvfabric_operator_reconciles_total\{result="applied"\} (\S+)$', text, re.M)
+            return text if applied and float(applied.group(1)) >= 1 else ""
 
         until(scraped, what="operator metrics")
     finally:

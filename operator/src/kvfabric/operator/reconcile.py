@@ -60,6 +60,33 @@ def _merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> l
     return list(by_type.values())
 
 
+def update_status(
+    namespace: str, name: str, conditions: list[dict[str, Any]], fields: dict[str, Any] | None = None
+) -> None:
+    """Merges ``conditions`` (by type) and ``fields`` into the pool's status with optimistic
+    concurrency: two writers (the reconciler, the DaemonSet follower) never drop each other's
+    conditions, which a plain merge patch would (it replaces the whole list)."""
+    api = client.CustomObjectsApi()
+    for _ in range(10):
+        try:
+            obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        status = dict(obj.get("status") or {})
+        status.update(fields or {})
+        status["conditions"] = _merge_conditions(list(status.get("conditions", [])), conditions)
+        obj["status"] = status
+        try:
+            api.replace_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, obj)
+            return
+        except ApiException as exc:
+            if exc.status != 409:  # 409: someone wrote in between; read again
+                raise
+    raise kopf.TemporaryError("pool status kept changing under us", delay=5)
+
+
 def _apply(body: dict[str, Any]) -> None:
     """Create, or replace when it exists (idempotent)."""
     kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
@@ -124,24 +151,30 @@ def register(registry: kopf.OperatorRegistry) -> None:
     ) -> None:
         assert namespace is not None  # a namespaced resource
         generation = int(body.metadata.get("generation") or 0)
-        old = list(body.get("status", {}).get("conditions", []))
         try:
+            # The spec model and the agent's own settings model (via the manifests) both decide:
+            # a size the CRD pattern allows may still be below the agent's minimum pool.
             model = KVCachePoolSpec.model_validate(dict(spec))
+            objects = children(namespace, name, uid, model)
         except ValidationError as exc:
             why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            patch.status["conditions"] = _merge_conditions(
-                old, [_condition("ConfigValid", False, "InvalidSpec", why, generation)]
+            update_status(
+                namespace,
+                name,
+                [_condition("ConfigValid", False, "InvalidSpec", why, generation)],
+                {"observedGeneration": generation},
             )
-            patch.status["observedGeneration"] = generation
             kopf.warn(body, reason="InvalidSpec", message=why)
             RECONCILES.labels("invalid_spec").inc()
             return
-        for child in children(namespace, name, uid, model):
+        for child in objects:
             _apply(child)
-        patch.status["conditions"] = _merge_conditions(
-            old, [_condition("ConfigValid", True, "Applied", "agents' objects applied", generation)]
+        update_status(
+            namespace,
+            name,
+            [_condition("ConfigValid", True, "Applied", "agents' objects applied", generation)],
+            {"observedGeneration": generation},
         )
-        patch.status["observedGeneration"] = generation
         RECONCILES.labels("applied").inc()
         kopf.info(body, reason="Reconciled", message=f"applied ConfigMap, DaemonSet and Service for {name}")
 
@@ -168,10 +201,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         status = pool_status(
             dict(body.get("status") or {}), int(obj["metadata"].get("generation") or 0), parse_bytes(size)
         )
-        status["conditions"] = _merge_conditions(
-            [c for c in obj.get("status", {}).get("conditions", []) if c["type"] != "ConfigValid"],
-            status["conditions"],
-        ) + [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "ConfigValid"]
-        api.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, pool, {"status": status})
+        conditions = status.pop("conditions")
+        update_status(namespace, pool, conditions, status)
 
     _ = (reconcile, follow_daemonset, labels)
