@@ -5,9 +5,11 @@ Skipped with the reason when the control plane is not built (``make test`` build
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,17 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_client_sockets() -> Iterator[None]:
+    """The kubernetes client and kopf's aiohttp leave sockets for the garbage collector: collect
+    them at the end of this module with ResourceWarning ignored (see e2e/conftest.py)."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for _ in range(3):
+            gc.collect()
 
 
 @pytest.fixture(scope="module")
