@@ -216,6 +216,13 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         assert orphan is not None and "not found" in orphan["metadata"]["annotations"]["kvfabric.io/skipped"]
         assert "env" not in orphan["spec"]["containers"][0]
 
+        def skip_events() -> list[dict[str, Any]]:
+            events = (get(cluster, "events", "-n", "kvfabric") or {"items": []})["items"]
+            return [e for e in events if e.get("reason") == "KVFabricNotInjected"]
+
+        (event,) = until(skip_events, what="the skip event")
+        assert event["involvedObject"]["name"] == "orphan" and "not found" in event["message"]
+
         # The sample vLLM Deployment: the ReplicaSet controller creates its pod, the webhook wires it.
         cluster.kubectl("apply", "-f", str(REPO / "manifests" / "sample-vllm-deployment.yaml"))
 

@@ -80,7 +80,7 @@ def test_json_patch_reproduces_the_mutation() -> None:
 def test_admission_review_uses_the_request_namespace_and_always_allows() -> None:
     import base64
 
-    from kvfabric.operator.webhook import configuration, review
+    from kvfabric.operator.webhook import configuration, review, skip_event
 
     seen = []
 
@@ -89,11 +89,12 @@ def test_admission_review_uses_the_request_namespace_and_always_allows() -> None
         return SPEC
 
     p = pod({"kvfabric.io/pool": "default"})  # no metadata.namespace: created by a controller
-    out = review(
+    out, why = review(
         {"apiVersion": "admission.k8s.io/v1", "request": {"uid": "u1", "namespace": "ml", "object": p}},
         lookup,
     )
     r = out["response"]
+    assert why == ""
     assert seen == [("ml", "default")] and r["uid"] == "u1" and r["allowed"] and r["patchType"] == "JSONPatch"
     ops = json.loads(base64.b64decode(r["patch"]))
     assert ops == json_patch(p, mutate(p, "ml", SPEC)[0])
@@ -101,10 +102,14 @@ def test_admission_review_uses_the_request_namespace_and_always_allows() -> None
     def broken(ns: str, name: str) -> KVCachePoolSpec | None:
         raise ConnectionError("apiserver unreachable")
 
-    r = review({"request": {"uid": "u2", "namespace": "ml", "object": p}}, broken)["response"]
+    out, why = review({"request": {"uid": "u2", "namespace": "ml", "object": p}}, broken)
+    r = out["response"]
+    assert "not found" in why
     assert (
         r["allowed"]
         and "not found" in json.loads(base64.b64decode(r["patch"]))[0]["value"]["kvfabric.io/skipped"]
     )
-    assert "patch" not in review({"request": {"uid": "u3", "object": pod()}}, lookup)["response"]
+    assert "patch" not in review({"request": {"uid": "u3", "object": pod()}}, lookup)[0]["response"]
     assert configuration({"url": "https://x"})["webhooks"][0]["failurePolicy"] == "Ignore"
+    event = skip_event("ml", {"metadata": {"generateName": "vllm-abc-"}}, "why")
+    assert event["involvedObject"]["name"] == "vllm-abc-" and event["type"] == "Warning"

@@ -10,6 +10,7 @@ blocks pod creation; a pod that cannot be injected is admitted with ``kvfabric.i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -44,13 +45,15 @@ def pool_from_api(namespace: str, name: str) -> KVCachePoolSpec | None:
         return None
 
 
-def review(body: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
-    """AdmissionReview in, AdmissionReview out (always allowed; pure apart from ``lookup``)."""
+def review(body: dict[str, Any], lookup: Lookup) -> tuple[dict[str, Any], str]:
+    """AdmissionReview in; (AdmissionReview out, why the pod was skipped or ""). Always allowed;
+    pure apart from ``lookup``."""
     request = body.get("request") or {}
     response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": True}
     pod = request.get("object") or {}
     namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"
     pool = ((pod.get("metadata") or {}).get("annotations") or {}).get(POOL_ANNOTATION)
+    why = ""
     if pool:
         try:
             spec = lookup(namespace, pool)
@@ -64,11 +67,35 @@ def review(body: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
         if ops:
             response["patchType"] = "JSONPatch"
             response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
-    return {
+    out = {
         "apiVersion": body.get("apiVersion", "admission.k8s.io/v1"),
         "kind": "AdmissionReview",
         "response": response,
     }
+    return out, why
+
+
+def skip_event(namespace: str, pod: dict[str, Any], why: str) -> dict[str, Any]:
+    """A Warning event on the pod (by name, or generateName for controller-made pods)."""
+    meta = pod.get("metadata") or {}
+    name = meta.get("name") or meta.get("generateName") or "pod"
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": "kvfabric-not-injected-", "namespace": namespace},
+        "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": namespace, "name": name},
+        "reason": "KVFabricNotInjected",
+        "message": why,
+        "type": "Warning",
+        "source": {"component": "kvfabric-webhook"},
+    }
+
+
+def _emit(event: dict[str, Any]) -> None:
+    try:
+        client.CoreV1Api().create_namespaced_event(event["metadata"]["namespace"], event)
+    except Exception as exc:  # an event is best effort; admission has already been answered
+        log.warning("could not record the skip event", extra={"error": str(exc)})
 
 
 def build_app(lookup: Lookup = pool_from_api) -> FastAPI:
@@ -76,7 +103,13 @@ def build_app(lookup: Lookup = pool_from_api) -> FastAPI:
 
     @app.post(PATH)
     async def inject(request: Request) -> dict[str, Any]:
-        return review(await request.json(), lookup)
+        body = await request.json()
+        out, why = review(body, lookup)
+        if why:
+            req = body.get("request") or {}
+            event = skip_event(req.get("namespace") or "default", req.get("object") or {}, why)
+            asyncio.get_running_loop().run_in_executor(None, _emit, event)  # not awaited: no delay
+        return out
 
     @app.get("/healthz")
     async def healthz() -> str:
