@@ -105,7 +105,8 @@ def render() -> str:
         f"- annotation `{INJECTED_ANNOTATION}: <pool>` (a re-admitted pod is not injected twice).",
         "",
         f"A pod whose pool does not exist, or whose container cannot be chosen, is admitted unchanged "
-        f"except for `{SKIPPED_ANNOTATION}: <why>`.",
+        f"except for `{SKIPPED_ANNOTATION}: <why>`, and a Warning event `KVFabricNotInjected` is "
+        "recorded on it.",
         "",
     ]
     return "\n".join(lines)
