@@ -76,7 +76,7 @@ class AgentProcess:
     def wait_prefaulted(self, timeout: float = 120.0) -> None:
         """Waits until the agent has touched every pool page (benchmarks measure copies only)."""
         deadline = time.monotonic() + timeout
-        while self.stats()["pool_prefaulted_bytes"] < self.stats()["pool_bytes"]:
+        while (stats := self.stats())["pool_prefaulted_bytes"] < stats["pool_bytes"]:
             if time.monotonic() > deadline:
                 raise TimeoutError("pool not prefaulted")
             time.sleep(0.05)

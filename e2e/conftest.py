@@ -43,6 +43,11 @@ def _collect_third_party_sockets() -> Iterator[None]:
     errors" turns each into a failure of the whole run. Our own code closes what it opens (the
     agent, connector and harness tests run with ResourceWarning as an error)."""
     yield
+    collect_leftover_sockets()
+
+
+def collect_leftover_sockets() -> None:
+    """Garbage-collects with ResourceWarning ignored (third-party sockets; see above)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         for _ in range(3):

@@ -21,6 +21,14 @@ BIN = CACHE / "bin"
 TOKEN = "kvfabric-admin-token"
 
 
+def helm_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment for helm with its cache, config and data kept under ``home``."""
+    env = dict(os.environ, **extra)
+    for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
+        env[var] = str(home / var.lower())
+    return env
+
+
 def available() -> str:
     """Empty if the control plane can run here, else why not."""
     missing = [b for b in ("kube-apiserver", "kube-controller-manager") if not (BIN / b).exists()]
@@ -155,9 +163,7 @@ class ControlPlane:
         )
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
-        for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
-            env[var] = str(self.dir / "helm" / var.lower())
+        env = helm_env(self.dir / "helm", KUBECONFIG=str(self.kubeconfig))
         return subprocess.run(
             [str(BIN / "helm"), *args], capture_output=True, text=True, check=check, timeout=300, env=env
         )

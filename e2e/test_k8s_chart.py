@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,13 +31,13 @@ VALUES = ["", *sorted(str(p) for p in (CHART / "ci").glob("*-values.yaml"))]
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}
 
 
-def helm(*args: str, tmp: Path) -> str:
-    env = dict(os.environ)
-    for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
-        env[var] = str(tmp / var.lower())
-    r = subprocess.run([str(HELM), *args], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+def helm(*args: str, tmp: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [str(HELM), *args], capture_output=True, text=True, env=k8s_cluster.helm_env(tmp), timeout=120
+    )
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
 
 
 def test_lint_strict(tmp_path: Path) -> None:
@@ -49,7 +50,7 @@ def test_lint_strict(tmp_path: Path) -> None:
 def test_render_validates_against_current_kubernetes(values: str, tmp_path: Path) -> None:
     out = helm(
         "template", "rel", str(CHART), "-n", "kvfabric", *(["-f", values] if values else []), tmp=tmp_path
-    )
+    ).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     builtin = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
     path = tmp_path / "rendered.yaml"
@@ -57,7 +58,7 @@ def test_render_validates_against_current_kubernetes(values: str, tmp_path: Path
     r = subprocess.run(
         [
             shutil.which("kubernetes-validate")
-            or str(Path(os.sys.executable).parent / "kubernetes-validate"),
+            or str(Path(sys.executable).parent / "kubernetes-validate"),
             "--strict",
             "-k",
             "1.31.0",
@@ -76,32 +77,16 @@ def test_render_validates_against_current_kubernetes(values: str, tmp_path: Path
 
 
 def test_schema_rejects_unknown_values(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": str(tmp_path / "c"),
-        "HELM_CONFIG_HOME": str(tmp_path / "g"),
-        "HELM_DATA_HOME": str(tmp_path / "d"),
-    }
-    r = subprocess.run(
-        [str(HELM), "template", "x", str(CHART), "--set", "webhook.failurePolicy=Sometimes"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
+    r = helm(
+        "template", "x", str(CHART), "--set", "webhook.failurePolicy=Sometimes", tmp=tmp_path, check=False
     )
     assert r.returncode != 0 and "failurePolicy" in r.stderr
-    r = subprocess.run(
-        [str(HELM), "template", "x", str(CHART), "--set", "surprise=1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    r = helm("template", "x", str(CHART), "--set", "surprise=1", tmp=tmp_path, check=False)
     assert r.returncode != 0
 
 
 def test_install_manifest_is_rendered_from_the_chart(tmp_path: Path) -> None:
-    rendered = helm("template", "kvfabric", str(CHART), "-n", "kvfabric", tmp=tmp_path)
+    rendered = helm("template", "kvfabric", str(CHART), "-n", "kvfabric", tmp=tmp_path).stdout
     committed = (REPO / "manifests" / "install.yaml").read_text()
     assert committed.split("\n", 1)[1] == rendered, "run: make manifests"
 

@@ -5,11 +5,9 @@ Skipped with the reason when the control plane is not built (``make test`` build
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 
 from e2e import k8s_cluster
+from e2e.conftest import collect_leftover_sockets
 
 pytestmark = [
     pytest.mark.k8s,
@@ -34,10 +33,7 @@ def _collect_client_sockets() -> Iterator[None]:
     """The kubernetes client and kopf's aiohttp leave sockets for the garbage collector: collect
     them at the end of this module with ResourceWarning ignored (see e2e/conftest.py)."""
     yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        for _ in range(3):
-            gc.collect()
+    collect_leftover_sockets()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from kvfabric.operator.manifests import children, labels
+from kvfabric.operator.manifests import children
 from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,17 @@ def _merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> l
             c = {**c, "lastTransitionTime": prev.get("lastTransitionTime", c["lastTransitionTime"])}
         by_type[c["type"]] = c
     return list(by_type.values())
+
+
+def read_pool(namespace: str, name: str) -> dict[str, Any] | None:
+    """The pool object, or None when it does not exist (e.g. being deleted)."""
+    try:
+        obj = client.CustomObjectsApi().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return dict(obj)
 
 
 def update_status(
@@ -185,13 +196,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
         if type == "DELETED" or namespace is None:
             return
         pool = labels[POOL_LABEL]
-        api = client.CustomObjectsApi()
-        try:
-            obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, pool)
-        except ApiException as exc:
-            if exc.status == 404:
-                return  # the pool is being deleted; its children follow by garbage collection
-            raise
+        obj = read_pool(namespace, pool)
+        if obj is None:
+            return  # the pool is being deleted; its children follow by garbage collection
         try:
             size = KVCachePoolSpec.model_validate(obj["spec"]).memory.size
         except ValidationError:
@@ -204,4 +211,4 @@ def register(registry: kopf.OperatorRegistry) -> None:
         conditions = status.pop("conditions")
         update_status(namespace, pool, conditions, status)
 
-    _ = (reconcile, follow_daemonset, labels)
+    _ = (reconcile, follow_daemonset)

@@ -23,7 +23,8 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from kvfabric.operator.mutation import POOL_ANNOTATION, json_patch, mutate
-from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
+from kvfabric.operator.reconcile import read_pool
+from kvfabric.operator.spec import KVCachePoolSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,9 @@ Lookup = Callable[[str, str], KVCachePoolSpec | None]
 
 
 def pool_from_api(namespace: str, name: str) -> KVCachePoolSpec | None:
-    try:
-        obj = client.CustomObjectsApi().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+    obj = read_pool(namespace, name)
+    if obj is None:
+        return None
     try:
         return KVCachePoolSpec.model_validate(obj.get("spec", {}))
     except ValidationError:
