@@ -6,7 +6,6 @@ against the real control plane.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
