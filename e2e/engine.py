@@ -68,13 +68,19 @@ class EngineProcess:
         env: dict[str, str] | None = None,
         log_name: str = "engine",
         kv_cache_bytes: int = 1 << 30,
+        llm_args: dict[str, Any] | None = None,
+        transfer: dict[str, Any] | None = None,
     ) -> None:
+        """``llm_args`` override the CPU test defaults of ``LLM(...)``; ``transfer`` is a raw
+        ``KVTransferConfig`` (another connector) and wins over ``connector``."""
         spec = {
             "model": str(model_dir),
             "connector": connector,
             "example_connector_dir": str(example_connector_dir) if example_connector_dir else None,
             "prefix_caching": prefix_caching,
             "kv_cache_bytes": kv_cache_bytes,
+            "llm": llm_args or {},
+            "transfer": transfer,
         }
         tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / f"{log_name}.log"
@@ -101,7 +107,8 @@ class EngineProcess:
         return dict(json.loads(line))
 
     def tail(self, n: int = 4000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_bytes()[-n:].decode(errors="replace")
 
     def generate(self, prompts: list[list[int]], max_tokens: int = 16) -> list[Output]:
@@ -144,7 +151,9 @@ def _child(spec: dict[str, Any], out: Any) -> None:
     from vllm.inputs import TokensPrompt
 
     kwargs: dict[str, Any] = {}
-    if spec["connector"] is not None:
+    if spec.get("transfer"):
+        kwargs["kv_transfer_config"] = KVTransferConfig(**spec["transfer"])
+    elif spec["connector"] is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             **CONNECTOR_LINE, kv_connector_extra_config=spec["connector"]
         )
@@ -154,16 +163,16 @@ def _child(spec: dict[str, Any], out: Any) -> None:
             kv_role="kv_both",
             kv_connector_extra_config={"shared_storage_path": spec["example_connector_dir"]},
         )
-    llm = LLM(
-        model=spec["model"],
+    kwargs.update(
         dtype="float32",
         enforce_eager=True,
         max_model_len=8192,
         kv_cache_memory_bytes=spec["kv_cache_bytes"],
         enable_prefix_caching=spec["prefix_caching"],
         seed=0,
-        **kwargs,
     )
+    kwargs.update(spec.get("llm", {}))
+    llm = LLM(model=spec["model"], **kwargs)
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -171,7 +180,12 @@ def _child(spec: dict[str, Any], out: Any) -> None:
         if cmd["op"] == "exit":
             break
         try:
-            params = SamplingParams(temperature=0.0, max_tokens=cmd["max_tokens"], ignore_eos=True)
+            params = SamplingParams(
+                temperature=0.0,
+                max_tokens=cmd["max_tokens"],
+                ignore_eos=True,
+                detokenize=not kwargs.get("skip_tokenizer_init", False),
+            )
             results = []
             for ids in cmd["prompts"]:
                 t0 = time.perf_counter()

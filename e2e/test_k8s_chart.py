@@ -56,8 +56,7 @@ def test_render_validates_against_current_kubernetes(values: str, tmp_path: Path
     path.write_text(yaml.safe_dump_all(builtin))
     r = subprocess.run(
         [
-            shutil.which("kubernetes-validate")
-            or str(Path(sys.executable).parent / "kubernetes-validate"),
+            shutil.which("kubernetes-validate") or str(Path(sys.executable).parent / "kubernetes-validate"),
             "--strict",
             "-k",
             "1.31.0",

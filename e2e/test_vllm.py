@@ -213,3 +213,30 @@ def test_pool_pressure_evicts_without_errors(
         metrics = agent.metrics_text()
         for kind in ("internal", "bad_request", "namespace", "bad_frame"):
             assert f'kvfabric_errors_total{{kind="{kind}"}} 0.0' in metrics
+
+
+def test_background_saves_free_blocks_after_saving_and_keep_outputs_identical(
+    agent: AgentProcess,
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp_path: Path,
+    baseline: dict[str, list[int]],
+) -> None:
+    """Saves after the step (the GPU default), here on the CPU: vLLM keeps each request's blocks
+    until the worker reports its saves done. The KV cache holds 66 blocks and the engine serves
+    twelve new 8-block prompts one after another, so blocks never given back would stall it
+    at the ninth."""
+    names = [f"E{i}" for i in range(6)] + [f"D{i}" for i in range(6)]
+    cfg = {**fast_retry(agent), "background_saves": True}
+    e1 = EngineProcess(model_dir, tmp_path, cfg, log_name="engine1", kv_cache_bytes=33 << 20)
+    engines.append(e1)
+    first = e1.generate([PROMPTS[n] for n in names], MAX_TOKENS)
+    assert [o.tokens for o in first] == [baseline[n] for n in names]
+    e1.close()  # shutdown waits for the saves still queued
+    assert agent.stats()["committed_blocks"] == sum(full_blocks(n) for n in names)
+    assert "still running" not in e1.tail()
+
+    e2 = start(engines, model_dir, tmp_path, cfg, "engine2")
+    second = e2.generate([PROMPTS[n] for n in names], MAX_TOKENS)
+    assert [o.tokens for o in second] == [baseline[n] for n in names]
+    assert [o.cached_tokens for o in second] == [usable_blocks(n) * BLOCK for n in names]

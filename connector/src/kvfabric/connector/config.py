@@ -39,6 +39,19 @@ class ConnectorConfig(BaseModel):
     backoff_max_ms: int = Field(default=5000, ge=1, description="Longest wait between reconnect attempts.")
     load: bool = Field(default=True, description="Load hits from the pool.")
     save: bool = Field(default=True, description="Save newly computed prompt blocks to the pool.")
+    background_saves: bool | None = Field(
+        default=None,
+        description="Copy saves after the step on a background thread, vLLM keeping the request's "
+        "blocks until they are done, so a cold request does not wait for its own save. Default: on "
+        "for GPU engines (the agent copies over PCIe while the engine goes on), off for CPU engines "
+        "(the copy would take the cores the forward pass needs).",
+    )
+    cross_layer_blocks: bool = Field(
+        default=True,
+        description="GPU engines: ask vLLM (0.26) for KV blocks that hold every layer in one chunk "
+        "(2 MiB for an 8B model), so the agent moves a block in one copy instead of one per layer. "
+        "vLLM falls back to per-layer tensors where the model or attention backend cannot.",
+    )
     model_id: str | None = Field(
         default=None,
         description="Model identity in block keys; defaults to vLLM's model name/path. Set it when "

@@ -21,6 +21,7 @@ class CudaKV:
     plane_bytes: int
     handles: tuple[bytes, ...]
     offsets: tuple[int, ...]
+    byte_order: str = ""
 
     def request(self, namespace: str) -> p.RegisterGpuKV:
         return p.RegisterGpuKV(
@@ -31,34 +32,54 @@ class CudaKV:
             plane_bytes=self.plane_bytes,
             handles=list(self.handles),
             offsets=list(self.offsets),
+            byte_order=self.byte_order,
         )
 
 
-def detect_layout(t: torch.Tensor) -> tuple[str, int, int]:
-    """(layout, num_blocks, plane_bytes) of one layer's KV tensor."""
-    if t.dim() == 5 and t.shape[0] == 2:
-        return "kv_planes", t.shape[1], t[0, 0].nbytes
-    if t.dim() == 5 and t.shape[1] == 2:
-        return "blocks_first", t.shape[0], t[0, 0].nbytes
-    if t.dim() == 3:
-        return "mla", t.shape[0], t[0].nbytes
-    raise ValueError(f"unsupported KV tensor shape {tuple(t.shape)}")
+def _gap_free(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one range without gaps, in whatever dim order."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def byte_order(block: torch.Tensor) -> str:
+    """One block's dims as ``size@dim``, outermost first: equal strings, equal byte order."""
+    dims = sorted(range(block.dim()), key=lambda d: -block.stride(d))
+    return ",".join(f"{block.shape[d]}@{d}" for d in dims if block.shape[d] > 1)
+
+
+def detect_layout(t: torch.Tensor) -> tuple[str, int, int, str]:
+    """(layout, num_blocks, plane_bytes, byte_order) of one layer's KV tensor.
+
+    ``[2, NB, ...]`` is two planes of blocks; any other tensor whose dim 0 is the block and
+    whose blocks are gap-free chunks (``[NB, 2, ...]``, MLA ``[NB, BS, D]``, vLLM >= 0.26's
+    ``[NB, H, BS, 2D]`` stored NHD or HND) is one chunk per block.
+    """
+    if not _gap_free(t):
+        raise ValueError(f"KV tensor of shape {tuple(t.shape)} has gaps between its elements")
+    if t.dim() == 5 and t.shape[0] == 2 and t.stride(0) == t[0].numel():
+        plane = t[0]
+        if plane.stride(0) == plane[0].numel() and _gap_free(plane[0]):
+            return "kv_planes", plane.shape[0], plane[0].nbytes, byte_order(plane[0])
+    if t.dim() >= 2 and t.stride(0) == t[0].numel() and _gap_free(t[0]):
+        return "block_chunk", t.shape[0], t[0].nbytes, byte_order(t[0])
+    raise ValueError(f"unsupported KV tensor shape {tuple(t.shape)} with strides {t.stride()}")
 
 
 def describe(kv_caches: dict[str, torch.Tensor]) -> CudaKV:
     layers = list(kv_caches.values())
     first = layers[0]
-    layout, num_blocks, plane = detect_layout(first)
+    layout, num_blocks, plane, order = detect_layout(first)
     handles, offsets = [], []
     for name, t in kv_caches.items():
-        if (
-            detect_layout(t) != (layout, num_blocks, plane)
-            or not t.is_contiguous()
-            or t.device != first.device
-        ):
+        if detect_layout(t) != (layout, num_blocks, plane, order) or t.device != first.device:
             raise ValueError(f"KV layer {name} differs from the first layer in layout, size or device")
         _dev, handle, _size, storage_offset, *_ = t.untyped_storage()._share_cuda_()
         handles.append(bytes(handle))
         offsets.append(int(storage_offset) + t.storage_offset() * t.element_size())
     uuid = str(torch.cuda.get_device_properties(first.device).uuid)
-    return CudaKV(uuid, layout, num_blocks, plane, tuple(handles), tuple(offsets))
+    return CudaKV(uuid, layout, num_blocks, plane, tuple(handles), tuple(offsets), order)

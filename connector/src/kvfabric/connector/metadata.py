@@ -36,6 +36,8 @@ class SaveIntent:
 class KVFabricMetadata(KVConnectorMetadata):
     loads: list[LoadIntent] = field(default_factory=list)
     saves: list[SaveIntent] = field(default_factory=list)
+    #: Requests preempted this step whose background saves may still read their (now freed) blocks.
+    preempted: tuple[str, ...] = ()
 
 
 def lease_of_rank(lease_id: str, rank: int) -> str:

@@ -107,10 +107,14 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
     """A GPU engine worker's KV tensors, for the agent to copy blocks itself (CUDA IPC).
 
     ``handles[i]`` is layer ``i``'s ``storage._share_cuda_()`` handle and ``offsets[i]`` the
-    byte offset of the tensor in that allocation. ``layout``: ``kv_planes`` ``[2, blocks, ...]``,
-    ``blocks_first`` ``[blocks, 2, ...]`` or ``mla`` ``[blocks, block_size, dim]``;
-    ``plane_bytes``: bytes of one block's K (or V, or MLA latent) in one layer. The mappings live
-    until the session ends.
+    byte offset of the tensor in that allocation. ``layout``: ``kv_planes`` ``[2, blocks, ...]``
+    (``plane_bytes``: one block's K, or V, in one layer), ``blocks_first`` ``[blocks, 2, ...]``
+    (likewise), or ``block_chunk``: each block one gap-free chunk of ``plane_bytes`` per layer
+    (MLA ``[blocks, block_size, dim]`` or vLLM >= 0.26's K|V-packed ``[blocks, heads,
+    block_size, 2*head_size]`` in either memory order; ``mla`` is accepted as a synonym).
+    ``byte_order``: how one block's bytes are ordered (dims outermost first), so engines whose
+    tensors order them differently never share a namespace. The mappings live until the
+    session ends.
     """
 
     namespace: Namespace
@@ -120,6 +124,12 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
     plane_bytes: Annotated[int, msgspec.Meta(gt=0)]
     handles: Annotated[list[bytes], msgspec.Meta(min_length=1, max_length=4096)]
     offsets: list[NonNegative]
+    byte_order: Annotated[str, msgspec.Meta(max_length=128)] = ""
+
+    @property
+    def description(self) -> str:
+        """The namespace's layout as the agent records and compares it."""
+        return f"{self.layout} {self.byte_order}".strip()
 
 
 class GpuCopy(_Request, frozen=True, tag="gpu_copy"):

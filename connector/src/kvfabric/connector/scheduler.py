@@ -38,6 +38,8 @@ class _RequestState:
     saved_upto: int = 0
     pending: _PendingLoad | None = None
     lease_id: str | None = None
+    #: A save was planned: with background saves vLLM must keep the blocks until it is done.
+    had_saves: bool = False
 
 
 @dataclass
@@ -52,9 +54,15 @@ class SchedulerStats:
 
 class SchedulerSide:
     def __init__(
-        self, config: ConnectorConfig, namespaces: list[str], block_size: int, engine_tag: str
+        self,
+        config: ConnectorConfig,
+        namespaces: list[str],
+        block_size: int,
+        engine_tag: str,
+        background_saves: bool = False,
     ) -> None:
         self.config = config
+        self.background_saves = background_saves
         self.namespaces = namespaces
         self.block_size = block_size
         self.engine_tag = engine_tag
@@ -141,6 +149,10 @@ class SchedulerSide:
         self._loads = []
         if not self.config.save:
             return meta
+        if self.background_saves and out.preempted_req_ids:
+            meta.preempted = tuple(
+                r for r in out.preempted_req_ids if (st := self.requests.get(r)) is not None and st.had_saves
+            )
         for new in out.scheduled_new_reqs:
             st = self.requests.get(new.req_id)
             if st is None:
@@ -177,11 +189,15 @@ class SchedulerSide:
         )
         self.stats.blocks_to_save += full - start
         st.saved_upto = full
+        st.had_saves = True
 
-    def request_finished(self, request: Request) -> None:
+    def request_finished(self, request: Request) -> bool:
+        """Drops the request; True if vLLM must keep its blocks until the workers' saves end."""
         st = self.requests.pop(request.request_id, None)
-        if st is not None:
-            self._release(st)
+        if st is None:
+            return False
+        self._release(st)
+        return self.background_saves and st.had_saves
 
     def _release(self, st: _RequestState) -> None:
         """Drops the request's leases (usually already released by the workers)."""

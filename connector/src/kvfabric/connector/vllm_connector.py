@@ -5,10 +5,10 @@ Enable with::
     --kv-transfer-config '{"kv_connector":"KVFabricConnector","kv_role":"kv_both",
                            "kv_connector_module_path":"kvfabric.connector"}'
 
-Loads are synchronous (done in ``start_load_kv`` before the forward pass); saves happen in
-``wait_for_save`` after it. Any agent failure degrades to a miss or a skipped save, and a block
-that could not be loaded is reported through ``get_block_ids_with_load_errors`` so vLLM
-recomputes it.
+Loads are synchronous (done in ``start_load_kv`` before the forward pass); saves start in
+``wait_for_save`` after it, on GPU engines in the background (see ``background_saves``). Any
+agent failure degrades to a miss or a skipped save, and a block that could not be loaded is
+reported through ``get_block_ids_with_load_errors`` so vLLM recomputes it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class KVFabricConnector(KVConnectorBase_V1):
         from vllm.platforms import current_platform
 
         specs = layout_specs(vllm_config, self.config, current_platform.device_type)
+        self._on_cuda = current_platform.device_type == "cuda"
+        background = self._on_cuda if self.config.background_saves is None else self.config.background_saves
         tag = uuid.uuid4().hex[:12]
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
@@ -64,12 +66,18 @@ class KVFabricConnector(KVConnectorBase_V1):
             # requests unless the user asked for that.
             transfer.kv_load_failure_policy = self.config.load_failure_policy
             self._scheduler = SchedulerSide(
-                self.config, [s.namespace() for s in specs], vllm_config.cache_config.block_size, tag
+                self.config,
+                [s.namespace() for s in specs],
+                vllm_config.cache_config.block_size,
+                tag,
+                background_saves=background,
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            self._worker = WorkerSide(self.config, specs[get_tensor_model_parallel_rank()], tag)
+            self._worker = WorkerSide(
+                self.config, specs[get_tensor_model_parallel_rank()], tag, background_saves=background
+            )
         log.info(
             "KVFabric connector ready",
             extra={"role": role.name, "socket": self.config.socket_path, "namespace": specs[0].namespace()},
@@ -79,17 +87,36 @@ class KVFabricConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a dropped save is just a future miss
 
+    @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        """GPU engines: one chunk per block over all layers, one copy per block for the agent."""
+        return self._worker is not None and self._on_cuda and self.config.cross_layer_blocks
+
     # -- worker side ---------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
+    def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
+        """vLLM >= 0.26 with :attr:`prefer_cross_layer_blocks`: one tensor whose dim 0 is the
+        block (its stride order puts blocks outermost); the agent sees it as a single layer."""
+        assert self._worker is not None
+        self._worker.register_kv_caches({"all_layers": kv_cache})
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVFabricMetadata)
         self._worker.start_load_kv(meta)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert self._worker is not None and isinstance(kv_connector_metadata, KVFabricMetadata)
+        self._worker.handle_preemptions(kv_connector_metadata)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return self._worker.get_finished(finished_req_ids), None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv
@@ -130,8 +157,7 @@ class KVFabricConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        self._scheduler.request_finished(request)
-        return False, None
+        return self._scheduler.request_finished(request), None
 
     def shutdown(self) -> None:
         for side in (self._scheduler, self._worker):

@@ -7,7 +7,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kvfabric.connector import protocol as p
+from kvfabric.connector.background_saves import BackgroundSaves
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.copier import BlockCopier
@@ -53,7 +54,9 @@ class WorkerStats:
 
 
 class WorkerSide:
-    def __init__(self, config: ConnectorConfig, spec: LayoutSpec, engine_tag: str) -> None:
+    def __init__(
+        self, config: ConnectorConfig, spec: LayoutSpec, engine_tag: str, background_saves: bool = False
+    ) -> None:
         self.config = config
         self.spec = spec
         self.namespace = spec.namespace()
@@ -66,6 +69,7 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self.stats = WorkerStats()
         self.client = AgentClient.from_config(config, f"worker{self.rank}:{engine_tag}", self._on_connect)
+        self.saves = BackgroundSaves[SaveIntent](self._save_logged) if background_saves else None
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -213,14 +217,42 @@ class WorkerSide:
     # -- saves ---------------------------------------------------------------------------------------------
 
     def wait_for_save(self, meta: KVFabricMetadata) -> None:
+        if self.saves is not None:
+            self.saves.note(meta.saves)  # delayed by the scheduler even if we cannot save them
         if not meta.saves or not self.enabled:
             return
+        if self.saves is not None:
+            self.saves.submit(self._forward_done(), list(meta.saves))
+            return
+        self._forward_done()()
         for intent in meta.saves:
-            try:
-                self._save(intent)
-            except AgentError as exc:
-                self.stats.save_failures += 1
-                log.debug("save skipped", extra={"req": intent.req_id, "error": str(exc)})
+            self._save_logged(intent)
+
+    def _forward_done(self) -> Callable[[], None]:
+        """A wait for the kernels that wrote this step's blocks: the agent copies on its own
+        streams, which know nothing of the engine's. CPU engines have finished already."""
+        if self.cuda is None:
+            return lambda: None
+        event = torch.cuda.Event()
+        event.record()
+        wait: Callable[[], None] = event.synchronize
+        return wait
+
+    def handle_preemptions(self, meta: KVFabricMetadata) -> None:
+        """A preempted request's blocks are freed now: its saves must end before they are reused."""
+        if self.saves is not None and meta.preempted and not self.saves.flush(meta.preempted):
+            log.error("saves of preempted requests still running", extra={"reqs": list(meta.preempted)})
+
+    def get_finished(self, finished_req_ids: set[str]) -> set[str] | None:
+        """Finished requests whose blocks vLLM kept for our background saves, now free to go."""
+        return self.saves.finished(finished_req_ids) if self.saves is not None else None
+
+    def _save_logged(self, intent: SaveIntent) -> None:
+        try:
+            self._save(intent)
+        except AgentError as exc:
+            self.stats.save_failures += 1
+            log.debug("save skipped", extra={"req": intent.req_id, "error": str(exc)})
 
     def _save(self, intent: SaveIntent) -> None:
         reply = self.client.reserve(self.namespace, list(intent.keys), intent.parent)
@@ -245,6 +277,8 @@ class WorkerSide:
         self.stats.saved_blocks += done.committed
 
     def shutdown(self) -> None:
+        if self.saves is not None:
+            self.saves.close()
         self.client.close()
         if self.copier is not None:
             self.copier.detach()

@@ -13,7 +13,8 @@ KV layouts are described per layer as *segments*: a block ``b`` of a layer is th
 ``base + off_j + b * stride_j`` of length ``len_j``. Covered:
 
 - ``[2, num_blocks, block_size, kv_heads, head_size]`` (K and V planes): two segments;
-- ``[num_blocks, 2, ...]`` and MLA ``[num_blocks, block_size, head_size]``: one segment.
+- ``[num_blocks, 2, ...]``, MLA ``[num_blocks, block_size, head_size]`` and vLLM >= 0.26's
+  K|V-packed ``[num_blocks, heads, block_size, 2 * head_size]``: one segment.
 
 A pool slot holds every layer's segments back to back, in layer order.
 """
@@ -98,7 +99,7 @@ def segments_for(layout: str, block_bytes_per_plane: int, num_blocks: int) -> tu
         )
     if layout == "blocks_first":  # [NB, 2, ...]: K then V of a block are adjacent
         return (Segment(0, 2 * block_bytes_per_plane, 2 * block_bytes_per_plane),)
-    if layout == "mla":  # [NB, BS, D]: one latent vector per token, stored once per TP group
+    if layout in ("block_chunk", "mla"):  # each block one gap-free chunk (MLA, packed K|V)
         return (Segment(0, block_bytes_per_plane, block_bytes_per_plane),)
     raise ValueError(f"unsupported KV layout {layout!r}")
 

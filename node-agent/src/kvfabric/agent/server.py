@@ -347,9 +347,9 @@ class Agent:
                     raise _ProtocolError(
                         p.E_GPU, "this agent does not serve GPU engines (start it with --cuda)"
                     )
-                self.index.check_layout(request.namespace, request.layout)  # before opening anything
+                self.index.check_layout(request.namespace, request.description)  # before opening anything
                 kv_id, block_bytes = self.gpu.register(session.session_id, request)
-                ns = self.index.register(request.namespace, block_bytes, 1, request.layout)
+                ns = self.index.register(request.namespace, block_bytes, 1, request.description)
                 log.info(
                     "GPU engine KV registered",
                     extra={

@@ -1,0 +1,306 @@
+"""Real vLLM on a GPU: TTFT and engine start with KVFabric, against baselines run the same way.
+
+Llama-3.1-8B-shaped model (dummy weights), bf16, 10,000-token prompts, ``max_tokens=1``, one
+16k-token prefill chunk, GPU KV cache 2.5 GiB, vLLM's default compile and CUDA-graph mode.
+Every engine is its own process (vLLM's default multiprocess mode). Phases:
+
+  ours   no connector (cold TTFT, engine start) vs KVFabric with an agent holding a pinned pool:
+         engine start, cold TTFT with an empty pool, warm TTFT in the same engine (prefix
+         caching off: every hit must come from the agent) and after an engine restart.
+  peers  vLLM's native CPU offloading (prefix caching on; hits forced out of the GPU cache by
+         other prompts) and PegaFlow (``pegaflow-llm-cu13``, prefix caching off), same prompts.
+
+    python benchmarks/gpu_vllm.py ours --out DIR [--pool 64GiB]
+    python benchmarks/gpu_vllm.py peers --out DIR
+
+Each phase prints a table and writes ``DIR/<phase>.json``. Start times are measured with an
+empty compile cache per engine kind (so no kind profits from another's compilation); restarts
+reuse their kind's cache, as a restarted pod on the same node would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from e2e.agent import AgentProcess  # noqa: E402
+from e2e.engine import EngineProcess  # noqa: E402
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+PROMPT_TOKENS = 10_000
+BLOCK = 16
+LLM_ARGS: dict[str, Any] = {
+    "dtype": "bfloat16",
+    "load_format": "dummy",
+    "enforce_eager": False,
+    "max_model_len": 16384,
+    "max_num_batched_tokens": 16384,
+    "skip_tokenizer_init": True,
+    "enable_prefix_caching": False,
+}
+KV_CACHE_BYTES = int(2.5 * (1 << 30))
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "PYTHONHASHSEED": "0"}
+
+
+def model_dir(root: Path) -> Path:
+    d = root / "llama-3.1-8b-shape"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(LLAMA_8B))
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    return d
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 120_000) for _ in range(PROMPT_TOKENS)] for _ in range(n)]
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    return {
+        "n": len(ms),
+        "mean_ms": round(statistics.fmean(ms), 1),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p90_ms": round(ms[min(len(ms) - 1, int(0.9 * len(ms)))], 1),
+        "min_ms": round(ms[0], 1),
+        "max_ms": round(ms[-1], 1),
+    }
+
+
+class Bench:
+    def __init__(self, out: Path, n_prompts: int) -> None:
+        self.out = out
+        self.tmp = out / "work"
+        self.model = model_dir(self.tmp)
+        self.warmup = prompts(2, seed=1)
+        self.timed = prompts(n_prompts, seed=2)
+        self.results: dict[str, Any] = {"device": gpu_name(), "date": time.strftime("%Y-%m-%d")}
+
+    def engine(
+        self, name: str, cache: str, *, connector: dict[str, Any] | None = None, **kw: Any
+    ) -> EngineProcess:
+        env = {**ENGINE_ENV, "VLLM_CACHE_ROOT": str(self.tmp / f"cache-{cache}")}
+        env.update(kw.pop("env", {}))
+        llm = {**LLM_ARGS, **kw.pop("llm", {})}
+        e = EngineProcess(
+            self.model,
+            self.tmp,
+            connector,
+            log_name=name,
+            kv_cache_bytes=KV_CACHE_BYTES,
+            llm_args=llm,
+            env=env,
+            **kw,
+        )
+        print(f"[{name}] started in {e.start_seconds:.1f} s", flush=True)
+        return e
+
+    def ttft(self, e: EngineProcess, batch: list[list[int]]) -> list[float]:
+        return [o.seconds for o in e.generate(batch, max_tokens=1)]
+
+    def record(self, key: str, value: Any) -> None:
+        self.results[key] = value
+        print(f"{key}: {value}", flush=True)
+        (self.out / "partial.json").write_text(json.dumps(self.results, indent=1))
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def close(e: EngineProcess) -> None:
+    e.close()
+    # vLLM's engine-core child can outlive its parent: make sure the GPU is free for the next.
+    subprocess.run(["pkill", "-9", "-f", "VLLM::EngineCore"], check=False)
+    time.sleep(1)
+
+
+def wait_committed(agent: AgentProcess, blocks: int, timeout: float = 60) -> float:
+    """Waits until the agent holds ``blocks`` committed blocks (background saves done)."""
+    start = time.monotonic()
+    while agent.stats()["committed_blocks"] < blocks:
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"only {agent.stats()['committed_blocks']} of {blocks} blocks committed")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def phase_ours(b: Bench, pool: str) -> None:
+    e = b.engine("none", "none")
+    b.record("start_none_s", round(e.start_seconds, 1))
+    b.ttft(e, b.warmup)
+    b.record("cold_none", summary(b.ttft(e, b.timed)))
+    close(e)
+
+    t0 = time.perf_counter()
+    agent = AgentProcess(b.tmp / "agent", pool, extra_args=["--cuda"]).start(timeout=600)
+    b.record("agent_ready_s", round(time.perf_counter() - t0, 1))
+    try:
+        cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000}
+        e = b.engine("kvfabric", "kvfabric", connector=cfg)
+        b.record("start_kvfabric_s", round(e.start_seconds, 1))
+        b.ttft(e, b.warmup)
+        b.record("cold_kvfabric", summary(b.ttft(e, b.timed)))
+        saved = (len(b.warmup) + len(b.timed)) * (PROMPT_TOKENS // BLOCK)
+        wait_committed(agent, saved)
+        before = agent.stats()["loaded_blocks"]
+        b.record("warm_same_engine", summary(b.ttft(e, b.timed)))
+        per_prompt = (PROMPT_TOKENS - 1) // BLOCK
+        b.record("loaded_blocks_same_engine", agent.stats()["loaded_blocks"] - before)
+        assert agent.stats()["loaded_blocks"] - before == per_prompt * len(b.timed), "warm hits missing"
+        close(e)
+
+        e = b.engine("kvfabric-restart", "kvfabric", connector=cfg)
+        b.record("restart_kvfabric_s", round(e.start_seconds, 1))
+        b.ttft(e, b.warmup)
+        before = agent.stats()["loaded_blocks"]
+        b.record("warm_after_restart", summary(b.ttft(e, b.timed)))
+        b.record("loaded_blocks_after_restart", agent.stats()["loaded_blocks"] - before)
+        close(e)
+        b.record("agent_stats", {k: v for k, v in agent.stats().items() if isinstance(v, int | float)})
+    finally:
+        agent.cleanup()
+
+
+def wait_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{host}:{port} not listening after {timeout}s")
+
+
+def phase_peers(b: Bench, pega_pool: str) -> None:
+    # vLLM's native CPU offloading: prefix caching must be on; 8 GiB holds ~6 prompts, the GPU
+    # ~2, so after the timed prompts ran cold, prompts 2..5 come back from host memory.
+    native = {"kv_offloading_size": 8, "kv_offloading_backend": "native", "enable_prefix_caching": True}
+    e = b.engine("native", "native", llm=native)
+    b.record("start_native8_s", round(e.start_seconds, 1))
+    b.ttft(e, b.warmup)
+    b.record("cold_native", summary(b.ttft(e, b.timed)))
+    b.record("warm_native", summary(b.ttft(e, b.timed[2:6])))
+    close(e)
+
+    try:
+        import pegaflow  # noqa: F401
+    except ImportError:
+        b.record("pegaflow", "not installed")
+        return
+    server_log = open(b.tmp / "pegaflow-server.log", "ab")
+    t0 = time.perf_counter()
+    server = subprocess.Popen(
+        [
+            "pegaflow-server-py",
+            "--addr",
+            "127.0.0.1:50055",
+            "--devices",
+            "0",
+            "--pool-size",
+            pega_pool,
+            "--http-addr",
+            "127.0.0.1:9091",
+            "--enable-prometheus",
+        ],
+        stdout=server_log,
+        stderr=server_log,
+    )
+    try:
+        wait_port("127.0.0.1", 50055, 600)
+        b.record("pegaflow_ready_s", round(time.perf_counter() - t0, 1))
+        transfer = {
+            "kv_connector": "PegaKVConnector",
+            "kv_connector_module_path": "pegaflow.connector",
+            "kv_role": "kv_both",
+        }
+        e = b.engine("pegaflow", "pegaflow", transfer=transfer)
+        b.record("start_pegaflow_s", round(e.start_seconds, 1))
+        b.ttft(e, b.warmup)
+        b.record("cold_pegaflow", summary(b.ttft(e, b.timed)))
+        time.sleep(2)  # PegaFlow saves asynchronously and exposes no completion to wait on
+        b.record("warm_pegaflow_same_engine", summary(b.ttft(e, b.timed)))
+        close(e)
+        e = b.engine("pegaflow-restart", "pegaflow", transfer=transfer)
+        b.ttft(e, b.warmup)
+        b.record("warm_pegaflow_after_restart", summary(b.ttft(e, b.timed)))
+        close(e)
+        with urllib.request.urlopen("http://127.0.0.1:9091/metrics", timeout=5) as r:
+            (b.out / "pegaflow-metrics.txt").write_bytes(r.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        server_log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["ours", "peers"])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--pool", default="64GiB", help="KVFabric agent pool size")
+    ap.add_argument("--pega-pool", default="16gb", help="PegaFlow server pool size (its 'gb' is GiB)")
+    ap.add_argument("--prompts", type=int, default=8, help="timed prompts per measurement")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    b = Bench(args.out, args.prompts)
+    try:
+        if args.phase == "ours":
+            phase_ours(b, args.pool)
+        else:
+            phase_peers(b, args.pega_pool)
+    finally:
+        (args.out / f"{args.phase}.json").write_text(json.dumps(b.results, indent=1))
+    print(json.dumps(b.results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
