@@ -196,3 +196,25 @@ def test_engine_and_agent_in_different_processes(pool: tuple[mmap.mmap, int]) ->
         maps.close()
         proc.kill()
         proc.join(10)
+
+
+def test_cross_layer_runs_split_at_registered_pieces(pool: tuple[mmap.mmap, int]) -> None:
+    """vLLM's cross-layer blocks: one 2 MiB chunk per block. A run of 300 consecutive blocks and
+    slots spans three boundaries of the pool's 256 MiB registered pieces; it must still go as
+    DMA and land byte for byte (one copy across pieces failed with "invalid argument")."""
+    _m, addr = pool
+    nb = 400
+    src = torch.randn(nb, 4, 16, 8, 256, device="cuda", dtype=torch.bfloat16)
+    dst = torch.full_like(src, float("nan"))
+    chunk = src[0].nbytes
+
+    def engine(t: torch.Tensor) -> CopyEngine:
+        layer = LayerLayout(t.data_ptr(), nb, segments_for("block_chunk", chunk, nb))
+        return CopyEngine(0, addr, POOL_BYTES, [layer], register_chunk=256 << 20)
+
+    blocks, slots = list(range(50, 350)), list(range(100, 400))
+    assert engine(src).copy(blocks, slots, True) == "dma"
+    assert engine(dst).copy(list(range(0, 300)), slots, False) == "dma"
+    torch.cuda.synchronize()
+    assert torch.equal(src[50:350].view(torch.int16), dst[0:300].view(torch.int16))
+    assert torch.isnan(dst[300:]).all()

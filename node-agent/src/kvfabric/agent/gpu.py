@@ -60,6 +60,9 @@ Ids = Sequence[int] | np.ndarray
 
 #: Descriptors at least this large (after coalescing) are sent to the DMA engines.
 DMA_MIN_BYTES = 1 << 20
+#: The pool is registered with CUDA in pieces of this size; one DMA never spans two of them
+#: (seen on an H200: a 1.25 GiB pitched copy across pieces failed with "invalid argument").
+REGISTER_CHUNK = 1 << 30
 #: ... as long as there are at most this many of them; otherwise one kernel launch is cheaper.
 DMA_MAX_CALLS = 256
 
@@ -107,7 +110,7 @@ def segments_for(layout: str, block_bytes_per_plane: int, num_blocks: int) -> tu
 class PinnedPool:
     """Registers a host mapping with CUDA (page-locked, device-mapped), in parallel chunks."""
 
-    def __init__(self, address: int, size: int, threads: int = 16, chunk: int = 1 << 30) -> None:
+    def __init__(self, address: int, size: int, threads: int = 16, chunk: int = REGISTER_CHUNK) -> None:
         self.address = address
         self.size = size
         self.threads = threads
@@ -152,8 +155,10 @@ class CopyEngine:
         layers: Sequence[LayerLayout],
         fragmented: str = "staged",
         staging_bytes: int = 64 << 20,
+        register_chunk: int = REGISTER_CHUNK,
     ) -> None:
         cp = _cupy()
+        self.register_chunk = register_chunk
         if fragmented not in ("staged", "kernel"):
             raise ValueError("fragmented must be 'staged' or 'kernel'")
         self.fragmented = fragmented
@@ -218,13 +223,26 @@ class CopyEngine:
         sums = np.add.reduceat(length.reshape(-1), starts) if len(starts) else length.reshape(-1)
         return np.stack([src.reshape(-1)[starts], dst.reshape(-1)[starts], sums], axis=1)
 
+    def _run_breaks(self, b: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """Indexes where a run of consecutive (block, slot) pairs ends: the next pair does not
+        follow on, or its slot starts in another registered piece of the pool."""
+        piece = (s * np.uint64(self.block_bytes)) // np.uint64(self.register_chunk)
+        return (
+            np.flatnonzero(
+                (np.diff(b.astype(np.int64)) != 1)
+                | (np.diff(s.astype(np.int64)) != 1)
+                | (np.diff(piece) != 0)
+            )
+            + 1
+        )
+
     def dma_plan(self, block_ids: Ids, slots: Ids, to_pool: bool) -> list[tuple[int, ...]]:
         """Pitched copies ``(dst, dpitch, src, spitch, width, height)``: one per run of consecutive
         (block, slot) pairs and per segment; a run's segment is strided on both sides."""
         b, s = self._check(block_ids, slots)
         if len(b) == 0:
             return []
-        brk = np.flatnonzero((np.diff(b.astype(np.int64)) != 1) | (np.diff(s.astype(np.int64)) != 1)) + 1
+        brk = self._run_breaks(b, s)
         starts = np.concatenate(([0], brk))
         ends = np.concatenate((brk, [len(b)]))
         plan: list[tuple[int, ...]] = []
@@ -253,9 +271,7 @@ class CopyEngine:
         if len(block_ids) == 0:
             return "none"
         b, s = self._check(block_ids, slots)
-        runs = 1 + int(
-            np.count_nonzero((np.diff(b.astype(np.int64)) != 1) | (np.diff(s.astype(np.int64)) != 1))
-        )
+        runs = 1 + len(self._run_breaks(b, s))
         plan = self.dma_plan(block_ids, slots, to_pool) if runs * len(self._len) <= DMA_MAX_CALLS else []
         use_dma = bool(plan) and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES
         rt = cp.cuda.runtime
@@ -263,7 +279,10 @@ class CopyEngine:
             if use_dma:
                 kind = rt.memcpyDeviceToHost if to_pool else rt.memcpyHostToDevice
                 for dst, dpitch, src, spitch, width, height in plan:
-                    rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self._stream.ptr)
+                    if dpitch == spitch == width:  # gap-free on both sides: one linear copy
+                        rt.memcpyAsync(dst, src, width * height, kind, self._stream.ptr)
+                    else:
+                        rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self._stream.ptr)
                 method = "dma"
             elif self.fragmented == "staged":
                 self._staged(b, s, to_pool)
@@ -292,7 +311,7 @@ class CopyEngine:
             bc, sc = b[c0 : c0 + cap], s[c0 : c0 + cap]
             local = np.arange(len(bc), dtype=np.uint64)
             desc = self.descriptors(bc, local, to_pool, base=stage)
-            brk = np.flatnonzero(np.diff(sc.astype(np.int64)) != 1) + 1
+            brk = self._run_breaks(local, sc)
             starts = np.concatenate(([0], brk)).tolist()
             ends = [*brk.tolist(), len(sc)]
             if to_pool:
