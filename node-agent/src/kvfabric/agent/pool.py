@@ -46,6 +46,14 @@ def populate(address: int, size: int, threads: int, chunk: int = 1 << 30) -> flo
     return time.perf_counter() - started
 
 
+def _fallocate(fd: int, size: int, threads: int, chunk: int = 1 << 30) -> None:
+    """Reserves ``size`` bytes, chunks in parallel: on tmpfs reserving means allocating and
+    zeroing every page, which one thread does at a few GB/s (about 10 s for 64 GiB)."""
+    chunks = [(a, min(chunk, size - a)) for a in range(0, size, chunk)]
+    with ThreadPoolExecutor(max(1, min(threads, len(chunks))), "kvfabric-fallocate") as ex:
+        list(ex.map(lambda c: os.posix_fallocate(fd, c[0], c[1]), chunks))
+
+
 def address_of(buffer: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
@@ -57,7 +65,7 @@ class PoolError(RuntimeError):
 class Segment:
     """The pool's backing file, reserved up front so an undersized tmpfs fails now, not later."""
 
-    def __init__(self, path: Path, size: int, huge_pages: bool = False) -> None:
+    def __init__(self, path: Path, size: int, huge_pages: bool = False, threads: int = 16) -> None:
         self.path = path
         self.size = size
         self.pool_id = uuid.uuid4().hex
@@ -76,7 +84,7 @@ class Segment:
         try:
             os.ftruncate(fd, size)
             try:
-                os.posix_fallocate(fd, 0, size)
+                _fallocate(fd, size, threads)
             except OSError as exc:
                 raise PoolError(
                     f"cannot reserve {size} bytes for the pool at {path}: {exc.strerror} "

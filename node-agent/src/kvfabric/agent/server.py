@@ -85,7 +85,12 @@ class Agent:
         path = self.settings.socket
         self._claim_socket(str(path))
         try:
-            self.segment = Segment(self.settings.pool_path, self.settings.pool_size, self.settings.huge_pages)
+            self.segment = Segment(
+                self.settings.pool_path,
+                self.settings.pool_size,
+                self.settings.huge_pages,
+                threads=self.settings.pin_threads,
+            )
         except (OSError, PoolError) as exc:
             raise AgentStartError(str(exc)) from exc
         if self.settings.cuda:

@@ -95,7 +95,10 @@ class AgentSettings(BaseSettings):
         "threads) and copy their blocks over CUDA IPC. Needs CuPy (kvfabric-agent[gpu]).",
     )
     pin_threads: int = Field(
-        default=16, ge=1, le=256, description="Threads that populate and register the pool for CUDA."
+        default=16,
+        ge=1,
+        le=256,
+        description="Threads that reserve the pool and, with --cuda, populate and register it.",
     )
     socket: Path = Field(
         default=Path("/run/kvfabric/agent.sock"),
