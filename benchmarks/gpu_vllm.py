@@ -78,7 +78,8 @@ LLM_ARGS: dict[str, Any] = {
     "enable_prefix_caching": False,
 }
 KV_CACHE_BYTES = int(2.5 * (1 << 30))
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "PYTHONHASHSEED": "0"}
+# INFO: the engine logs then say where start-up time went (weights, compile, graphs, KV).
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "PYTHONHASHSEED": "0", "VLLM_LOGGING_LEVEL": "INFO"}
 
 
 def model_dir(root: Path) -> Path:
