@@ -158,13 +158,25 @@ def transfer_bench() -> None:
     )
     other = rng.permutation(pool_bytes // block_bytes)[:n].tolist()
 
-    def concurrent() -> None:
-        t = threading.Thread(target=eng2.copy, args=(blocks, other, False))
-        t.start()
-        eng.copy(blocks, slots, True)
-        t.join()
+    def both_ways(saver: CopyEngine, loader: CopyEngine) -> float:
+        """GB/s of a save of ``blocks`` and a load of other slots running at once."""
 
-    both_ours = 2 * nbytes / timed(concurrent) / 1e9
+        def concurrent() -> None:
+            t = threading.Thread(target=loader.copy, args=(blocks, other, False))
+            t.start()
+            saver.copy(blocks, slots, True)
+            t.join()
+
+        return 2 * nbytes / timed(concurrent) / 1e9
+
+    def load_latencies(engine: CopyEngine, label: str) -> None:
+        for k in (1, 625):
+            bk = rng.permutation(nb)[:k].tolist()
+            sk = rng.permutation(pool_bytes // block_bytes)[:k].tolist()
+            lat = timed(lambda bk=bk, sk=sk: engine.copy(bk, sk, False), reps=20)
+            print(f"{label}load of {k} block(s), random: p50 {lat * 1e3:.3f} ms")
+
+    both_ours = both_ways(eng, eng2)
     print(
         f"KVFabric save + load at once: {both_ours:.1f} GB/s ({both_ours / bidir:.2f}x of the bidirectional ceiling); target >= 0.85x"
     )
@@ -223,30 +235,16 @@ def transfer_bench() -> None:
     xsave = nbytes / timed(lambda: xeng.copy(blocks, slots, True)) / 1e9
     xload = nbytes / timed(lambda: xeng.copy(blocks, slots, False)) / 1e9
 
-    def xconcurrent() -> None:
-        t = threading.Thread(target=xeng2.copy, args=(blocks, other, False))
-        t.start()
-        xeng.copy(blocks, slots, True)
-        t.join()
-
-    xboth = 2 * nbytes / timed(xconcurrent) / 1e9
+    xboth = both_ways(xeng, xeng2)
     print(
         f"cross-layer blocks (2 MiB chunks), 256 random blocks ({xeng.copy(blocks, slots, True)}): save {xsave:.1f} GB/s "
         f"({xsave / d2h:.2f}x), load {xload:.1f} GB/s ({xload / h2d:.2f}x); both at once {xboth:.1f} GB/s ({xboth / bidir:.2f}x)"
     )
-    for k in (1, 625):
-        bk = rng.permutation(nb)[:k].tolist()
-        sk = rng.permutation(pool_bytes // block_bytes)[:k].tolist()
-        lat = timed(lambda bk=bk, sk=sk: xeng.copy(bk, sk, False), reps=20)
-        print(f"cross-layer load of {k} block(s), random: p50 {lat * 1e3:.3f} ms")
+    load_latencies(xeng, "cross-layer ")
     del cross
 
     # latency to load 1 block and 625 blocks (10k tokens) into the engine's tensors, p50
-    for k in (1, 625):
-        bk = rng.permutation(nb)[:k].tolist()
-        sk = rng.permutation(pool_bytes // block_bytes)[:k].tolist()
-        lat = timed(lambda bk=bk, sk=sk: eng.copy(bk, sk, False), reps=20)
-        print(f"load of {k} block(s): p50 {lat * 1e3:.3f} ms")
+    load_latencies(eng, "")
 
     # decode-step interference: a large matmul stream alone vs while transfers run
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

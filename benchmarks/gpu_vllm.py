@@ -171,8 +171,15 @@ def wait_committed(agent: AgentProcess, blocks: int, timeout: float = 60) -> int
     return committed
 
 
+def warm(b: Bench, agent: AgentProcess, e: EngineProcess, label: str) -> None:
+    """Warm TTFT of the timed prompts, and how many of their blocks the agent loaded."""
+    expected = (PROMPT_TOKENS - 1) // BLOCK * len(b.timed)
+    before = agent.stats()["loaded_blocks"]
+    b.record(f"warm_{label}", summary(b.ttft(e, b.timed)))
+    b.record(f"loaded_blocks_{label}", f"{agent.stats()['loaded_blocks'] - before} of {expected}")
+
+
 def phase_ours(b: Bench, pool: str) -> None:
-    per_prompt = (PROMPT_TOKENS - 1) // BLOCK
     t0 = time.perf_counter()
     agent = AgentProcess(b.tmp / "agent", pool, extra_args=["--cuda"]).start(timeout=600)
     b.record("agent_ready_s", round(time.perf_counter() - t0, 1))
@@ -184,23 +191,13 @@ def phase_ours(b: Bench, pool: str) -> None:
         b.record("cold_kvfabric", summary(b.ttft(e, b.timed)))
         saved = (len(b.warmup) + len(b.timed)) * (PROMPT_TOKENS // BLOCK)
         b.record("committed_blocks", f"{wait_committed(agent, saved)} of {saved}")
-        before = agent.stats()["loaded_blocks"]
-        b.record("warm_same_engine", summary(b.ttft(e, b.timed)))
-        b.record(
-            "loaded_blocks_same_engine",
-            f"{agent.stats()['loaded_blocks'] - before} of {per_prompt * len(b.timed)}",
-        )
+        warm(b, agent, e, "same_engine")
         close(e)
 
         e = b.engine("kvfabric-restart", "kvfabric", connector=cfg)
         b.record("restart_kvfabric_s", round(e.start_seconds, 1))
         b.ttft(e, b.warmup)
-        before = agent.stats()["loaded_blocks"]
-        b.record("warm_after_restart", summary(b.ttft(e, b.timed)))
-        b.record(
-            "loaded_blocks_after_restart",
-            f"{agent.stats()['loaded_blocks'] - before} of {per_prompt * len(b.timed)}",
-        )
+        warm(b, agent, e, "after_restart")
         close(e)
         b.record("agent_stats", {k: v for k, v in agent.stats().items() if isinstance(v, int | float)})
     finally:

@@ -60,11 +60,13 @@ Ids = Sequence[int] | np.ndarray
 
 #: Descriptors at least this large (after coalescing) are sent to the DMA engines.
 DMA_MIN_BYTES = 1 << 20
-#: The pool is registered with CUDA in pieces of this size; one DMA never spans two of them
-#: (seen on an H200: a 1.25 GiB pitched copy across pieces failed with "invalid argument").
-REGISTER_CHUNK = 1 << 30
 #: ... as long as there are at most this many of them; otherwise one kernel launch is cheaper.
 DMA_MAX_CALLS = 256
+#: The pool is registered with CUDA in pieces of this size, and no DMA spans two of them. Seen
+#: on an H200 with vLLM's cross-layer blocks: gap-free runs of 625 2 MiB blocks sent as one
+#: pitched copy across pieces failed with "invalid argument"; split at pieces and sent as linear
+#: copies they pass (tests/gpu).
+REGISTER_CHUNK = 1 << 30
 
 
 def _cupy() -> Any:
