@@ -148,6 +148,29 @@ def test_rejections_surface_as_agent_rejected(agent: AgentProcess) -> None:
     assert c.connected  # a rejection is not a connection failure
 
 
+def test_gpu_requests_to_an_agent_without_cuda_are_refused_and_the_session_survives(
+    agent: AgentProcess,
+) -> None:
+    c = client(agent)
+    register = p.RegisterGpuKV(
+        namespace="gpu-ns",
+        device_uuid="GPU-x",
+        layout="block_chunk",
+        num_blocks=4,
+        plane_bytes=4096,
+        handles=[b"h"],
+        offsets=[0],
+    )
+    for request, reply_type in (
+        (register, p.GpuKVReply),
+        (p.GpuCopy(kv_id=1, to_pool=True, block_ids=[0], slots=[0]), p.GpuCopyReply),
+    ):
+        with pytest.raises(AgentRejected) as err:
+            c.call(request, reply_type)
+        assert err.value.code == p.E_GPU and "--cuda" in str(err.value)
+    assert c.connected and c.stats()["namespaces"] == 0
+
+
 def test_refuses_to_start_beside_a_live_agent(agent: AgentProcess, tmp_path: Path) -> None:
     proc = subprocess.run(
         [

@@ -35,6 +35,12 @@ class AgentStartError(RuntimeError):
     """The agent cannot start (socket owned by a live agent, pool cannot be reserved)."""
 
 
+def _drop_gpu_session(gpu: GpuService, session_id: int) -> None:
+    closed = gpu.drop_session(session_id)
+    if closed:
+        log.info("engine IPC mappings closed", extra={"session": session_id, "allocations": closed})
+
+
 class _ProtocolError(Exception):
     def __init__(self, code: str, message: str, fatal: bool = False) -> None:
         super().__init__(message)
@@ -197,9 +203,9 @@ class Agent:
                         reply: p._Reply = self._hello_reply(session)
                     elif session is None:
                         raise _ProtocolError(p.E_NO_SESSION, "first request must be hello", fatal=True)
-                    elif isinstance(request, p.GpuCopy):
+                    elif isinstance(request, p.GpuCopy | p.RegisterGpuKV):
                         session.requests += 1
-                        reply = await self._gpu_copy(request, session)
+                        reply = await self._gpu_request(request, session)
                     else:
                         session.requests += 1
                         reply = self._dispatch(request, session)
@@ -255,31 +261,50 @@ class Agent:
         )
         return session
 
-    async def _gpu_copy(self, request: p.GpuCopy, session: Session) -> p.GpuCopyReply:
+    async def _gpu_request(self, request: p.GpuCopy | p.RegisterGpuKV, session: Session) -> p._Reply:
+        """GPU work runs on the GPU executor: CUDA calls can block (copies, opening IPC handles),
+        and the event loop must keep serving every other session meanwhile."""
         if self.gpu is None:
             raise _ProtocolError(p.E_GPU, "this agent does not serve GPU engines (start it with --cuda)")
-        gpu = self.gpu
+        gpu, loop = self.gpu, asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            method = await asyncio.get_running_loop().run_in_executor(
-                self._gpu_copies, gpu.copy, session.session_id, request
+            if isinstance(request, p.GpuCopy):
+                method = await loop.run_in_executor(self._gpu_copies, gpu.copy, session.session_id, request)
+                seconds = time.perf_counter() - started
+                hist = self.metrics.save_seconds if request.to_pool else self.metrics.load_seconds
+                hist.observe(seconds)
+                return p.GpuCopyReply(method=method, seconds=seconds)
+            self.index.check_layout(request.namespace, request.description)  # before opening anything
+            kv_id, block_bytes = await loop.run_in_executor(
+                self._gpu_copies, gpu.register, session.session_id, request
             )
+            ns = self.index.register(request.namespace, block_bytes, 1, request.description)
         except GpuError as exc:
             raise _ProtocolError(p.E_GPU, str(exc)) from exc
-        seconds = time.perf_counter() - started
-        hist = self.metrics.save_seconds if request.to_pool else self.metrics.load_seconds
-        hist.observe(seconds)
-        return p.GpuCopyReply(method=method, seconds=seconds)
+        except ValueError as exc:
+            raise _ProtocolError(p.E_NAMESPACE, str(exc)) from exc
+        log.info(
+            "GPU engine KV registered",
+            extra={
+                "session": session.session_id,
+                "kv_id": kv_id,
+                "layers": len(request.handles),
+                "layout": request.description,
+                "namespace": ns.name,
+                "seconds": round(time.perf_counter() - started, 4),
+            },
+        )
+        return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes)
 
     def _close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
         if self.gpu is not None:
-            # Copies of this session have completed: _handle awaits each one before reading on.
-            closed = self.gpu.drop_session(session.session_id)
-            if closed:
-                log.info(
-                    "engine IPC mappings closed", extra={"session": session.session_id, "allocations": closed}
-                )
+            # Copies of this session have completed (_handle awaits each one before reading on).
+            # Closing IPC mappings can block in the driver: not on the event loop. An executor
+            # already shut down means the agent is stopping, and gpu.close() drops every session.
+            with contextlib.suppress(RuntimeError):
+                self._gpu_copies.submit(_drop_gpu_session, self.gpu, session.session_id)
         leases, reservations = self.index.drop_session(session.session_id)
         log.info(
             "session closed",
@@ -347,27 +372,6 @@ class Agent:
                 return p.NamespaceReply(namespace=ns.name, block_bytes=ns.block_bytes)
             if isinstance(request, p.Stats):
                 return p.StatsReply(stats=self.stats())
-            if isinstance(request, p.RegisterGpuKV):
-                if self.gpu is None:
-                    raise _ProtocolError(
-                        p.E_GPU, "this agent does not serve GPU engines (start it with --cuda)"
-                    )
-                self.index.check_layout(request.namespace, request.description)  # before opening anything
-                kv_id, block_bytes = self.gpu.register(session.session_id, request)
-                ns = self.index.register(request.namespace, block_bytes, 1, request.description)
-                log.info(
-                    "GPU engine KV registered",
-                    extra={
-                        "session": session.session_id,
-                        "kv_id": kv_id,
-                        "layers": len(request.handles),
-                        "layout": request.layout,
-                        "namespace": ns.name,
-                    },
-                )
-                return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes)
-        except GpuError as exc:
-            raise _ProtocolError(p.E_GPU, str(exc)) from exc
         except KeyError as exc:
             raise _ProtocolError(p.E_NAMESPACE, str(exc.args[0] if exc.args else exc)) from exc
         except ValueError as exc:
