@@ -13,9 +13,10 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
     python benchmarks/gpu_vllm.py ours --out DIR [--pool 64GiB]
     python benchmarks/gpu_vllm.py peers --out DIR
 
-Each phase prints a table and writes ``DIR/<phase>.json``. Start times are measured with an
-empty compile cache per engine kind (so no kind profits from another's compilation); restarts
-reuse their kind's cache, as a restarted pod on the same node would.
+Each phase prints a table and writes ``DIR/<phase>.json``. Start times are measured with empty
+compile caches per engine kind (vLLM's and, through TMPDIR, Inductor's and Triton's, so no kind
+profits from another's compilation); restarts reuse their kind's caches, as a restarted pod on
+the same node would.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ class Bench:
     def engine(
         self, name: str, cache: str, *, connector: dict[str, Any] | None = None, **kw: Any
     ) -> EngineProcess:
-        env = {**ENGINE_ENV, "VLLM_CACHE_ROOT": str(self.tmp / f"cache-{cache}")}
+        # Each engine kind its own compile caches: vLLM's, and Inductor/Triton's under TMPDIR.
+        tmpdir = self.tmp / f"tmp-{cache}"
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        env = {**ENGINE_ENV, "VLLM_CACHE_ROOT": str(self.tmp / f"cache-{cache}"), "TMPDIR": str(tmpdir)}
         env.update(kw.pop("env", {}))
         llm = {**LLM_ARGS, **kw.pop("llm", {})}
         e = EngineProcess(
