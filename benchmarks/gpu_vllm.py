@@ -14,7 +14,7 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
     python benchmarks/gpu_vllm.py peers --out DIR
 
 Each phase prints a table and writes ``DIR/<phase>.json``. Start times are measured with empty
-compile caches per engine kind (vLLM's and, through TMPDIR, Inductor's and Triton's, so no kind
+compile caches per engine kind (vLLM's, Inductor's under TMPDIR and Triton's, so no kind
 profits from another's compilation); restarts reuse their kind's caches, as a restarted pod on
 the same node would.
 """
@@ -120,10 +120,15 @@ class Bench:
     def engine(
         self, name: str, cache: str, *, connector: dict[str, Any] | None = None, **kw: Any
     ) -> EngineProcess:
-        # Each engine kind its own compile caches: vLLM's, and Inductor/Triton's under TMPDIR.
+        # Each engine kind its own compile caches: vLLM's, Inductor's (under TMPDIR) and Triton's.
         tmpdir = self.tmp / f"tmp-{cache}"
         tmpdir.mkdir(parents=True, exist_ok=True)
-        env = {**ENGINE_ENV, "VLLM_CACHE_ROOT": str(self.tmp / f"cache-{cache}"), "TMPDIR": str(tmpdir)}
+        env = {
+            **ENGINE_ENV,
+            "VLLM_CACHE_ROOT": str(self.tmp / f"cache-{cache}"),
+            "TMPDIR": str(tmpdir),
+            "TRITON_CACHE_DIR": str(tmpdir / "triton"),
+        }
         env.update(kw.pop("env", {}))
         llm = {**LLM_ARGS, **kw.pop("llm", {})}
         e = EngineProcess(
