@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed
 from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent
+from kvfabric.connector.scheduler import SchedulerSide
 from kvfabric.connector.worker import WorkerSide
 
 pytestmark = pytest.mark.vllm
@@ -122,3 +124,45 @@ def test_unsupported_layout_disables_the_worker(agent: AgentProcess) -> None:
     intent = LoadIntent("r", "L", "p", (1,), ((0,),))
     w.start_load_kv(KVFabricMetadata(loads=[intent]))
     assert w.get_block_ids_with_load_errors() == {1}
+
+
+def _request(req_id: str, prompt_len: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        request_id=req_id, prompt_token_ids=list(range(prompt_len)), cache_salt=None, lora_request=None
+    )
+
+
+def _step(new: list[tuple[str, int]], preempted: set[str]) -> SimpleNamespace:
+    """The fields of vLLM's SchedulerOutput the scheduler role reads."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[
+            SimpleNamespace(req_id=r, block_ids=(list(range(1, n // 16 + 2)),), num_computed_tokens=0)
+            for r, n in new
+        ],
+        num_scheduled_tokens=dict(new),
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]
+        ),
+        preempted_req_ids=preempted,
+    )
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_scheduler_delays_freeing_exactly_the_requests_with_background_saves(
+    agent: AgentProcess, background: bool
+) -> None:
+    cfg = ConnectorConfig(socket_path=str(agent.socket_path))
+    s = SchedulerSide(cfg, [SPEC.namespace()], 16, "t", background_saves=background)
+    try:
+        saving, short = _request("saving", 64), _request("short", 10)  # 4 full blocks / none
+        for r in (saving, short):
+            assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # empty pool: a miss
+        meta = s.build_connector_meta(_step([("saving", 64), ("short", 10)], set()))
+        assert [(i.req_id, len(i.block_ids)) for i in meta.saves] == [("saving", 4)]
+        # Both preempted in the next step: only the one with saves in flight must be waited for.
+        meta = s.build_connector_meta(_step([], {"saving", "short"}))
+        assert meta.preempted == (("saving",) if background else ())
+        assert s.request_finished(saving) is background
+        assert s.request_finished(short) is False
+    finally:
+        s.shutdown()
