@@ -249,6 +249,9 @@ def engine_timings(work: Path, out: Path) -> None:
     keys = (
         "took",
         "seconds",
+        "pinned",
+        "registered",
+        "not reachable",
         "Graph capturing",
         "torch.compile",
         "init engine",
