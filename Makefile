@@ -11,7 +11,7 @@ define run_pytest
 	rc=0; $(PYTEST) $(1) || rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 0; fi; exit $$rc
 endef
 
-.PHONY: install install-tools k8s-control-plane manifests demo test test-fast test-vllm bench lint clean
+.PHONY: install install-tools k8s-control-plane manifests demo test test-fast test-vllm bench lint gpu-bundle clean
 
 install: $(STAMP) install-tools
 
@@ -67,6 +67,11 @@ lint: install
 	$(BIN)/ruff check connector node-agent operator tests e2e benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# vLLM 0.26 (CUDA 13) and the wheels it needs, as xz parts for a GPU host without a registry
+# (tests/README.md); cached in ~/.cache/kvfabric/vllm-0.26, written to .vllm26-all/ (ignored).
+gpu-bundle:
+	scripts/gpu/pack-vllm.sh .vllm26-all
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/out
