@@ -78,12 +78,23 @@ def transfer_bench() -> None:
     addr = host_address(m)
     pinned = PinnedPool(addr, pool_bytes, threads=16)
     pinned.register()
-    eng = CopyEngine(
-        0,
-        addr,
-        pool_bytes,
-        [LayerLayout(t.data_ptr(), nb, segments_for("kv_planes", per_plane, nb)) for t in layers],
-    )
+
+    def engine_for(tensors: list[torch.Tensor], layout: str, per: int, **kw: str) -> CopyEngine:
+        """The agent's copy engine over ``tensors`` (one per layer) and this pool."""
+        return CopyEngine(
+            0,
+            addr,
+            pool_bytes,
+            [LayerLayout(t.data_ptr(), nb, segments_for(layout, per, nb)) for t in tensors],
+            **kw,
+        )
+
+    def rates(engine: CopyEngine, b: list[int], sl: list[int], nbytes: int) -> tuple[float, float]:
+        """(save, load) GB/s of ``engine`` moving blocks ``b`` to and from slots ``sl``."""
+        save = nbytes / timed(lambda: engine.copy(b, sl, True)) / 1e9
+        return save, nbytes / timed(lambda: engine.copy(b, sl, False)) / 1e9
+
+    eng = engine_for(layers, "kv_planes", per_plane)
     rng = np.random.default_rng(0)
     blocks = rng.permutation(nb)[:n].tolist()
     slots = rng.permutation(pool_bytes // block_bytes)[:n].tolist()
@@ -125,37 +136,23 @@ def transfer_bench() -> None:
         f"ceilings: pinned 1 GiB memcpy D2H {d2h:.1f} GB/s, H2D {h2d:.1f} GB/s, both at once {bidir:.1f} GB/s"
     )
 
-    direct = CopyEngine(
-        0,
-        addr,
-        pool_bytes,
-        [LayerLayout(t.data_ptr(), nb, segments_for("kv_planes", per_plane, nb)) for t in layers],
-        fragmented="kernel",
-    )
-    ksave = nbytes / timed(lambda: direct.copy(blocks, slots, True)) / 1e9
-    kload = nbytes / timed(lambda: direct.copy(blocks, slots, False)) / 1e9
+    direct = engine_for(layers, "kv_planes", per_plane, fragmented="kernel")
+    ksave, kload = rates(direct, blocks, slots, nbytes)
     print(
         f"KVFabric, 256 random blocks, direct kernel on mapped memory: save {ksave:.1f} GB/s ({ksave / d2h:.2f}x), load {kload:.1f} GB/s ({kload / h2d:.2f}x)"
     )
-    save = nbytes / timed(lambda: eng.copy(blocks, slots, True)) / 1e9
-    load = nbytes / timed(lambda: eng.copy(blocks, slots, False)) / 1e9
+    save, load = rates(eng, blocks, slots, nbytes)
     print(
         f"KVFabric, 256 random blocks ({eng.copy(blocks, slots, True)}): save {save:.1f} GB/s ({save / d2h:.2f}x of D2H), "
         f"load {load:.1f} GB/s ({load / h2d:.2f}x of H2D); target >= 0.90x"
     )
     cblocks, cslots = list(range(100, 100 + n)), list(range(7, 7 + n))
-    csave = nbytes / timed(lambda: eng.copy(cblocks, cslots, True)) / 1e9
-    cload = nbytes / timed(lambda: eng.copy(cblocks, cslots, False)) / 1e9
+    csave, cload = rates(eng, cblocks, cslots, nbytes)
     print(
         f"KVFabric, 256 contiguous blocks ({eng.copy(cblocks, cslots, True)}): save {csave:.1f} GB/s, load {cload:.1f} GB/s"
     )
 
-    eng2 = CopyEngine(
-        0,
-        addr,
-        pool_bytes,
-        [LayerLayout(t.data_ptr(), nb, segments_for("kv_planes", per_plane, nb)) for t in layers],
-    )
+    eng2 = engine_for(layers, "kv_planes", per_plane)
     other = rng.permutation(pool_bytes // block_bytes)[:n].tolist()
 
     def both_ways(saver: CopyEngine, loader: CopyEngine) -> float:
@@ -209,13 +206,9 @@ def transfer_bench() -> None:
     # MLA: 32 layers of [NB, 16, 576] bf16
     mla = [torch.randn(nb, 16, 576, device="cuda", dtype=torch.bfloat16) for _ in range(32)]
     per = mla[0][0].nbytes
-    eng3 = CopyEngine(
-        0, addr, pool_bytes, [LayerLayout(t.data_ptr(), nb, segments_for("mla", per, nb)) for t in mla]
-    )
+    eng3 = engine_for(mla, "mla", per)
     mslots = rng.permutation(pool_bytes // eng3.block_bytes)[:n].tolist()
-    mb = n * eng3.block_bytes
-    msave = mb / timed(lambda: eng3.copy(blocks, mslots, True)) / 1e9
-    mload = mb / timed(lambda: eng3.copy(blocks, mslots, False)) / 1e9
+    msave, mload = rates(eng3, blocks, mslots, n * eng3.block_bytes)
     print(
         f"MLA (32 x [blocks, 16, 576] bf16, {eng3.block_bytes // 1024} KiB/block), 256 random blocks: "
         f"save {msave:.1f} GB/s ({msave / d2h:.2f}x), load {mload:.1f} GB/s ({mload / h2d:.2f}x)"
@@ -226,15 +219,8 @@ def transfer_bench() -> None:
     del mla
     cross = torch.randn(nb, 32, 16, 8, 256, device="cuda", dtype=torch.bfloat16)
     chunk = cross[0].nbytes
-    xeng = CopyEngine(
-        0, addr, pool_bytes, [LayerLayout(cross.data_ptr(), nb, segments_for("block_chunk", chunk, nb))]
-    )
-    xeng2 = CopyEngine(
-        0, addr, pool_bytes, [LayerLayout(cross.data_ptr(), nb, segments_for("block_chunk", chunk, nb))]
-    )
-    xsave = nbytes / timed(lambda: xeng.copy(blocks, slots, True)) / 1e9
-    xload = nbytes / timed(lambda: xeng.copy(blocks, slots, False)) / 1e9
-
+    xeng, xeng2 = engine_for([cross], "block_chunk", chunk), engine_for([cross], "block_chunk", chunk)
+    xsave, xload = rates(xeng, blocks, slots, nbytes)
     xboth = both_ways(xeng, xeng2)
     print(
         f"cross-layer blocks (2 MiB chunks), 256 random blocks ({xeng.copy(blocks, slots, True)}): save {xsave:.1f} GB/s "
