@@ -48,9 +48,10 @@ class ConnectorConfig(BaseModel):
     )
     cross_layer_blocks: bool = Field(
         default=True,
-        description="GPU engines: ask vLLM (0.26) for KV blocks that hold every layer in one chunk "
-        "(2 MiB for an 8B model), so the agent moves a block in one copy instead of one per layer. "
-        "vLLM falls back to per-layer tensors where the model or attention backend cannot.",
+        description="GPU engines: ask vLLM for KV blocks that hold every layer in one chunk (2 MiB "
+        "for an 8B model), so the agent moves a block in one copy instead of one per layer. vLLM "
+        "0.26 honours it in its V1 model runner only; elsewhere, or where the model or attention "
+        "backend cannot, it registers per-layer tensors, which work as well.",
     )
     model_id: str | None = Field(
         default=None,
