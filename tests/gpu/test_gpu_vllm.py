@@ -42,23 +42,35 @@ def poison_pool(agent: AgentProcess) -> None:
             f.write(random.randbytes(1 << 20))
 
 
-def engine(model: Path, tmp: Path, name: str, cfg: dict[str, Any] | None) -> EngineProcess:
-    return EngineProcess(model, tmp, cfg, log_name=name, kv_cache_bytes=1 << 30, llm_args=LLM_ARGS)
+def engine(
+    model: Path, tmp: Path, name: str, cfg: dict[str, Any] | None, env: dict[str, str]
+) -> EngineProcess:
+    return EngineProcess(model, tmp, cfg, log_name=name, kv_cache_bytes=1 << 30, llm_args=LLM_ARGS, env=env)
 
 
-def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Path) -> None:
+#: vLLM 0.26 runs dense models on its V2 model runner, which registers per-layer KV tensors; its
+#: V1 runner honours the connector's wish for cross-layer blocks (one tensor for all layers).
+RUNNERS = {"v2-per-layer": ("1", 4), "v1-cross-layer": ("0", 1)}
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Path, runner: str) -> None:
+    flag, layers = RUNNERS[runner]
+    env = {"VLLM_USE_V2_MODEL_RUNNER": flag}
     model = tiny_model.build(tmp_path / "model")
-    with engine(model, tmp_path, "baseline", None) as e:
+    with engine(model, tmp_path, "baseline", None, env) as e:
         cold = e.generate(PROMPTS, MAX_TOKENS)
     with AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda"]) as agent:
         cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000}
-        with engine(model, tmp_path, "engine1", cfg) as e1:
+        with engine(model, tmp_path, "engine1", cfg, env) as e1:
             first = e1.generate(PROMPTS, MAX_TOKENS)
+        # The agent logs each registration; the runner decides how many tensors it sees.
+        assert f"layers={layers} " in agent.log_tail(100_000), agent.log_tail()
         # Shutdown waits for the background saves.
         assert agent.stats()["committed_blocks"] == sum(len(p) // BLOCK for p in PROMPTS)
         assert [o.tokens[0] for o in first] == [o.tokens[0] for o in cold]
 
-        with engine(model, tmp_path, "engine2", cfg) as e2:
+        with engine(model, tmp_path, "engine2", cfg, env) as e2:
             warm = e2.generate(PROMPTS, MAX_TOKENS)
         loaded = agent.stats()["loaded_blocks"]
         assert loaded == sum((len(p) - 1) // BLOCK for p in PROMPTS), engine_log(e2)
@@ -70,7 +82,7 @@ def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Pat
         print(f"warm == cold: {same} of {MAX_TOKENS * len(PROMPTS)} tokens (bf16)")
 
         poison_pool(agent)
-        with engine(model, tmp_path, "engine3", cfg) as e3:
+        with engine(model, tmp_path, "engine3", cfg, env) as e3:
             poisoned = e3.generate(PROMPTS, MAX_TOKENS)
         assert agent.stats()["loaded_blocks"] > loaded
         assert [o.tokens for o in poisoned] != [o.tokens for o in cold]
