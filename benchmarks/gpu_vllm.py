@@ -352,12 +352,21 @@ def main() -> None:
     ap.add_argument("--pool", default="64GiB", help="KVFabric agent pool size")
     ap.add_argument("--pega-pool", default="16gb", help="PegaFlow server pool size (its 'gb' is GiB)")
     ap.add_argument("--prompts", type=int, default=8, help="timed prompts per measurement")
+    ap.add_argument(
+        "--runner",
+        choices=["v1", "v2"],
+        help="vLLM's model runner (default: vLLM's choice, V2 for dense models in 0.26); only V1 "
+        "gives connectors cross-layer blocks",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    if args.runner:
+        ENGINE_ENV["VLLM_USE_V2_MODEL_RUNNER"] = "1" if args.runner == "v2" else "0"
     b = Bench(args.out, args.prompts)
+    b.results["runner"] = args.runner or "vLLM default"
     try:
         if args.phase == "ours":
             phase_ours(b, args.pool)

@@ -38,6 +38,8 @@ find "$site" -path '*deep_gemm*' -name '_C.cpython-3*' ! -name '*cpython-312*' -
 
 # One archive cut into parts that each fit a device call's carry limit (64 MiB with the tree);
 # the parts stay on a warm machine between calls and unpack with `cat part* | xz -d | tar -x`.
-rm -f "$out"/vllm26.tar.xz.part*
+rm -f "$out"/vllm26.tar.xz.part* "$out"/SHA256SUMS
 tar -C "$site" -cf - . | xz -9 -T0 | split -b "${part_mb}M" -d - "$out/vllm26.tar.xz.part"
+# The device side unpacks only once every part listed here has arrived intact.
+(cd "$out" && sha256sum vllm26.tar.xz.part* >SHA256SUMS)
 ls -l "$out"
