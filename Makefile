@@ -68,10 +68,13 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# vLLM 0.26 (CUDA 13) and the wheels it needs, as xz parts for a GPU host without a registry
-# (tests/README.md); cached in ~/.cache/kvfabric/vllm-0.26, written to .vllm26-all/ (ignored).
+# What the lent GPU hosts lack, for scripts/gpu/device-run.sh (tests/README.md): vLLM 0.26
+# (CUDA 13) as xz parts in .vllm26-all/, the agent's wheels in .whl/, PegaFlow's in .whl-peg/
+# (all ignored by git; downloads cached in ~/.cache/kvfabric/vllm-0.26).
 gpu-bundle:
 	scripts/gpu/pack-vllm.sh .vllm26-all
+	scripts/gpu/fetch-wheels.sh .whl scripts/gpu/agent-wheels.txt
+	scripts/gpu/fetch-wheels.sh .whl-peg scripts/gpu/pegaflow-wheels.txt
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/out

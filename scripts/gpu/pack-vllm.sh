@@ -1,31 +1,19 @@
 #!/usr/bin/env bash
 # Packs vLLM 0.26 (CUDA 13, sm_90) and the wheels it needs beyond what the GPU host already has
-# into one xz archive split in parts of PART_MB (default 56) MiB, so they can travel to a GPU machine that has no
-# package registry. The list is scripts/gpu/vllm-0.26-wheels.txt (see ../shared/KNOWN-FACTS.md).
+# into one xz archive split in parts of PART_MB (default 56) MiB, with their checksums, so they
+# can travel to a GPU machine that has no package registry. The list is scripts/gpu/vllm-0.26-wheels.txt (see ../shared/KNOWN-FACTS.md).
 # Usage: scripts/gpu/pack-vllm.sh OUT_DIR   (downloads are cached in ~/.cache/kvfabric/vllm-0.26)
 set -euo pipefail
 out=${1:?usage: pack-vllm.sh OUT_DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${KVFABRIC_VLLM_CACHE:-$HOME/.cache/kvfabric/vllm-0.26}
 part_mb=${PART_MB:-56}
-platforms=()
-for n in 5 17 24 26 27 28 31 34 35 39; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
-platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+# shellcheck source=platforms.sh
+source "$(dirname "$0")/platforms.sh"
 py=${PYTHON:-python3}
 
-mkdir -p "$cache/wheels" "$out"
-# A wheel's name is NAME-VERSION-TAGS.whl: download each pinned NAME==VERSION that is missing.
-specs=()
-while read -r whl; do
-  [ -n "$whl" ] || continue
-  [ -f "$cache/wheels/$whl" ] && continue
-  IFS=- read -r name version _ <<<"$whl"
-  specs+=("$name==$version")
-done <"$here/vllm-0.26-wheels.txt"
-if [ ${#specs[@]} -gt 0 ]; then
-  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${platforms[@]}" -d "$cache/wheels" "${specs[@]}"
-fi
+mkdir -p "$out"
+"$here/fetch-wheels.sh" "$cache/wheels" "$here/vllm-0.26-wheels.txt"
 
 site="$cache/site"
 rm -rf "$site"
