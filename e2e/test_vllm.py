@@ -36,9 +36,14 @@ def fast_retry(agent: AgentProcess) -> dict[str, Any]:
 
 
 def start(
-    engines: list[EngineProcess], model_dir: Path, tmp: Path, cfg: dict[str, Any] | None, name: str
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp: Path,
+    cfg: dict[str, Any] | None,
+    name: str,
+    **kw: Any,
 ) -> EngineProcess:
-    e = EngineProcess(model_dir, tmp, cfg, log_name=name)
+    e = EngineProcess(model_dir, tmp, cfg, log_name=name, **kw)
     engines.append(e)
     return e
 
@@ -228,8 +233,7 @@ def test_background_saves_free_blocks_after_saving_and_keep_outputs_identical(
     at the ninth."""
     names = [f"E{i}" for i in range(6)] + [f"D{i}" for i in range(6)]
     cfg = {**fast_retry(agent), "background_saves": True}
-    e1 = EngineProcess(model_dir, tmp_path, cfg, log_name="engine1", kv_cache_bytes=33 << 20)
-    engines.append(e1)
+    e1 = start(engines, model_dir, tmp_path, cfg, "engine1", kv_cache_bytes=33 << 20)
     first = e1.generate([PROMPTS[n] for n in names], MAX_TOKENS)
     assert [o.tokens for o in first] == [baseline[n] for n in names]
     e1.close()  # shutdown waits for the saves still queued
