@@ -83,12 +83,24 @@ class Server:
         with urllib.request.urlopen(req, timeout=120) as r:
             return dict(json.loads(r.read()))
 
-    def external_hits(self) -> float:
+    def metric(self, name: str) -> float | None:
+        """The value of counter ``name`` on the server's /metrics (None if not exported)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             text = r.read().decode()
-        m = re.search(r"^vllm:external_prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M)
-        assert m, "vllm:external_prefix_cache_hits_total not exported"
-        return float(m.group(1))
+        m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    def external_hits(self) -> float:
+        hits = self.metric("vllm:external_prefix_cache_hits_total")
+        assert hits is not None, "vllm:external_prefix_cache_hits_total not exported"
+        return hits
+
+    def wait_metric(self, name: str, at_least: float, timeout: float = 30) -> float:
+        """Polls until counter ``name`` reaches ``at_least`` (connector stats arrive per step)."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(name) or 0.0) < at_least and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return value
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -106,6 +118,10 @@ def test_openai_server_restart_reports_external_hits(model_dir: Path, tmp_path: 
         try:
             cold = first.complete(str(model_dir), PROMPTS["P"])
             assert first.external_hits() == 0
+            full = len(PROMPTS["P"]) // 128
+            # The connector's own counters, in vLLM's metrics.
+            assert first.wait_metric("vllm:kvfabric_saved_blocks_total", full) == full
+            assert first.metric("vllm:kvfabric_loaded_blocks_total") == 0
         finally:
             first.stop()
         assert agent.stats()["committed_blocks"] > 0
@@ -113,6 +129,9 @@ def test_openai_server_restart_reports_external_hits(model_dir: Path, tmp_path: 
         try:
             warm = second.complete(str(model_dir), PROMPTS["P"])
             assert second.external_hits() >= 0.9 * (len(PROMPTS["P"]) // 128) * 128
+            usable = (len(PROMPTS["P"]) - 1) // 128
+            assert second.wait_metric("vllm:kvfabric_loaded_blocks_total", usable) == usable
+            assert second.metric("vllm:kvfabric_load_errors_total") == 0
         finally:
             second.stop()
         assert warm["choices"][0]["text"] == cold["choices"][0]["text"]

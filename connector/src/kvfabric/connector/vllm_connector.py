@@ -28,6 +28,7 @@ from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.layout import layout_specs
 from kvfabric.connector.metadata import KVFabricMetadata
 from kvfabric.connector.scheduler import SchedulerSide
+from kvfabric.connector.stats import KVFabricPromMetrics, KVFabricStats
 from kvfabric.connector.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -133,6 +134,27 @@ class KVFabricConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVFabricMetadata)
         self._worker.wait_for_save(meta)
+
+    def get_kv_connector_stats(self) -> KVFabricStats | None:
+        if self._worker is None:
+            return None
+        delta = self._worker.take_stats()
+        return KVFabricStats(data=delta) if any(delta.values()) else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVFabricStats:
+        return KVFabricStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVFabricPromMetrics:
+        """``vllm:kvfabric_*_total`` counters on the engine's /metrics (see ``stats``)."""
+        return KVFabricPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker is not None else set()

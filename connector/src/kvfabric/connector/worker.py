@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,6 +68,7 @@ class WorkerSide:
         self._map: mmap.mmap | None = None
         self._load_errors: set[int] = set()
         self.stats = WorkerStats()
+        self._reported = asdict(self.stats)
         self.client = AgentClient.from_config(config, f"worker{self.rank}:{engine_tag}", self._on_connect)
         self.saves = BackgroundSaves[SaveIntent](self._save_logged) if background_saves else None
 
@@ -242,6 +243,14 @@ class WorkerSide:
         """A preempted request's blocks are freed now: its saves must end before they are reused."""
         if self.saves is not None and meta.preempted and not self.saves.flush(meta.preempted):
             log.error("saves of preempted requests still running", extra={"reqs": list(meta.preempted)})
+
+    def take_stats(self) -> dict[str, int]:
+        """What the counters gained since the last call (saves may add to them meanwhile: what
+        this call misses, the next one reports)."""
+        now = asdict(self.stats)
+        delta = {name: value - self._reported[name] for name, value in now.items()}
+        self._reported = now
+        return delta
 
     def get_finished(self, finished_req_ids: set[str]) -> set[str] | None:
         """Finished requests whose blocks vLLM kept for our background saves, now free to go."""
