@@ -166,3 +166,20 @@ def test_scheduler_delays_freeing_exactly_the_requests_with_background_saves(
         assert s.request_finished(short) is False
     finally:
         s.shutdown()
+
+
+def test_worker_stats_reach_vllm_as_increments_that_add_up(agent: AgentProcess) -> None:
+    from kvfabric.connector.stats import KVFabricStats
+
+    keys = chain_keys(list(range(64)), 16, request_seed())
+    w, _kv = make_worker(agent)
+    assert not any(w.take_stats().values())
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (1, 2, 3, 4), tuple(keys), None)]))
+    first = KVFabricStats(data=w.take_stats())
+    assert first.data["saved_blocks"] == 4 and not any(w.take_stats().values())  # taken once
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r2", (1, 2, 3, 4), tuple(keys), None)]))
+    second = KVFabricStats(data=w.take_stats())
+    assert second.data["save_skipped_blocks"] == 4  # already in the pool
+    total = first.aggregate(second)
+    assert total.reduce() == {"saved_blocks": 4, "save_skipped_blocks": 4}
+    assert KVFabricStats().is_empty() and not total.is_empty()
