@@ -104,11 +104,10 @@ def test_admission_review_uses_the_request_namespace_and_always_allows() -> None
 
     out, why = review({"request": {"uid": "u2", "namespace": "ml", "object": p}}, broken)
     r = out["response"]
-    assert "not found" in why
-    assert (
-        r["allowed"]
-        and "not found" in json.loads(base64.b64decode(r["patch"]))[0]["value"]["kvfabric.io/skipped"]
-    )
+    assert why == "KVCachePool ml/default could not be used: apiserver unreachable"
+    assert r["allowed"] and json.loads(base64.b64decode(r["patch"]))[0]["value"]["kvfabric.io/skipped"] == why
+    out, why = review({"request": {"uid": "u2b", "namespace": "ml", "object": p}}, lambda ns, name: None)
+    assert why == "KVCachePool ml/default not found"
     assert "patch" not in review({"request": {"uid": "u3", "object": pod()}}, lookup)[0]["response"]
     assert configuration({"url": "https://x"})["webhooks"][0]["failurePolicy"] == "Ignore"
     event = skip_event("ml", {"metadata": {"generateName": "vllm-abc-"}}, "why")

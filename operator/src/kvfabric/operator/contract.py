@@ -104,7 +104,8 @@ def render() -> str:
         f"- `--kv-transfer-config '{CONNECTOR_LINE}'` unless the container already sets one;",
         f"- annotation `{INJECTED_ANNOTATION}: <pool>` (a re-admitted pod is not injected twice).",
         "",
-        f"A pod whose pool does not exist, or whose container cannot be chosen, is admitted unchanged "
+        f"A pod whose pool does not exist or cannot be read (API unreachable, invalid spec), or whose "
+        f"container cannot be chosen, is admitted unchanged "
         f"except for `{SKIPPED_ANNOTATION}: <why>`, and a Warning event `KVFabricNotInjected` is "
         "recorded on it.",
         "",

@@ -49,8 +49,9 @@ def _pick_container(pod: Body) -> tuple[Body | None, str]:
     return None, f"{len(containers)} containers and none named 'vllm'; set {CONTAINER_ANNOTATION}"
 
 
-def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None) -> tuple[Body, str]:
-    """Returns (the pod to admit, why it was skipped or ""). Never raises for a bad pod."""
+def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: str = "") -> tuple[Body, str]:
+    """Returns (the pod to admit, why it was skipped or ""). Never raises for a bad pod.
+    ``spec`` None: the pool does not exist, or ``unreadable`` says why it could not be read."""
     out = copy.deepcopy(pod)
     annotations = out.setdefault("metadata", {}).setdefault("annotations", {})
     pool = annotations.get(POOL_ANNOTATION)
@@ -59,7 +60,8 @@ def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None) -> tuple[Bod
     if annotations.get(INJECTED_ANNOTATION) == pool:
         return pod, ""  # already injected (re-admission)
     if spec is None:
-        annotations[SKIPPED_ANNOTATION] = f"KVCachePool {namespace}/{pool} not found"
+        problem = f"could not be used: {unreadable[:200]}" if unreadable else "not found"
+        annotations[SKIPPED_ANNOTATION] = f"KVCachePool {namespace}/{pool} {problem}"
         return out, annotations[SKIPPED_ANNOTATION]
     container, why = _pick_container(out)
     if container is None:

@@ -34,13 +34,14 @@ Lookup = Callable[[str, str], KVCachePoolSpec | None]
 
 
 def pool_from_api(namespace: str, name: str) -> KVCachePoolSpec | None:
+    """The pool's spec, None if there is no such pool; raises if it cannot be read or is invalid."""
     obj = read_pool(namespace, name)
     if obj is None:
         return None
     try:
         return KVCachePoolSpec.model_validate(obj.get("spec", {}))
-    except ValidationError:
-        return None
+    except ValidationError as exc:
+        raise ValueError(f"its spec is invalid ({exc.error_count()} errors)") from None
 
 
 def review(body: dict[str, Any], lookup: Lookup) -> tuple[dict[str, Any], str]:
@@ -53,12 +54,13 @@ def review(body: dict[str, Any], lookup: Lookup) -> tuple[dict[str, Any], str]:
     pool = ((pod.get("metadata") or {}).get("annotations") or {}).get(POOL_ANNOTATION)
     why = ""
     if pool:
+        unreadable = ""
         try:
             spec = lookup(namespace, pool)
-        except Exception as exc:  # the API is unreachable: admit untouched, say why
+        except Exception as exc:  # API unreachable, invalid spec: admit uninjected, say why
             log.warning("pool lookup failed", extra={"namespace": namespace, "pool": pool, "error": str(exc)})
-            spec = None
-        new, why = mutate(pod, namespace, spec)
+            spec, unreadable = None, str(exc) or type(exc).__name__
+        new, why = mutate(pod, namespace, spec, unreadable)
         if why:
             log.warning("pod not injected", extra={"namespace": namespace, "pool": pool, "reason": why})
         ops = json_patch(pod, new)
