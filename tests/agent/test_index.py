@@ -174,3 +174,60 @@ def test_reclaim_skips_arenas_with_leased_blocks_and_shares_converge() -> None:
     late = idx.namespaces["late"]
     assert len(ns.slots.arenas) == 2 and len(late.slots.arenas) == 2
     assert len(late.entries) == 4 and k(5, 7) in late.entries and k(0, 7) in late.entries
+
+
+def recount(idx: BlockIndex) -> dict[str, int]:
+    """The block counts by walking every entry (what block_counts keeps up to date)."""
+    entries = [e for ns in idx.namespaces.values() for e in ns.entries.values()]
+    committed = sum(e.state.name == "COMMITTED" for e in entries)
+    return {
+        "committed": committed,
+        "reserved": len(entries) - committed,
+        "leased": sum(e.leases > 0 for e in entries),
+    }
+
+
+def test_block_counts_stay_exact_through_random_operations() -> None:
+    import random
+
+    rng = random.Random(7)
+    idx = make(slots_per_arena=8, arenas=4)
+    idx.register("other", 2 * BB, 16)
+    leases: list[str] = []
+    for step in range(3000):
+        ns = rng.choice(["ns", "other"])
+        chain = [k(i, rng.randrange(4)) for i in range(rng.randrange(1, 6))]
+        session = rng.randrange(1, 4)
+        op = rng.randrange(6)
+        if op == 0:
+            slots = idx.reserve(ns, chain, None, session)
+            mine = [key for key, s in zip(chain, slots, strict=True) if s >= 0]
+            half = len(mine) // 2
+            idx.commit(ns, mine[:half], mine[half:] if rng.random() < 0.5 else [], session)
+        elif op == 1:
+            idx.reserve(ns, chain, None, session)  # left reserved: a session drop or commit ends it
+        elif op == 2:
+            lease = f"l{step}"
+            if idx.lookup([ns], chain, 16, session, lease)[0]:
+                leases.append(f"{lease}#0")
+        elif op == 3 and leases:
+            idx.release(leases.pop(rng.randrange(len(leases))))
+        elif op == 4:
+            idx.drop_session(session)
+        else:
+            idx.commit(ns, chain, [], session)
+        assert idx.block_counts() == recount(idx), f"step {step}, op {op}"
+    assert sum(recount(idx).values()) > 0
+
+
+def test_aborting_a_chain_parent_first_leaves_no_stale_links() -> None:
+    """The connector aborts a failed save's chain in order, parent first. A key reserved again
+    later must not inherit the aborted child (arena reclaim walked such links into a KeyError)."""
+    idx = make()
+    a, b = k(1), k(2)
+    idx.reserve("ns", [a, b], None, 1)
+    idx.commit("ns", [], [a, b], 1)
+    assert idx.block_counts() == {"committed": 0, "reserved": 0, "leased": 0}
+    save(idx, [a])
+    ns = idx.namespaces["ns"]
+    assert not ns.kids.get(a) and ns.entries[a].children == 0

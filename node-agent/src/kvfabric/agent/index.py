@@ -87,6 +87,9 @@ class BlockIndex:
         self.leases: dict[str, Lease] = {}
         self.counters = Counters()
         self._tick = 0
+        # Blocks by state, kept up to date as they change: a scrape must not walk millions of
+        # entries on the event loop.
+        self._live = {"committed": 0, "reserved": 0, "leased": 0}
 
     # -- namespaces ------------------------------------------------------------------------------
 
@@ -143,6 +146,8 @@ class BlockIndex:
                 for key in keys[:hits]:
                     e = ns.entries[key]
                     e.leases += 1
+                    if e.leases == 1:
+                        self._live["leased"] += 1
                     ns_slots.append(e.slot)
                 slots.append(ns_slots)
                 self.leases[lid] = Lease(lid, session, [(ns, k) for k in keys[:hits]])
@@ -160,6 +165,8 @@ class BlockIndex:
             e = ns.entries.get(key)
             if e is not None:
                 e.leases -= 1
+                if e.leases == 0:
+                    self._live["leased"] -= 1
                 self._maybe_candidate(ns, key, e)
         return True
 
@@ -202,6 +209,7 @@ class BlockIndex:
                     )
                     out.append(slot)
                     self.counters.reserved_blocks += 1
+                    self._live["reserved"] += 1
             prev = key
         return out
 
@@ -213,6 +221,8 @@ class BlockIndex:
             if e is None or e.state is not State.RESERVED or e.owner != session:
                 continue
             e.state = State.COMMITTED
+            self._live["reserved"] -= 1
+            self._live["committed"] += 1
             self._tick += 1
             e.tick = self._tick
             self._maybe_candidate(ns, key, e)
@@ -281,6 +291,14 @@ class BlockIndex:
 
     def _drop(self, ns: Namespace, key: bytes, e: Entry) -> None:
         del ns.entries[key]
+        # Children still resident (an abort lists a chain parent first) become roots: no link
+        # may outlive the entry, or a key reserved again later would inherit stale children.
+        for child in ns.kids.pop(key, ()):
+            if (ce := ns.entries.get(child)) is not None:
+                ce.parent = None
+        self._live["committed" if e.state is State.COMMITTED else "reserved"] -= 1
+        if e.leases:
+            self._live["leased"] -= 1
         self.allocator.free(ns.slots, e.slot)
         if e.parent is not None and (pe := ns.entries.get(e.parent)) is not None:
             pe.children -= 1
@@ -361,13 +379,5 @@ class BlockIndex:
     # -- stats ---------------------------------------------------------------------------------------
 
     def block_counts(self) -> dict[str, int]:
-        committed = reserved = leased = 0
-        for ns in self.namespaces.values():
-            for e in ns.entries.values():
-                if e.state is State.COMMITTED:
-                    committed += 1
-                else:
-                    reserved += 1
-                if e.leases:
-                    leased += 1
-        return {"committed": committed, "reserved": reserved, "leased": leased}
+        """Blocks committed, reserved, and leased (a leased block is committed too); O(1)."""
+        return dict(self._live)
