@@ -169,7 +169,11 @@ def close(e: EngineProcess) -> None:
     e.close()
     # vLLM's engine-core child can outlive its parent: make sure the GPU is free for the next.
     subprocess.run(["pkill", "-9", "-f", "VLLM::EngineCore"], check=False)
-    time.sleep(1)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-f", "VLLM::EngineCore"], capture_output=True).returncode == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("vLLM's engine core did not exit")
+        time.sleep(0.1)
 
 
 def wait_committed(agent: AgentProcess, blocks: int, timeout: float = 60) -> int:
