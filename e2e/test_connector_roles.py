@@ -127,8 +127,9 @@ def test_unsupported_layout_disables_the_worker(agent: AgentProcess) -> None:
 
 
 def _request(req_id: str, prompt_len: int) -> SimpleNamespace:
+    tokens = list(range(prompt_len))
     return SimpleNamespace(
-        request_id=req_id, prompt_token_ids=list(range(prompt_len)), cache_salt=None, lora_request=None
+        request_id=req_id, prompt_token_ids=tokens, all_token_ids=tokens, cache_salt=None, lora_request=None
     )
 
 

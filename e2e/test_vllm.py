@@ -244,3 +244,24 @@ def test_background_saves_free_blocks_after_saving_and_keep_outputs_identical(
     second = e2.generate([PROMPTS[n] for n in names], MAX_TOKENS)
     assert [o.tokens for o in second] == [baseline[n] for n in names]
     assert [o.cached_tokens for o in second] == [usable_blocks(n) * BLOCK for n in names]
+
+
+def test_generated_blocks_are_saved_for_the_next_turn(
+    agent: AgentProcess, engines: list[EngineProcess], model_dir: Path, tmp_path: Path
+) -> None:
+    """The next turn of a conversation repeats the answer in its prompt: blocks that generated
+    tokens filled must be in the pool too, and loading them must not change the output."""
+    cfg = fast_retry(agent)
+    prompt = PROMPTS["Q"]  # 1,700 tokens: 13 full blocks
+    e1 = start(engines, model_dir, tmp_path, cfg, "engine1")
+    (answer,) = e1.generate([prompt], 300)  # KV of 1,999 tokens: 15 full blocks
+    e1.close()
+    assert agent.stats()["committed_blocks"] == 15
+
+    turn = prompt + answer.tokens[:260]  # 1,960 tokens: a hit may cover 15 blocks
+    e2 = start(engines, model_dir, tmp_path, cfg, "engine2")
+    (warm,) = e2.generate([turn], MAX_TOKENS)
+    assert warm.cached_tokens == 15 * BLOCK  # prompt-only saves would give 13
+    cold_engine = start(engines, model_dir, tmp_path, None, "cold")
+    (cold,) = cold_engine.generate([turn], MAX_TOKENS)
+    assert cold.cached_tokens == 0 and warm.tokens == cold.tokens

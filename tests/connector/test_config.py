@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kvfabric.connector.config import ConnectorConfig
@@ -23,3 +25,10 @@ def test_extra_config_beats_environment() -> None:
 def test_errors_name_the_key(extra: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"kv_connector_extra_config.{key}"):
         ConnectorConfig.from_sources(extra, environ={})
+
+
+def test_readme_lists_every_connector_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Connector settings", 1)[1].split("\n### ", 1)[0]
+    missing = [name for name in ConnectorConfig.model_fields if f"`{name}`" not in section]
+    assert not missing, f"README's connector settings table lacks {missing}"

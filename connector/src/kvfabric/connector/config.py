@@ -38,7 +38,12 @@ class ConnectorConfig(BaseModel):
     )
     backoff_max_ms: int = Field(default=5000, ge=1, description="Longest wait between reconnect attempts.")
     load: bool = Field(default=True, description="Load hits from the pool.")
-    save: bool = Field(default=True, description="Save newly computed prompt blocks to the pool.")
+    save: bool = Field(default=True, description="Save newly computed full blocks to the pool.")
+    save_generated: bool = Field(
+        default=True,
+        description="Also save blocks filled by generated tokens, so the next turn of a conversation "
+        "(whose prompt repeats the answer) finds them.",
+    )
     background_saves: bool | None = Field(
         default=None,
         description="Copy saves after the step on a background thread, vLLM keeping the request's "

@@ -33,6 +33,9 @@ class _PendingLoad:
 class _RequestState:
     keys: list[bytes]
     prompt_len: int
+    seed: bytes
+    #: vLLM's request, whose ``all_token_ids`` grow as tokens are generated.
+    request: Request | None = None
     block_ids: list[int] = field(default_factory=list)
     #: Blocks before this index are in the agent already, or have been handed to a worker to save.
     saved_upto: int = 0
@@ -75,12 +78,13 @@ class SchedulerSide:
 
     # -- lookups -------------------------------------------------------------------------------------
 
-    def _state(self, req_id: str, prompt: list[int], salt: list[str]) -> _RequestState:
-        st = self.requests.get(req_id)
+    def _state(self, request: Request, prompt: list[int]) -> _RequestState:
+        st = self.requests.get(request.request_id)
         if st is None:
-            keys = chain_keys(prompt, self.block_size, request_seed(salt))
-            st = _RequestState(keys=keys, prompt_len=len(prompt))
-            self.requests[req_id] = st
+            seed = request_seed(self._salt(request))
+            keys = chain_keys(prompt, self.block_size, seed)
+            st = _RequestState(keys=keys, prompt_len=len(prompt), seed=seed, request=request)
+            self.requests[request.request_id] = st
         return st
 
     @staticmethod
@@ -92,7 +96,7 @@ class SchedulerSide:
         prompt = request.prompt_token_ids
         if prompt is None:
             return 0, False
-        st = self._state(request.request_id, list(prompt), self._salt(request))
+        st = self._state(request, list(prompt))
         local = num_computed_tokens // self.block_size
         # vLLM must compute at least one prompt token itself, so a full-prompt hit stops short.
         usable = min(len(st.keys), (len(prompt) - 1) // self.block_size)
@@ -175,7 +179,9 @@ class SchedulerSide:
         return meta
 
     def _plan_save(self, req_id: str, st: _RequestState, computed: int, meta: KVFabricMetadata) -> None:
-        full = min(min(computed, st.prompt_len) // self.block_size, len(st.keys), len(st.block_ids))
+        self._extend_keys(st, computed)
+        limit = computed if self.config.save_generated else min(computed, st.prompt_len)
+        full = min(limit // self.block_size, len(st.keys), len(st.block_ids))
         if full <= st.saved_upto:
             return
         start = st.saved_upto
@@ -190,6 +196,21 @@ class SchedulerSide:
         self.stats.blocks_to_save += full - start
         st.saved_upto = full
         st.had_saves = True
+
+    def _extend_keys(self, st: _RequestState, computed: int) -> None:
+        """Keys for blocks that generated tokens filled (their KV is computed: ``computed``)."""
+        if not self.config.save_generated or st.request is None:
+            return
+        tokens = st.request.all_token_ids
+        n_full = min(computed, len(tokens)) // self.block_size
+        if n_full > len(st.keys):
+            st.keys += chain_keys(
+                tokens[: n_full * self.block_size],
+                self.block_size,
+                st.seed,
+                start_block=len(st.keys),
+                parent=st.keys[-1] if st.keys else None,
+            )
 
     def request_finished(self, request: Request) -> bool:
         """Drops the request; True if vLLM must keep its blocks until the workers' saves end."""
