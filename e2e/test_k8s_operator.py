@@ -73,14 +73,21 @@ def get(cp: k8s_cluster.ControlPlane, *args: str) -> dict[str, Any] | None:
     return json.loads(r.stdout) if r.returncode == 0 else None
 
 
+def pool_manifest(name: str, spec: dict[str, Any]) -> str:
+    """A KVCachePool in the test namespace, as kubectl's input."""
+    return json.dumps(
+        {
+            "apiVersion": "kvfabric.io/v1alpha1",
+            "kind": "KVCachePool",
+            "metadata": {"name": name, "namespace": "kvfabric"},
+            "spec": spec,
+        }
+    )
+
+
 def test_crd_schema_rejects_invalid_pools(cluster: k8s_cluster.ControlPlane) -> None:
-    bad = {
-        "apiVersion": "kvfabric.io/v1alpha1",
-        "kind": "KVCachePool",
-        "metadata": {"name": "bad", "namespace": "kvfabric"},
-        "spec": {"memory": {"size": "lots"}, "tenancy": "everyone"},
-    }
-    r = cluster.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
+    bad = pool_manifest("bad", {"memory": {"size": "lots"}, "tenancy": "everyone"})
+    r = cluster.kubectl("apply", "-f", "-", input=bad, check=False)
     assert r.returncode != 0
     assert "spec.memory.size" in r.stderr and "spec.tenancy" in r.stderr
     r = cluster.kubectl(
@@ -255,13 +262,7 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         assert cm is not None and cm["data"]["KVFABRIC_POOL_SIZE"] == str(16 << 30)
 
         # A spec the CRD accepts but the agent cannot run with: ConfigValid=False, nothing applied.
-        tiny = {
-            "apiVersion": "kvfabric.io/v1alpha1",
-            "kind": "KVCachePool",
-            "metadata": {"name": "tiny", "namespace": "kvfabric"},
-            "spec": {"memory": {"size": "1Ki"}},
-        }
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(tiny))
+        cluster.kubectl("apply", "-f", "-", input=pool_manifest("tiny", {"memory": {"size": "1Ki"}}))
 
         def config_valid() -> dict[str, Any] | None:
             obj = get(cluster, "kvcachepool", "tiny", "-n", "kvfabric") or {}
@@ -326,13 +327,7 @@ def test_the_operator_entry_point_reconciles_and_exports_metrics(
     log = open(tmp_path / "operator.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "kvfabric.operator.main"], env=env, stdout=log, stderr=log)
     try:
-        pool = {
-            "apiVersion": "kvfabric.io/v1alpha1",
-            "kind": "KVCachePool",
-            "metadata": {"name": "second", "namespace": "kvfabric"},
-            "spec": {"memory": {"size": "1Gi"}},
-        }
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(pool))
+        cluster.kubectl("apply", "-f", "-", input=pool_manifest("second", {"memory": {"size": "1Gi"}}))
         until(lambda: get(cluster, "daemonset", "kvfabric-second-agent", "-n", "kvfabric"), what="DaemonSet")
         config = get(cluster, "mutatingwebhookconfiguration", "kvfabric.kvfabric.io")
         assert config is not None and config["webhooks"][0]["failurePolicy"] == "Ignore"
