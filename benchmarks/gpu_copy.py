@@ -13,6 +13,7 @@ import os
 import statistics
 import threading
 import time
+from typing import Any
 
 import cupy as cp
 import numpy as np
@@ -299,20 +300,42 @@ def attach_bench(gib: int) -> None:
 
 def agent_ready_bench(gib: int) -> None:
     """A real agent process started with a pool of ``gib`` GiB: seconds until /readyz says the
-    pool is reserved, populated and registered with CUDA."""
+    pool is reserved, populated and registered with CUDA; with 4 KiB pages, then with
+    transparent huge pages asked for (``--huge-pages``; tmpfs grants them only where
+    ``shmem_enabled`` allows)."""
     import tempfile
     from pathlib import Path
 
     from e2e.agent import AgentProcess
 
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        with AgentProcess(Path(d), f"{gib}GiB", extra_args=["--cuda"]) as agent:
-            ready = time.perf_counter() - t0
-            pin = agent.stats()["cuda_pin_seconds"]
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text().strip()
+    except OSError:
+        thp = "unknown"
+    print(f"transparent huge pages for shmem: {thp}")
+    for label, extra in (("4 KiB pages", []), ("huge pages asked", ["--huge-pages"])):
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            with AgentProcess(Path(d), f"{gib}GiB", extra_args=["--cuda", *extra]) as agent:
+                ready = time.perf_counter() - t0
+                pin = agent.stats()["cuda_pin_seconds"]
+                huge = _anon_huge_kib(agent)
         print(
-            f"agent ready with a {gib} GiB pinned pool after {ready:.1f} s (populate + register {pin:.1f} s); target <= 20 s"
+            f"agent ready with a {gib} GiB pinned pool, {label}: {ready:.1f} s (populate + register "
+            f"{pin:.1f} s, {huge} KiB in huge pages); target <= 20 s"
         )
+
+
+def _anon_huge_kib(agent: Any) -> str:
+    """ShmemPmdMapped of the agent process: how much of its pool mapping huge pages back."""
+    try:
+        pid = agent.proc.pid
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith("ShmemPmdMapped:"):
+                return line.split()[1]
+    except (OSError, AttributeError):
+        pass
+    return "?"
 
 
 if __name__ == "__main__":

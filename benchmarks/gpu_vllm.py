@@ -6,7 +6,10 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
 
   ours   no connector (cold TTFT, engine start) vs KVFabric with an agent holding a pinned pool:
          engine start, cold TTFT with an empty pool, warm TTFT in the same engine (prefix
-         caching off: every hit must come from the agent) and after an engine restart.
+         caching off: every hit must come from the agent) and after an engine restart; with
+         ``--compare-whole`` also warm TTFT with whole (not layered) loads. The floor: vLLM's
+         own TTFT when the prefix is in its GPU cache (no copy at all), and the agent's view of
+         each warm request (lookup and copy times, from its /metrics).
   peers  vLLM's native CPU offloading (prefix caching on; hits forced out of the GPU cache by
          other prompts) and PegaFlow (``pegaflow-llm-cu13``, prefix caching off), same prompts.
 
@@ -184,15 +187,41 @@ def wait_committed(agent: AgentProcess, blocks: int, timeout: float = 60) -> int
     return committed
 
 
+def agent_times(agent: AgentProcess) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the agent's histograms: lookup and gpu_copy handling, load copies."""
+    want = {
+        'kvfabric_rpc_seconds_{}{{op="lookup"}}': "lookup",
+        'kvfabric_rpc_seconds_{}{{op="gpu_copy"}}': "gpu_copy",
+        "kvfabric_load_copy_seconds_{}": "load_copy",
+    }
+    lines = agent.metrics_text().splitlines()
+    out = {}
+    for pattern, name in want.items():
+        total = [float(x.split()[-1]) for x in lines if x.startswith(pattern.format("sum") + " ")]
+        count = [float(x.split()[-1]) for x in lines if x.startswith(pattern.format("count") + " ")]
+        out[name] = (total[0] if total else 0.0, count[0] if count else 0.0)
+    return out
+
+
 def warm(b: Bench, agent: AgentProcess, e: EngineProcess, label: str) -> None:
-    """Warm TTFT of the timed prompts, and how many of their blocks the agent loaded."""
+    """Warm TTFT of the timed prompts, how many of their blocks the agent loaded, and the mean
+    per request of what the agent saw (lookup and gpu_copy handling; the engine's whole copy
+    time as reported at lease release)."""
     expected = (PROMPT_TOKENS - 1) // BLOCK * len(b.timed)
-    before = agent.stats()["loaded_blocks"]
+    before, times = agent.stats()["loaded_blocks"], agent_times(agent)
     b.record(f"warm_{label}", summary(b.ttft(e, b.timed)))
     b.record(f"loaded_blocks_{label}", f"{agent.stats()['loaded_blocks'] - before} of {expected}")
+    after = agent_times(agent)
+    b.record(
+        f"agent_ms_per_request_{label}",
+        {
+            k: round(1000 * (after[k][0] - times[k][0]) / max(1.0, after[k][1] - times[k][1]), 2)
+            for k in after
+        },
+    )
 
 
-def phase_ours(b: Bench, pool: str) -> None:
+def phase_ours(b: Bench, pool: str, compare_whole: bool) -> None:
     t0 = time.perf_counter()
     agent = AgentProcess(b.tmp / "agent", pool, extra_args=["--cuda"]).start(timeout=600)
     b.record("agent_ready_s", round(time.perf_counter() - t0, 1))
@@ -212,6 +241,12 @@ def phase_ours(b: Bench, pool: str) -> None:
         b.ttft(e, b.warmup)
         warm(b, agent, e, "after_restart")
         close(e)
+
+        if compare_whole:  # the same, with each load done before the forward pass starts
+            e = b.engine("kvfabric-whole", "kvfabric", connector={**cfg, "layered_loads": False})
+            b.ttft(e, b.warmup)
+            warm(b, agent, e, "whole_loads")
+            close(e)
         b.record("agent_stats", {k: v for k, v in agent.stats().items() if isinstance(v, int | float)})
     finally:
         agent.cleanup()
@@ -221,8 +256,16 @@ def phase_ours(b: Bench, pool: str) -> None:
     b.ttft(e, b.warmup)
     b.record("cold_none", summary(b.ttft(e, b.timed)))
     close(e)
-    e = b.engine("none-restart", "none")
+    # Restarted with prefix caching on, for the floor: each prompt once cold, then again with
+    # its prefix in vLLM's GPU cache (nothing to copy; the same 16 tokens computed).
+    e = b.engine("none-restart", "none", llm={"enable_prefix_caching": True})
     b.record("restart_none_s", round(e.start_seconds, 1))
+    b.ttft(e, b.warmup)
+    hits = []
+    for prompt in b.timed:
+        b.ttft(e, [prompt])
+        hits += b.ttft(e, [prompt])
+    b.record("floor_gpu_prefix_hit", summary(hits))
     close(e)
 
     r = b.results
@@ -362,6 +405,11 @@ def main() -> None:
         help="vLLM's model runner (default: vLLM's choice, V2 for dense models in 0.26); only V1 "
         "gives connectors cross-layer blocks",
     )
+    ap.add_argument(
+        "--compare-whole",
+        action="store_true",
+        help="ours: also a restarted engine with layered_loads off (whole loads before the forward)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
@@ -373,7 +421,7 @@ def main() -> None:
     b.results["runner"] = args.runner or "vLLM default"
     try:
         if args.phase == "ours":
-            phase_ours(b, args.pool)
+            phase_ours(b, args.pool, args.compare_whole)
         else:
             phase_peers(b, args.pega_pool)
     finally:

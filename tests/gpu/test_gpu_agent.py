@@ -102,3 +102,86 @@ def test_agent_copies_over_ipc_and_releases_a_killed_engine(tmp_path: Path) -> N
         finally:
             proc.kill()
             proc.join(10)
+
+
+LAYERED_NB, LAYERED_LAYERS, LAYERED_N = 1024, 8, 512
+
+
+def _layered_engine(socket_path: str, conn: Any) -> None:
+    try:
+        _layered_engine_body(socket_path, conn)
+    except Exception as exc:
+        conn.send(("error", repr(exc)))
+
+
+def _layered_engine_body(socket_path: str, conn: Any) -> None:
+    """vLLM 0.26-like per-layer tensors (64 KiB blocks); 512 blocks saved, then loaded back
+    layered into poisoned blocks: with the engine's stream waiting on each layer's event, a
+    clone right after the reply sees the loaded bytes; without the waits it races the copy."""
+    import torch
+
+    from kvfabric.connector import protocol as p
+    from kvfabric.connector.client import AgentClient
+    from kvfabric.connector.cuda_kv import describe
+    from kvfabric.connector.keys import chain_keys, request_seed
+
+    shape = (LAYERED_NB, 8, 16, 256)
+    kv = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERED_LAYERS)]
+    spec = describe({f"l{i}": t for i, t in enumerate(kv)}, layer_events=True)
+    c = AgentClient(socket_path, "gpu-engine-layered", timeout_s=30)
+    reg = c.call(spec.request("gpu-layered"), p.GpuKVReply)
+    saved = list(range(LAYERED_N))
+    keys = chain_keys(list(range(LAYERED_N * 16)), 16, request_seed())
+    slots = c.reserve("gpu-layered", keys, None).slots
+    c.call(p.GpuCopy(kv_id=reg.kv_id, to_pool=True, block_ids=saved, slots=slots), p.GpuCopyReply)
+    c.commit("gpu-layered", keys, [], 0.0)
+    hit = c.lookup(["gpu-layered"], keys, 16, lease_id="L")
+    contiguous = list(range(LAYERED_N, 2 * LAYERED_N))
+    fragmented = torch.randperm(LAYERED_N).add(LAYERED_N).tolist()
+    stream = torch.cuda.current_stream()
+    results: dict[str, Any] = {"hits": hit.hits}
+    for case, targets, wait in (
+        ("dma", contiguous, True),
+        ("staged", fragmented, True),
+        ("no_wait", contiguous, False),
+    ):
+        for t in kv:
+            t.view(torch.uint8)[targets] = 0xA5  # poison
+        torch.cuda.synchronize()
+        reply = c.call(
+            p.GpuCopy(kv_id=reg.kv_id, to_pool=False, block_ids=targets, slots=hit.slots[0], layered=True),
+            p.GpuCopyReply,
+        )
+        clones = []
+        for i, t in enumerate(kv):
+            if wait:
+                stream.wait_event(spec.events[i])
+            clones.append(t[targets].clone())
+        spec.events[-1].synchronize()
+        torch.cuda.synchronize()
+        same = all(torch.equal(cl, t[saved]) for cl, t in zip(clones, kv, strict=True))
+        results[case] = (reply.method, same)
+    c.release(["L#0"], 3 * LAYERED_N)
+    conn.send(results)
+
+
+def test_layered_load_orders_the_engine_stream_after_each_layer(tmp_path: Path) -> None:
+    with AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda", "--pin-threads", "8"]) as agent:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_layered_engine, args=(str(agent.socket_path), child), daemon=True)
+        proc.start()
+        try:
+            assert parent.poll(180), "engine did not finish"
+            results = parent.recv()
+            assert "error" not in results, results
+            assert results["hits"] == LAYERED_N
+            assert results["dma"] == ("dma", True), results
+            assert results["staged"] == ("staged", True), results
+            # The control: the same load read without waiting on the events is not yet there,
+            # so the waits above are what ordered the reads (the reply comes before the copy ends).
+            assert results["no_wait"][1] is False, results
+            print(results)
+        finally:
+            proc.kill()
+            proc.join(10)

@@ -90,10 +90,14 @@ def block_bytes_of(t: torch.Tensor, layout: str, b: int) -> bytes:
     return t[b].view(torch.uint8).cpu().numpy().tobytes()
 
 
+@pytest.mark.parametrize("load", ["whole", "layered"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("layout", ["kv_planes", "blocks_first", "mla"])
 @pytest.mark.parametrize("placement", ["contiguous", "fragmented"])
-def test_save_load_round_trip(pool: tuple[mmap.mmap, int], layout: str, dtype: str, placement: str) -> None:
+def test_save_load_round_trip(
+    pool: tuple[mmap.mmap, int], layout: str, dtype: str, placement: str, load: str
+) -> None:
+    """``layered``: the load queued layer by layer, an event recorded after each layer."""
     _, addr = pool
     src = make_layers(layout, DTYPES[dtype])
     eng = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, layout))
@@ -110,7 +114,12 @@ def test_save_load_round_trip(pool: tuple[mmap.mmap, int], layout: str, dtype: s
         t.view(torch.uint8).fill_(0xA5)
     eng2 = CopyEngine(0, addr, POOL_BYTES, layouts_of(dst, layout))
     targets = rng.permutation(300)[:n]
-    eng2.copy(targets.tolist(), slots.tolist(), to_pool=False)
+    if load == "layered":
+        events = [cupy.cuda.Event(disable_timing=True) for _ in dst]
+        eng2.copy(targets.tolist(), slots.tolist(), to_pool=False, events=[e.ptr for e in events])
+        events[-1].synchronize()  # one stream, layers in order: the last event covers all
+    else:
+        eng2.copy(targets.tolist(), slots.tolist(), to_pool=False)
     torch.cuda.synchronize()
     for a, b in zip(src, dst, strict=True):
         for i in range(n):

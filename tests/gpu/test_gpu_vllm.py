@@ -43,37 +43,51 @@ def poison_pool(agent: AgentProcess) -> None:
 
 
 def engine(
-    model: Path, tmp: Path, name: str, cfg: dict[str, Any] | None, env: dict[str, str]
+    model: Path,
+    tmp: Path,
+    name: str,
+    cfg: dict[str, Any] | None,
+    env: dict[str, str],
+    llm: dict[str, Any] | None = None,
 ) -> EngineProcess:
-    return EngineProcess(model, tmp, cfg, log_name=name, kv_cache_bytes=1 << 30, llm_args=LLM_ARGS, env=env)
+    args = {**LLM_ARGS, **(llm or {})}
+    return EngineProcess(model, tmp, cfg, log_name=name, kv_cache_bytes=1 << 30, llm_args=args, env=env)
 
 
-#: vLLM 0.26 runs dense models on its V2 model runner, which registers per-layer KV tensors; its
-#: V1 runner honours the connector's wish for cross-layer blocks (one tensor for all layers).
-RUNNERS = {"v2-per-layer": ("1", 4), "v1-cross-layer": ("0", 1)}
+#: (VLLM_USE_V2_MODEL_RUNNER, KV tensors the agent sees, connector settings, vLLM settings).
+#: vLLM 0.26 runs dense models on its V2 model runner, which registers per-layer KV tensors:
+#: the default layered loads, with CUDA graphs (vLLM turns them piecewise for the connector).
+#: Its V1 runner honours the wish for cross-layer blocks (one tensor for all layers).
+RUNNERS: dict[str, tuple[str, int, dict[str, Any], dict[str, Any]]] = {
+    "v2-layered": ("1", 4, {}, {"enforce_eager": False}),
+    "v1-cross-layer": ("0", 1, {"layered_loads": False}, {}),
+}
 
 
 @pytest.mark.parametrize("runner", list(RUNNERS))
 def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Path, runner: str) -> None:
-    flag, layers = RUNNERS[runner]
+    flag, layers, settings, llm = RUNNERS[runner]
     env = {"VLLM_USE_V2_MODEL_RUNNER": flag}
     model = tiny_model.build(tmp_path / "model")
-    with engine(model, tmp_path, "baseline", None, env) as e:
+    with engine(model, tmp_path, "baseline", None, env, llm) as e:
         cold = e.generate(PROMPTS, MAX_TOKENS)
     with AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda"]) as agent:
-        cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000}
-        with engine(model, tmp_path, "engine1", cfg, env) as e1:
+        cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000, **settings}
+        with engine(model, tmp_path, "engine1", cfg, env, llm) as e1:
             first = e1.generate(PROMPTS, MAX_TOKENS)
         # The agent logs each registration; the runner decides how many tensors it sees.
+        events = layers if settings.get("layered_loads", True) else 0
         assert f"layers={layers} " in agent.log_tail(100_000), agent.log_tail()
+        assert f"layer_events={events} " in agent.log_tail(100_000), agent.log_tail()
         # Shutdown waits for the background saves.
         assert agent.stats()["committed_blocks"] == sum(len(p) // BLOCK for p in PROMPTS)
         assert [o.tokens[0] for o in first] == [o.tokens[0] for o in cold]
 
-        with engine(model, tmp_path, "engine2", cfg, env) as e2:
+        with engine(model, tmp_path, "engine2", cfg, env, llm) as e2:
             warm = e2.generate(PROMPTS, MAX_TOKENS)
         loaded = agent.stats()["loaded_blocks"]
         assert loaded == sum((len(p) - 1) // BLOCK for p in PROMPTS), engine_log(e2)
+        assert "did not wait" not in e2.log_path.read_text(errors="replace"), engine_log(e2)
         assert [o.tokens[0] for o in warm] == [o.tokens[0] for o in cold]
         pairs = [
             (a, b) for o, c in zip(warm, cold, strict=True) for a, b in zip(o.tokens, c.tokens, strict=True)
@@ -82,7 +96,7 @@ def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Pat
         print(f"warm == cold: {same} of {MAX_TOKENS * len(PROMPTS)} tokens (bf16)")
 
         poison_pool(agent)
-        with engine(model, tmp_path, "engine3", cfg, env) as e3:
+        with engine(model, tmp_path, "engine3", cfg, env, llm) as e3:
             poisoned = e3.generate(PROMPTS, MAX_TOKENS)
         assert agent.stats()["loaded_blocks"] > loaded
         assert [o.tokens for o in poisoned] != [o.tokens for o in cold]

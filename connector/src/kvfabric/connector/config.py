@@ -51,12 +51,20 @@ class ConnectorConfig(BaseModel):
         "for GPU engines (the agent copies over PCIe while the engine goes on), off for CPU engines "
         "(the copy would take the cores the forward pass needs).",
     )
+    layered_loads: bool = Field(
+        default=True,
+        description="GPU engines: a load's copies overlap the forward pass layer by layer (the "
+        "agent records a shared CUDA event after each layer's copies; the engine's stream waits "
+        "on it just before that layer's attention). vLLM then captures CUDA graphs piecewise "
+        "only (no full decode graphs): a layer-by-layer wait cannot live inside a graph.",
+    )
     cross_layer_blocks: bool = Field(
         default=True,
-        description="GPU engines: ask vLLM for KV blocks that hold every layer in one chunk (2 MiB "
-        "for an 8B model), so the agent moves a block in one copy instead of one per layer. vLLM "
-        "0.26 honours it in its V1 model runner only; elsewhere, or where the model or attention "
-        "backend cannot, it registers per-layer tensors, which work as well.",
+        description="GPU engines without layered_loads: ask vLLM for KV blocks that hold every "
+        "layer in one chunk (2 MiB for an 8B model), so the agent moves a block in one copy "
+        "instead of one per layer. vLLM 0.26 honours it in its V1 model runner only; elsewhere, or "
+        "where the model or attention backend cannot, it registers per-layer tensors, which work "
+        "as well.",
     )
     model_id: str | None = Field(
         default=None,

@@ -6,7 +6,7 @@ tensors once per session, at ``register_kv_caches`` and after every reconnect.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,9 @@ class CudaKV:
     handles: tuple[bytes, ...]
     offsets: tuple[int, ...]
     byte_order: str = ""
+    # Layered loads: one interprocess event per layer, in ``handles`` order (empty: none).
+    events: tuple[torch.cuda.Event, ...] = ()
+    event_handles: tuple[bytes, ...] = field(default=(), repr=False)
 
     def request(self, namespace: str) -> p.RegisterGpuKV:
         return p.RegisterGpuKV(
@@ -33,6 +36,7 @@ class CudaKV:
             handles=list(self.handles),
             offsets=list(self.offsets),
             byte_order=self.byte_order,
+            layer_events=list(self.event_handles),
         )
 
 
@@ -70,7 +74,9 @@ def detect_layout(t: torch.Tensor) -> tuple[str, int, int, str]:
     raise ValueError(f"unsupported KV tensor shape {tuple(t.shape)} with strides {t.stride()}")
 
 
-def describe(kv_caches: dict[str, torch.Tensor]) -> CudaKV:
+def describe(kv_caches: dict[str, torch.Tensor], layer_events: bool = False) -> CudaKV:
+    """The tensors' layout and IPC handles; with ``layer_events``, one interprocess event per
+    layer too, for the agent to record after that layer's part of a load."""
     layers = list(kv_caches.values())
     first = layers[0]
     layout, num_blocks, plane, order = detect_layout(first)
@@ -82,4 +88,18 @@ def describe(kv_caches: dict[str, torch.Tensor]) -> CudaKV:
         handles.append(bytes(handle))
         offsets.append(int(storage_offset) + t.storage_offset() * t.element_size())
     uuid = str(torch.cuda.get_device_properties(first.device).uuid)
-    return CudaKV(uuid, layout, num_blocks, plane, tuple(handles), tuple(offsets), order)
+    events: list[torch.cuda.Event] = []
+    if layer_events:
+        with torch.cuda.device(first.device):
+            events = [torch.cuda.Event(interprocess=True) for _ in layers]
+    return CudaKV(
+        uuid,
+        layout,
+        num_blocks,
+        plane,
+        tuple(handles),
+        tuple(offsets),
+        order,
+        tuple(events),
+        tuple(bytes(e.ipc_handle()) for e in events),
+    )

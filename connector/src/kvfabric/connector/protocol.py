@@ -113,8 +113,9 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
     (MLA ``[blocks, block_size, dim]`` or vLLM >= 0.26's K|V-packed ``[blocks, heads,
     block_size, 2*head_size]`` in either memory order; ``mla`` is accepted as a synonym).
     ``byte_order``: how one block's bytes are ordered (dims outermost first), so engines whose
-    tensors order them differently never share a namespace. The mappings live until the
-    session ends.
+    tensors order them differently never share a namespace. ``layer_events``: optional, one
+    ``cudaIpcEventHandle_t`` per layer (interprocess events the engine created) for layered
+    loads. The mappings and events live until the session ends.
     """
 
     namespace: Namespace
@@ -125,6 +126,7 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
     handles: Annotated[list[bytes], msgspec.Meta(min_length=1, max_length=4096)]
     offsets: list[NonNegative]
     byte_order: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    layer_events: Annotated[list[bytes], msgspec.Meta(max_length=4096)] = []
 
     @property
     def description(self) -> str:
@@ -134,12 +136,19 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
 
 class GpuCopy(_Request, frozen=True, tag="gpu_copy"):
     """Copy blocks between a registered engine's KV tensors and pool slots; the reply comes
-    when the copy is complete (one round trip per batch, not per layer)."""
+    when the copy is complete (one round trip per batch, not per layer).
+
+    ``layered`` (loads into an engine registered with ``layer_events``): the reply comes once
+    the copies are queued; layer ``i``'s event is recorded after its copies, and the engine's
+    stream waits on it before reading that layer. An agent that predates this field ignores
+    it and replies after the copy, which is still correct.
+    """
 
     kv_id: int
     to_pool: bool
     block_ids: list[NonNegative]
     slots: list[NonNegative]
+    layered: bool = False
 
 
 Request = Hello | RegisterNamespace | Lookup | Reserve | Commit | Release | Stats | RegisterGpuKV | GpuCopy

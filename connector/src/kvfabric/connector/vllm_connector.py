@@ -5,8 +5,10 @@ Enable with::
     --kv-transfer-config '{"kv_connector":"KVFabricConnector","kv_role":"kv_both",
                            "kv_connector_module_path":"kvfabric.connector"}'
 
-Loads are synchronous (done in ``start_load_kv`` before the forward pass); saves start in
-``wait_for_save`` after it, on GPU engines in the background (see ``background_saves``). Any
+Loads start in ``start_load_kv`` before the forward pass: CPU engines copy there; GPU engines
+have the agent queue the copies layer by layer and wait per layer in ``wait_for_layer_load``
+(``layered_loads``), the copies ending in ``wait_for_save``. Saves start in ``wait_for_save``
+after the forward, on GPU engines in the background (see ``background_saves``). Any
 agent failure degrades to a miss or a skipped save, and a block that could not be loaded is
 reported through ``get_block_ids_with_load_errors`` so vLLM recomputes it.
 """
@@ -90,8 +92,15 @@ class KVFabricConnector(KVConnectorBase_V1):
 
     @property
     def prefer_cross_layer_blocks(self) -> bool:
-        """GPU engines: one chunk per block over all layers, one copy per block for the agent."""
-        return self._worker is not None and self._on_cuda and self.config.cross_layer_blocks
+        """GPU engines: one chunk per block over all layers, one copy per block for the agent
+        (not with layered loads, which need each layer on its own)."""
+        c = self.config
+        return self._worker is not None and self._on_cuda and c.cross_layer_blocks and not c.layered_loads
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layered loads wait per layer in Python, between graph pieces: no full CUDA graphs."""
+        return ConnectorConfig.from_sources(extra_config).layered_loads
 
     # -- worker side ---------------------------------------------------------------------------------
 
@@ -120,7 +129,8 @@ class KVFabricConnector(KVConnectorBase_V1):
         return self._worker.get_finished(finished_req_ids), None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        assert self._worker is not None
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any

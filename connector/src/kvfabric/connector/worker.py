@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -45,6 +46,15 @@ def _prefault(m: mmap.mmap) -> None:
 
 
 @dataclass
+class _LayeredLoad:
+    """A step's load whose copies run while the forward pass goes on (``layered_loads``)."""
+
+    intents: list[LoadIntent]
+    started: float
+    waited: set[int]  # layers whose event the forward's stream waits on
+
+
+@dataclass
 class WorkerStats:
     loaded_blocks: int = 0
     load_errors: int = 0
@@ -67,6 +77,8 @@ class WorkerSide:
         self.pool_id: str | None = None
         self._map: mmap.mmap | None = None
         self._load_errors: set[int] = set()
+        self._layer_index: dict[str, int] = {}  # layer name -> its event, for layered loads
+        self._layered: _LayeredLoad | None = None
         self.stats = WorkerStats()
         self._reported = asdict(self.stats)
         self.client = AgentClient.from_config(config, f"worker{self.rank}:{engine_tag}", self._on_connect)
@@ -97,7 +109,8 @@ class WorkerSide:
         from kvfabric.connector.cuda_kv import describe
 
         try:
-            self.cuda = describe(kv_caches)
+            self.cuda = describe(kv_caches, layer_events=self.config.layered_loads)
+            self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         except (ValueError, RuntimeError) as exc:
             log.error(
                 "KV tensors cannot be shared with the agent; KVFabric disabled", extra={"error": str(exc)}
@@ -167,6 +180,7 @@ class WorkerSide:
             raise RuntimeError("KVFabric is disabled on this worker")
 
     def start_load_kv(self, meta: KVFabricMetadata) -> None:
+        self._finish_layered()  # a step that never reached post_forward (defensive)
         if not meta.loads:
             return
         if not self.enabled:
@@ -175,12 +189,16 @@ class WorkerSide:
         # Maps the pool if this worker has not reached the agent yet; a CPU worker that cannot
         # connect may still serve from its mapping (the scheduler's session holds the leases).
         self.client.connect()
+        ready = [i for i in meta.loads if self._ready(i.pool_id)]
+        self._fail_loads([i for i in meta.loads if not self._ready(i.pool_id)])
+        if not ready:
+            return
+        if self.cuda is not None and self.cuda.events:
+            self._start_layered(ready)
+            return
         copied: list[LoadIntent] = []
         started = time.perf_counter()
-        for intent in meta.loads:
-            if not self._ready(intent.pool_id):
-                self._fail_loads([intent])
-                continue
+        for intent in ready:
             try:
                 self._copy(intent.block_ids, intent.slots[self.rank], to_pool=False)
             except (ValueError, RuntimeError, AgentError) as exc:
@@ -188,11 +206,13 @@ class WorkerSide:
                 self._fail_loads([intent])
                 continue
             copied.append(intent)
-        elapsed = time.perf_counter() - started
+        self._release_loads(copied, time.perf_counter() - started)
+
+    def _release_loads(self, copied: list[LoadIntent], elapsed: float) -> None:
+        """Trust the bytes only if our leases still held after the copy: otherwise a slot may
+        have been evicted and rewritten under us."""
         if not copied:
             return
-        # Trust the bytes only if our leases still held after the copy: otherwise a slot may
-        # have been evicted and rewritten under us.
         blocks = sum(len(i.block_ids) for i in copied)
         try:
             held = self.client.release(
@@ -206,18 +226,74 @@ class WorkerSide:
             else:
                 self._fail_loads([intent])
 
+    # -- layered loads -------------------------------------------------------------------------------
+
+    def _start_layered(self, intents: list[LoadIntent]) -> None:
+        """One call for the step's loads: the agent queues them layer by layer, records each
+        layer's event and replies at once; ``wait_for_layer_load`` makes the forward wait."""
+        started = time.perf_counter()
+        try:
+            self.client.call(
+                p.GpuCopy(
+                    kv_id=self.kv_id,
+                    to_pool=False,
+                    block_ids=[b for i in intents for b in i.block_ids],
+                    slots=[s for i in intents for s in i.slots[self.rank]],
+                    layered=True,
+                ),
+                p.GpuCopyReply,
+            )
+        except (ValueError, RuntimeError, AgentError) as exc:
+            log.warning("load failed", extra={"reqs": [i.req_id for i in intents], "error": str(exc)})
+            self._fail_loads(intents)
+            return
+        self._layered = _LayeredLoad(intents, started, set())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Before a layer's attention: the forward's stream waits for that layer's copies."""
+        load = self._layered
+        if load is None or self.cuda is None:
+            return
+        events = self.cuda.events
+        index = 0 if len(events) == 1 else self._layer_index.get(layer_name)
+        if index is None or index in load.waited:
+            return
+        torch.cuda.current_stream().wait_event(events[index])
+        load.waited.add(index)
+
+    def _finish_layered(self) -> None:
+        """After the forward pass: waits for the copies (recorded in layer order on one
+        stream: the last event covers all), releases the leases and reports what failed. A
+        forward that did not wait on every layer (vLLM skipped the hook, e.g. in a full CUDA
+        graph) may have read blocks before they arrived: they are reported for recompute."""
+        load, self._layered = self._layered, None
+        if load is None or self.cuda is None:
+            return
+        self.cuda.events[-1].synchronize()
+        elapsed = time.perf_counter() - load.started
+        missed = len(self.cuda.events) - len(load.waited)
+        if not missed:
+            self._release_loads(load.intents, elapsed)
+            return
+        log.error("the forward pass did not wait for %d layers' loads; their blocks are recomputed", missed)
+        self._fail_loads(load.intents)
+        with contextlib.suppress(AgentError):  # else the leases end with the session or time out
+            self.client.release([lease_of_rank(i.lease_id, self.rank) for i in load.intents], 0, elapsed)
+
     def _fail_loads(self, intents: list[LoadIntent]) -> None:
         for intent in intents:
             self._load_errors.update(intent.block_ids)
             self.stats.load_errors += len(intent.block_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_layered()
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     # -- saves ---------------------------------------------------------------------------------------------
 
     def wait_for_save(self, meta: KVFabricMetadata) -> None:
+        self._finish_layered()
         if self.saves is not None:
             self.saves.note(meta.saves)  # delayed by the scheduler even if we cannot save them
         if not meta.saves or not self.enabled:
@@ -286,6 +362,7 @@ class WorkerSide:
         self.stats.saved_blocks += done.committed
 
     def shutdown(self) -> None:
+        self._finish_layered()
         if self.saves is not None:
             self.saves.close()
         self.client.close()

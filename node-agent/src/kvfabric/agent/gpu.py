@@ -17,6 +17,11 @@ KV layouts are described per layer as *segments*: a block ``b`` of a layer is th
   K|V-packed ``[num_blocks, heads, block_size, 2 * head_size]``: one segment.
 
 A pool slot holds every layer's segments back to back, in layer order.
+
+Loads and saves run on a stream each, so a load never queues behind a background save. A
+*layered* load records, after each layer's copies, an interprocess CUDA event the engine shared
+at registration, and returns once everything is queued: the engine's stream waits on layer
+``i``'s event just before layer ``i``'s attention, so the copies overlap the forward pass.
 """
 
 from __future__ import annotations
@@ -165,7 +170,7 @@ class CopyEngine:
             raise ValueError("fragmented must be 'staged' or 'kernel'")
         self.fragmented = fragmented
         self.staging_bytes = staging_bytes
-        self._staging: Any = None  # device buffer, allocated at the first staged copy
+        self._staging: dict[bool, Any] = {}  # per direction: device buffer, at its first staged copy
         self.device = device
         self.pool_address = pool_address
         self.pool_bytes = pool_bytes
@@ -173,9 +178,14 @@ class CopyEngine:
         self.block_bytes = sum(layer.block_bytes for layer in self.layers)
         # Column tables, one entry per (layer, segment): where it lives on the device and where
         # in a pool slot.
-        dev_off, stride, length, slot_off = [], [], [], []
+        dev_off: list[int] = []
+        stride: list[int] = []
+        length: list[int] = []
+        slot_off: list[int] = []
+        self._layer_cols: list[slice] = []  # each layer's rows of the tables below
         offset = 0
         for layer in self.layers:
+            self._layer_cols.append(slice(len(dev_off), len(dev_off) + len(layer.segments)))
             for seg in layer.segments:
                 dev_off.append(layer.base + seg.off)
                 stride.append(seg.stride)
@@ -188,9 +198,14 @@ class CopyEngine:
         self._slot_off = np.array(slot_off, dtype=np.uint64)
         self._num_blocks = min(layer.num_blocks for layer in self.layers)
         with cp.cuda.Device(device):
-            self._stream = cp.cuda.Stream(non_blocking=True)
+            # keyed by ``to_pool``: loads never wait behind saves, and both directions overlap
+            self._streams = {d: cp.cuda.Stream(non_blocking=True) for d in (False, True)}
             self._kernel = cp.RawKernel(_KERNEL, "copy_descriptors")
-        self._lock = threading.Lock()
+        self._locks = {d: threading.Lock() for d in (False, True)}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     def _check(self, block_ids: Ids, slots: Ids) -> tuple[np.ndarray, np.ndarray]:
         b = np.asarray(block_ids, dtype=np.uint64)
@@ -203,18 +218,28 @@ class CopyEngine:
             raise ValueError("block id or slot out of range")
         return b, s
 
-    def descriptors(self, block_ids: Ids, slots: Ids, to_pool: bool, base: int | None = None) -> np.ndarray:
+    def descriptors(
+        self,
+        block_ids: Ids,
+        slots: Ids,
+        to_pool: bool,
+        base: int | None = None,
+        cols: slice = slice(None),
+    ) -> np.ndarray:
         """``[n, 3]`` uint64 (src, dst, nbytes) for the kernel: one per block and segment,
         merged where both ends follow on directly. ``base``: address of slot 0 (default: the
-        pool; the staging buffer for staged copies, whose "slots" are checked by the caller)."""
+        pool; the staging buffer for staged copies, whose "slots" are checked by the caller and
+        hold only the segments in ``cols``, packed). ``cols``: which segments (default all)."""
         if base is None:
             b, s = self._check(block_ids, slots)
+            origin, per, slot_off = np.uint64(self.pool_address), self.block_bytes, self._slot_off[cols]
         else:
             b, s = np.asarray(block_ids, dtype=np.uint64), np.asarray(slots, dtype=np.uint64)
-        origin = np.uint64(self.pool_address if base is None else base)
-        dev = self._dev_off[:, None] + b[None, :] * self._stride[:, None]  # [segments, blocks]
-        host = origin + s[None, :] * np.uint64(self.block_bytes) + self._slot_off[:, None]
-        length = np.ascontiguousarray(np.broadcast_to(self._len[:, None], dev.shape))
+            lengths = self._len[cols]
+            origin, per, slot_off = np.uint64(base), int(lengths.sum()), np.cumsum(lengths) - lengths
+        dev = self._dev_off[cols, None] + b[None, :] * self._stride[cols, None]  # [segments, blocks]
+        host = origin + s[None, :] * np.uint64(per) + slot_off[:, None]
+        length = np.ascontiguousarray(np.broadcast_to(self._len[cols, None], dev.shape))
         src, dst = (dev, host) if to_pool else (host, dev)
         cont = np.zeros(src.shape, dtype=bool)
         if len(b) > 1:
@@ -238,9 +263,11 @@ class CopyEngine:
             + 1
         )
 
-    def dma_plan(self, block_ids: Ids, slots: Ids, to_pool: bool) -> list[tuple[int, ...]]:
+    def dma_plan(
+        self, block_ids: Ids, slots: Ids, to_pool: bool, cols: slice = slice(None)
+    ) -> list[tuple[int, ...]]:
         """Pitched copies ``(dst, dpitch, src, spitch, width, height)``: one per run of consecutive
-        (block, slot) pairs and per segment; a run's segment is strided on both sides."""
+        (block, slot) pairs and per segment in ``cols``; a run's segment is strided on both sides."""
         b, s = self._check(block_ids, slots)
         if len(b) == 0:
             return []
@@ -249,7 +276,7 @@ class CopyEngine:
         ends = np.concatenate((brk, [len(b)]))
         plan: list[tuple[int, ...]] = []
         for st, en in zip(starts.tolist(), ends.tolist(), strict=True):
-            for j in range(len(self._len)):
+            for j in range(*cols.indices(len(self._len))):
                 dev = int(self._dev_off[j] + b[st] * self._stride[j])
                 host = self.pool_address + int(s[st]) * self.block_bytes + int(self._slot_off[j])
                 width, height = int(self._len[j]), en - st
@@ -259,7 +286,7 @@ class CopyEngine:
                     plan.append((dev, int(self._stride[j]), host, self.block_bytes, width, height))
         return plan
 
-    def copy(self, block_ids: Ids, slots: Ids, to_pool: bool) -> str:
+    def copy(self, block_ids: Ids, slots: Ids, to_pool: bool, events: Sequence[int] | None = None) -> str:
         """Copies and waits for completion. Returns the method used:
 
         - ``dma``: runs of consecutive blocks and slots as a few large pitched copies;
@@ -268,74 +295,96 @@ class CopyEngine:
           runs across PCIe; the SMs are left to the engine and both directions can overlap;
         - ``kernel`` (``fragmented="kernel"``): one gather/scatter kernel reading and writing
           mapped pinned memory directly; it holds SMs for the whole PCIe transfer.
+
+        ``events`` (loads only): one opened interprocess event per layer. Layer by layer, its
+        copies are queued and its event recorded after them; returns once all are queued,
+        without waiting (the engine's stream waits on the events).
         """
-        cp = _cupy()
-        if len(block_ids) == 0:
-            return "none"
+        if events is not None and (to_pool or len(events) != self.num_layers):
+            raise ValueError(f"a layered load needs one event per layer ({self.num_layers})")
         b, s = self._check(block_ids, slots)
-        runs = 1 + len(self._run_breaks(b, s))
-        plan = self.dma_plan(block_ids, slots, to_pool) if runs * len(self._len) <= DMA_MAX_CALLS else []
-        use_dma = bool(plan) and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES
-        rt = cp.cuda.runtime
-        with self._lock, cp.cuda.Device(self.device):
-            if use_dma:
-                kind = rt.memcpyDeviceToHost if to_pool else rt.memcpyHostToDevice
-                for dst, dpitch, src, spitch, width, height in plan:
-                    if dpitch == spitch == width:  # gap-free on both sides: one linear copy
-                        rt.memcpyAsync(dst, src, width * height, kind, self._stream.ptr)
-                    else:
-                        rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self._stream.ptr)
-                method = "dma"
-            elif self.fragmented == "staged":
-                self._staged(b, s, to_pool)
-                method = "staged"
-            else:
-                self._launch(self.descriptors(block_ids, slots, to_pool))
-                method = "kernel"
-            self._stream.synchronize()
+        if len(b) == 0:
+            return "none"
+        cp = _cupy()
+        stream = self._streams[to_pool]
+        groups = [slice(None)] if events is None else self._layer_cols
+        method = "none"
+        with self._locks[to_pool], cp.cuda.Device(self.device):
+            for i, cols in enumerate(groups):
+                method = self._queue(b, s, to_pool, cols, stream)
+                if events is not None:
+                    cp.cuda.runtime.eventRecord(events[i], stream.ptr)
+            if events is None:
+                stream.synchronize()
         return method
 
-    def _launch(self, desc: np.ndarray) -> None:
+    def synchronize(self) -> None:
+        """Waits for every queued copy (layered loads return before theirs end)."""
         cp = _cupy()
-        with self._stream:  # the table upload is ordered before the kernel
-            table = cp.asarray(np.ascontiguousarray(desc))
-        self._kernel((len(desc),), (512,), (table, np.int32(len(desc))), stream=self._stream)
+        with cp.cuda.Device(self.device):
+            for stream in self._streams.values():
+                stream.synchronize()
 
-    def _staged(self, b: np.ndarray, s: np.ndarray, to_pool: bool) -> None:
+    def _queue(self, b: np.ndarray, s: np.ndarray, to_pool: bool, cols: slice, stream: Any) -> str:
+        """Queues the copies of segments ``cols`` of blocks ``b`` on ``stream``; the method used."""
         cp = _cupy()
         rt = cp.cuda.runtime
-        per = self.block_bytes
-        if self._staging is None:
-            self._staging = cp.cuda.alloc(max(per, self.staging_bytes))
-        stage = int(self._staging.ptr)
-        cap = max(1, self._staging.mem.size // per)
+        ncols = len(range(*cols.indices(len(self._len))))
+        runs = 1 + len(self._run_breaks(b, s))
+        plan = self.dma_plan(b, s, to_pool, cols) if runs * ncols <= DMA_MAX_CALLS else []
+        if plan and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES:
+            kind = rt.memcpyDeviceToHost if to_pool else rt.memcpyHostToDevice
+            for dst, dpitch, src, spitch, width, height in plan:
+                if dpitch == spitch == width:  # gap-free on both sides: one linear copy
+                    rt.memcpyAsync(dst, src, width * height, kind, stream.ptr)
+                else:
+                    rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream.ptr)
+            return "dma"
+        if self.fragmented == "staged":
+            self._staged(b, s, to_pool, cols, stream)
+            return "staged"
+        self._launch(self.descriptors(b, s, to_pool, cols=cols), stream)
+        return "kernel"
+
+    def _launch(self, desc: np.ndarray, stream: Any) -> None:
+        cp = _cupy()
+        with stream:  # the table upload is ordered before the kernel
+            table = cp.asarray(np.ascontiguousarray(desc))
+        self._kernel((len(desc),), (512,), (table, np.int32(len(desc))), stream=stream)
+
+    def _staged(self, b: np.ndarray, s: np.ndarray, to_pool: bool, cols: slice, stream: Any) -> None:
+        """Staging holds, per block, the segments in ``cols`` packed; between it and the pool one
+        copy per slot run (pitched when ``cols`` is part of a slot)."""
+        cp = _cupy()
+        rt = cp.cuda.runtime
+        per = int(self._len[cols].sum())
+        slot_base = int(self._slot_off[cols][0])
+        staging = self._staging.get(to_pool)
+        if staging is None:
+            staging = self._staging[to_pool] = cp.cuda.alloc(max(self.block_bytes, self.staging_bytes))
+        stage = int(staging.ptr)
+        cap = max(1, staging.mem.size // per)
+        kind = rt.memcpyDeviceToHost if to_pool else rt.memcpyHostToDevice
         for c0 in range(0, len(b), cap):
             bc, sc = b[c0 : c0 + cap], s[c0 : c0 + cap]
             local = np.arange(len(bc), dtype=np.uint64)
-            desc = self.descriptors(bc, local, to_pool, base=stage)
+            desc = self.descriptors(bc, local, to_pool, base=stage, cols=cols)
             brk = self._run_breaks(local, sc)
             starts = np.concatenate(([0], brk)).tolist()
             ends = [*brk.tolist(), len(sc)]
             if to_pool:
-                self._launch(desc)
-                for i0, i1 in zip(starts, ends, strict=True):
-                    rt.memcpyAsync(
-                        self.pool_address + int(sc[i0]) * per,
-                        stage + i0 * per,
-                        (i1 - i0) * per,
-                        rt.memcpyDeviceToHost,
-                        self._stream.ptr,
-                    )
-            else:
-                for i0, i1 in zip(starts, ends, strict=True):
-                    rt.memcpyAsync(
-                        stage + i0 * per,
-                        self.pool_address + int(sc[i0]) * per,
-                        (i1 - i0) * per,
-                        rt.memcpyHostToDevice,
-                        self._stream.ptr,
-                    )
-                self._launch(desc)
+                self._launch(desc, stream)
+            for i0, i1 in zip(starts, ends, strict=True):
+                host = self.pool_address + int(sc[i0]) * self.block_bytes + slot_base
+                dev = stage + i0 * per
+                dst, src = (host, dev) if to_pool else (dev, host)
+                if per == self.block_bytes:
+                    rt.memcpyAsync(dst, src, (i1 - i0) * per, kind, stream.ptr)
+                else:
+                    dpitch, spitch = (self.block_bytes, per) if to_pool else (per, self.block_bytes)
+                    rt.memcpy2DAsync(dst, dpitch, src, spitch, per, i1 - i0, kind, stream.ptr)
+            if not to_pool:
+                self._launch(desc, stream)
 
 
 def _uuid_bytes(index: int) -> bytes:
@@ -411,6 +460,30 @@ class IpcMappings:
 
     def __len__(self) -> int:
         return len(self._bases)
+
+
+class IpcEvents:
+    """Interprocess CUDA events an engine created and shared (one per KV layer): the agent
+    records them after a layered load's copies; destroyed when the engine's session ends."""
+
+    def __init__(self, device: int, handles: Sequence[bytes]) -> None:
+        cp = _cupy()
+        self.device = device
+        self.events: list[int] = []
+        with cp.cuda.Device(device):
+            try:
+                for h in handles:
+                    self.events.append(cp.cuda.runtime.ipcOpenEventHandle(bytes(h)))
+            except Exception:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        cp = _cupy()
+        with cp.cuda.Device(self.device):
+            for event in self.events:
+                cp.cuda.runtime.eventDestroy(event)
+        self.events = []
 
 
 host_address = address_of  # the address of a writable mapping (e.g. the pool's)

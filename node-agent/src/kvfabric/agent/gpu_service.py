@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from kvfabric.connector import protocol as p
 
 if TYPE_CHECKING:
-    from kvfabric.agent.gpu import CopyEngine, IpcMappings, PinnedPool
+    from kvfabric.agent.gpu import CopyEngine, IpcEvents, IpcMappings, PinnedPool
     from kvfabric.agent.pool import Segment
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class GpuError(RuntimeError):
 class _SessionKV:
     mappings: dict[int, IpcMappings] = field(default_factory=dict)  # device index -> mappings
     engines: dict[int, CopyEngine] = field(default_factory=dict)  # kv_id -> engine
+    events: dict[int, IpcEvents] = field(default_factory=dict)  # kv_id -> its layers' events
 
 
 class GpuService:
@@ -67,10 +68,19 @@ class GpuService:
         """Opens an engine worker's KV tensors; returns (kv_id, block_bytes)."""
         if not self.ready.wait(timeout=0) or self.pinned is None:
             raise GpuError(self.error or "the pool is still being pinned; retry shortly")
-        from kvfabric.agent.gpu import CopyEngine, IpcMappings, LayerLayout, device_index, segments_for
+        from kvfabric.agent.gpu import (
+            CopyEngine,
+            IpcEvents,
+            IpcMappings,
+            LayerLayout,
+            device_index,
+            segments_for,
+        )
 
         if len(req.handles) != len(req.offsets):
             raise GpuError("handles and offsets differ in length")
+        if req.layer_events and len(req.layer_events) != len(req.handles):
+            raise GpuError("layer_events must hold one event per layer, or none")
         try:
             device = device_index(req.device_uuid)
             segments = segments_for(req.layout, req.plane_bytes, req.num_blocks)
@@ -89,6 +99,12 @@ class GpuService:
             engine = CopyEngine(device, self.pinned.address, self.pinned.size, layers)
             self._ids += 1
             state.engines[self._ids] = engine
+            if req.layer_events:
+                try:
+                    state.events[self._ids] = IpcEvents(device, req.layer_events)
+                except Exception as exc:  # CuPy's CUDARuntimeError and the like
+                    del state.engines[self._ids]
+                    raise GpuError(f"cannot open the engine's layer events: {exc}") from exc
             return self._ids, engine.block_bytes
 
     def copy(self, session: int, req: p.GpuCopy) -> str:
@@ -97,8 +113,14 @@ class GpuService:
         engine = state.engines.get(req.kv_id) if state else None
         if engine is None:
             raise GpuError(f"unknown kv_id {req.kv_id} for this session")
+        events = None
+        if req.layered:
+            opened = state.events.get(req.kv_id) if state else None
+            if opened is None:
+                raise GpuError("a layered load needs layer events, registered with the KV tensors")
+            events = opened.events
         try:
-            return engine.copy(req.block_ids, req.slots, req.to_pool)
+            return engine.copy(req.block_ids, req.slots, req.to_pool, events)
         except ValueError as exc:
             raise GpuError(str(exc)) from exc
 
@@ -108,6 +130,10 @@ class GpuService:
             state = self._sessions.pop(session, None)
         if state is None:
             return 0
+        for engine in state.engines.values():
+            engine.synchronize()  # layered loads may still be running into the engine's tensors
+        for events in state.events.values():
+            events.close()
         closed = 0
         for maps in state.mappings.values():
             closed += len(maps)

@@ -271,10 +271,9 @@ class Agent:
         try:
             if isinstance(request, p.GpuCopy):
                 method = await loop.run_in_executor(self._gpu_copies, gpu.copy, session.session_id, request)
-                seconds = time.perf_counter() - started
-                hist = self.metrics.save_seconds if request.to_pool else self.metrics.load_seconds
-                hist.observe(seconds)
-                return p.GpuCopyReply(method=method, seconds=seconds)
+                # Not observed into the copy histograms here: the engine reports the whole
+                # copy's time with its commit or release (a layered load's reply comes early).
+                return p.GpuCopyReply(method=method, seconds=time.perf_counter() - started)
             self.index.check_layout(request.namespace, request.description)  # before opening anything
             kv_id, block_bytes = await loop.run_in_executor(
                 self._gpu_copies, gpu.register, session.session_id, request
@@ -290,6 +289,7 @@ class Agent:
                 "session": session.session_id,
                 "kv_id": kv_id,
                 "layers": len(request.handles),
+                "layer_events": len(request.layer_events),
                 "layout": request.description,
                 "namespace": ns.name,
                 "seconds": round(time.perf_counter() - started, 4),

@@ -1,0 +1,99 @@
+"""The connector's worker (``WorkerSide``) on a GPU with a real ``kvfabric-agent --cuda``:
+layered loads end to end, and the guard against a forward pass that skipped a layer's wait.
+
+Needs vLLM importable (the connector's metadata types come from it), no engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+try:
+    import torch
+
+    HAVE_GPU = torch.cuda.is_available()
+except Exception:
+    HAVE_GPU = False
+if not HAVE_GPU or importlib.util.find_spec("vllm") is None or importlib.util.find_spec("cupy") is None:
+    pytest.skip("needs a CUDA GPU with vLLM and CuPy (see tests/README.md)", allow_module_level=True)
+
+from e2e.agent import AgentProcess  # noqa: E402
+from kvfabric.connector.client import AgentClient  # noqa: E402
+from kvfabric.connector.config import ConnectorConfig  # noqa: E402
+from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed  # noqa: E402
+from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent  # noqa: E402
+from kvfabric.connector.worker import WorkerSide  # noqa: E402
+
+LAYERS, NB, N = 6, 512, 200
+SPEC = LayoutSpec(
+    model="gpu-worker",
+    dtype="bfloat16",
+    kv_cache_dtype="auto",
+    num_layers=LAYERS,
+    num_kv_heads=8,
+    head_size=128,
+    block_size=16,
+    tp_size=1,
+    tp_rank=0,
+    layout="cuda",
+)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    with AgentProcess(tmp_path / "agent", "1GiB", extra_args=["--cuda", "--pin-threads", "8"]) as a:
+        yield a
+
+
+def worker(agent: AgentProcess) -> tuple[WorkerSide, list[torch.Tensor]]:
+    cfg = ConnectorConfig(socket_path=str(agent.socket_path), timeout_ms=30_000)
+    w = WorkerSide(cfg, SPEC, "t")
+    kv = [torch.randn(NB, 8, 16, 256, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
+    w.register_kv_caches({f"model.layers.{i}.attn": t for i, t in enumerate(kv)})
+    assert w.cuda is not None and len(w.cuda.events) == LAYERS
+    return w, kv
+
+
+def test_layered_loads_through_the_worker_and_a_skipped_wait_is_a_load_error(agent: AgentProcess) -> None:
+    keys = chain_keys(list(range(N * 16)), 16, request_seed())
+    saver, src = worker(agent)
+    saver.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", tuple(range(N)), tuple(keys), None)]))
+    assert saver.stats.saved_blocks == N
+    loader, dst = worker(agent)
+    targets = tuple(int(x) for x in torch.randperm(NB - N)[:N].add(N))
+    sched = AgentClient(str(agent.socket_path), "sched")
+    try:
+        for skip in (None, LAYERS - 1):
+            for t in dst:
+                t.view(torch.uint8)[list(targets)] = 0xA5
+            reply = sched.lookup([SPEC.namespace()], keys, 16, lease_id=f"L{skip}")
+            assert reply.hits == N
+            intent = LoadIntent("r", f"L{skip}", reply.pool_id, targets, tuple(tuple(s) for s in reply.slots))
+            loaded = loader.stats.loaded_blocks
+            loader.start_load_kv(KVFabricMetadata(loads=[intent]))
+            reads = []
+            for i, t in enumerate(dst):  # what the forward pass does, layer by layer
+                if i != skip:
+                    loader.wait_for_layer_load(f"model.layers.{i}.attn")
+                reads.append(t[list(targets)].clone())
+            errors = loader.get_block_ids_with_load_errors()
+            torch.cuda.synchronize()
+            if skip is None:
+                assert errors == set()
+                assert loader.stats.loaded_blocks == loaded + N
+                for a, r in zip(src, reads, strict=True):
+                    assert torch.equal(a[:N], r)
+            else:
+                assert errors == set(targets)
+                assert loader.stats.loaded_blocks == loaded
+        assert agent.stats()["leases_active"] == 0
+    finally:
+        sched.close()
+        saver.shutdown()
+        loader.shutdown()
