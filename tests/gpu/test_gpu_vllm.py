@@ -79,8 +79,9 @@ def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Pat
         events = layers if settings.get("layered_loads", True) else 0
         assert f"layers={layers} " in agent.log_tail(100_000), agent.log_tail()
         assert f"layer_events={events} " in agent.log_tail(100_000), agent.log_tail()
-        # Shutdown waits for the background saves.
-        assert agent.stats()["committed_blocks"] == sum(len(p) // BLOCK for p in PROMPTS)
+        # Shutdown waits for the background saves: every full block of prompt and answer
+        # (save_generated) whose KV was computed (all but the last sampled token's).
+        assert agent.stats()["committed_blocks"] == sum((len(p) + MAX_TOKENS - 1) // BLOCK for p in PROMPTS)
         assert [o.tokens[0] for o in first] == [o.tokens[0] for o in cold]
 
         with engine(model, tmp_path, "engine2", cfg, env, llm) as e2:

@@ -27,6 +27,7 @@ at registration, and returns once everything is queued: the engine's stream wait
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import threading
 import time
@@ -62,6 +63,8 @@ extern "C" __global__ void copy_descriptors(const unsigned long long* desc, int 
 """
 
 Ids = Sequence[int] | np.ndarray
+#: One step of a copy plan: ("copy", dst, dpitch, src, spitch, width, height) or ("kernel", table).
+Step = tuple[Any, ...]
 
 #: Descriptors at least this large (after coalescing) are sent to the DMA engines.
 DMA_MIN_BYTES = 1 << 20
@@ -171,6 +174,7 @@ class CopyEngine:
         self.fragmented = fragmented
         self.staging_bytes = staging_bytes
         self._staging: dict[bool, Any] = {}  # per direction: device buffer, at its first staged copy
+        self._in_flight: dict[bool, list[Any]] = {}  # per direction: tables a layered load still reads
         self.device = device
         self.pool_address = pool_address
         self.pool_bytes = pool_bytes
@@ -299,6 +303,10 @@ class CopyEngine:
         ``events`` (loads only): one opened interprocess event per layer. Layer by layer, its
         copies are queued and its event recorded after them; returns once all are queued,
         without waiting (the engine's stream waits on the events).
+
+        Everything is planned on the host first and the kernels' descriptor tables uploaded in
+        one go: an upload from pageable memory waits for the stream, and one per layer would
+        serialise a layered load back into a whole one.
         """
         if events is not None and (to_pool or len(events) != self.num_layers):
             raise ValueError(f"a layered load needs one event per layer ({self.num_layers})")
@@ -308,15 +316,25 @@ class CopyEngine:
         cp = _cupy()
         stream = self._streams[to_pool]
         groups = [slice(None)] if events is None else self._layer_cols
-        method = "none"
         with self._locks[to_pool], cp.cuda.Device(self.device):
-            for i, cols in enumerate(groups):
-                method = self._queue(b, s, to_pool, cols, stream)
+            plans = [self._plan(b, s, to_pool, cols) for cols in groups]
+            kernels = [step[1] for _, steps in plans for step in steps if step[0] == "kernel"]
+            tables = self._upload(kernels, stream)
+            kind = cp.cuda.runtime.memcpyDeviceToHost if to_pool else cp.cuda.runtime.memcpyHostToDevice
+            for i, (_, steps) in enumerate(plans):
+                for step in steps:
+                    if step[0] == "kernel":
+                        table = tables.pop(0)
+                        self._kernel((len(table),), (512,), (table, np.int32(len(table))), stream=stream)
+                    else:
+                        self._memcpy(step[1:], kind, stream)
                 if events is not None:
                     cp.cuda.runtime.eventRecord(events[i], stream.ptr)
             if events is None:
                 stream.synchronize()
-        return method
+            else:  # the tables must outlive the queued kernels: kept until the next copy
+                self._in_flight[to_pool] = tables
+        return plans[0][0]
 
     def synchronize(self) -> None:
         """Waits for every queued copy (layered loads return before theirs end)."""
@@ -325,66 +343,68 @@ class CopyEngine:
             for stream in self._streams.values():
                 stream.synchronize()
 
-    def _queue(self, b: np.ndarray, s: np.ndarray, to_pool: bool, cols: slice, stream: Any) -> str:
-        """Queues the copies of segments ``cols`` of blocks ``b`` on ``stream``; the method used."""
-        cp = _cupy()
-        rt = cp.cuda.runtime
+    def _plan(self, b: np.ndarray, s: np.ndarray, to_pool: bool, cols: slice) -> tuple[str, list[Step]]:
+        """How to copy segments ``cols`` of blocks ``b``: (method, steps)."""
         ncols = len(range(*cols.indices(len(self._len))))
         runs = 1 + len(self._run_breaks(b, s))
         plan = self.dma_plan(b, s, to_pool, cols) if runs * ncols <= DMA_MAX_CALLS else []
         if plan and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES:
-            kind = rt.memcpyDeviceToHost if to_pool else rt.memcpyHostToDevice
-            for dst, dpitch, src, spitch, width, height in plan:
-                if dpitch == spitch == width:  # gap-free on both sides: one linear copy
-                    rt.memcpyAsync(dst, src, width * height, kind, stream.ptr)
-                else:
-                    rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream.ptr)
-            return "dma"
+            return "dma", [("copy", *p) for p in plan]
         if self.fragmented == "staged":
-            self._staged(b, s, to_pool, cols, stream)
-            return "staged"
-        self._launch(self.descriptors(b, s, to_pool, cols=cols), stream)
-        return "kernel"
+            return "staged", self._plan_staged(b, s, to_pool, cols)
+        return "kernel", [("kernel", self.descriptors(b, s, to_pool, cols=cols))]
 
-    def _launch(self, desc: np.ndarray, stream: Any) -> None:
-        cp = _cupy()
-        with stream:  # the table upload is ordered before the kernel
-            table = cp.asarray(np.ascontiguousarray(desc))
-        self._kernel((len(desc),), (512,), (table, np.int32(len(desc))), stream=stream)
-
-    def _staged(self, b: np.ndarray, s: np.ndarray, to_pool: bool, cols: slice, stream: Any) -> None:
-        """Staging holds, per block, the segments in ``cols`` packed; between it and the pool one
-        copy per slot run (pitched when ``cols`` is part of a slot)."""
-        cp = _cupy()
-        rt = cp.cuda.runtime
+    def _plan_staged(self, b: np.ndarray, s: np.ndarray, to_pool: bool, cols: slice) -> list[Step]:
+        """Staging holds, per block, the segments in ``cols`` packed; a kernel gathers into it
+        (saves) or scatters from it (loads), and between it and the pool one copy per slot run
+        (pitched when ``cols`` is part of a slot)."""
+        stage = self._staging_buffer(to_pool)
         per = int(self._len[cols].sum())
         slot_base = int(self._slot_off[cols][0])
-        staging = self._staging.get(to_pool)
-        if staging is None:
-            staging = self._staging[to_pool] = cp.cuda.alloc(max(self.block_bytes, self.staging_bytes))
-        stage = int(staging.ptr)
-        cap = max(1, staging.mem.size // per)
-        kind = rt.memcpyDeviceToHost if to_pool else rt.memcpyHostToDevice
+        cap = max(1, max(self.block_bytes, self.staging_bytes) // per)
+        steps: list[Step] = []
         for c0 in range(0, len(b), cap):
             bc, sc = b[c0 : c0 + cap], s[c0 : c0 + cap]
             local = np.arange(len(bc), dtype=np.uint64)
-            desc = self.descriptors(bc, local, to_pool, base=stage, cols=cols)
-            brk = self._run_breaks(local, sc)
-            starts = np.concatenate(([0], brk)).tolist()
-            ends = [*brk.tolist(), len(sc)]
-            if to_pool:
-                self._launch(desc, stream)
-            for i0, i1 in zip(starts, ends, strict=True):
+            kernel = ("kernel", self.descriptors(bc, local, to_pool, base=stage, cols=cols))
+            brk = self._run_breaks(local, sc).tolist()
+            copies = []
+            for i0, i1 in zip([0, *brk], [*brk, len(sc)], strict=True):
                 host = self.pool_address + int(sc[i0]) * self.block_bytes + slot_base
                 dev = stage + i0 * per
-                dst, src = (host, dev) if to_pool else (dev, host)
-                if per == self.block_bytes:
-                    rt.memcpyAsync(dst, src, (i1 - i0) * per, kind, stream.ptr)
+                if to_pool:
+                    copies.append(("copy", host, self.block_bytes, dev, per, per, i1 - i0))
                 else:
-                    dpitch, spitch = (self.block_bytes, per) if to_pool else (per, self.block_bytes)
-                    rt.memcpy2DAsync(dst, dpitch, src, spitch, per, i1 - i0, kind, stream.ptr)
-            if not to_pool:
-                self._launch(desc, stream)
+                    copies.append(("copy", dev, per, host, self.block_bytes, per, i1 - i0))
+            steps += [kernel, *copies] if to_pool else [*copies, kernel]
+        return steps
+
+    def _staging_buffer(self, to_pool: bool) -> int:
+        """Device address of this direction's staging buffer (allocated at its first use)."""
+        cp = _cupy()
+        staging = self._staging.get(to_pool)
+        if staging is None:
+            staging = self._staging[to_pool] = cp.cuda.alloc(max(self.block_bytes, self.staging_bytes))
+        return int(staging.ptr)
+
+    def _upload(self, tables: list[np.ndarray], stream: Any) -> list[Any]:
+        """Every descriptor table in one host-to-device copy; one device view per table."""
+        cp = _cupy()
+        if not tables:
+            return []
+        with stream:
+            whole = cp.asarray(np.ascontiguousarray(np.concatenate(tables)))
+        bounds = np.cumsum([0, *(len(t) for t in tables)]).tolist()
+        return [whole[a:z] for a, z in itertools.pairwise(bounds)]
+
+    @staticmethod
+    def _memcpy(copy: tuple[int, ...], kind: int, stream: Any) -> None:
+        rt = _cupy().cuda.runtime
+        dst, dpitch, src, spitch, width, height = copy
+        if dpitch == spitch == width:  # gap-free on both sides: one linear copy
+            rt.memcpyAsync(dst, src, width * height, kind, stream.ptr)
+        else:
+            rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream.ptr)
 
 
 def _uuid_bytes(index: int) -> bytes:
