@@ -184,3 +184,12 @@ def test_worker_stats_reach_vllm_as_increments_that_add_up(agent: AgentProcess) 
     total = first.aggregate(second)
     assert total.reduce() == {"saved_blocks": 4, "save_skipped_blocks": 4}
     assert KVFabricStats().is_empty() and not total.is_empty()
+
+
+def test_layered_loads_ask_vllm_for_piecewise_cuda_graphs() -> None:
+    """A per-layer wait inside a full CUDA graph would be skipped at replay: while layered loads
+    are on (the default) the connector asks vLLM for piecewise graphs only."""
+    from kvfabric.connector.vllm_connector import KVFabricConnector
+
+    assert KVFabricConnector.requires_piecewise_for_cudagraph({}) is True
+    assert KVFabricConnector.requires_piecewise_for_cudagraph({"layered_loads": False}) is False
