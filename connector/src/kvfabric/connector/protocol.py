@@ -140,8 +140,9 @@ class GpuCopy(_Request, frozen=True, tag="gpu_copy"):
 
     ``layered`` (loads into an engine registered with ``layer_events``): the reply comes once
     the copies are queued; layer ``i``'s event is recorded after its copies, and the engine's
-    stream waits on it before reading that layer. An agent that predates this field ignores
-    it and replies after the copy, which is still correct.
+    stream waits on it before reading that layer. Requests refuse unknown fields, so an agent
+    older than ``layer_events``/``layered`` refuses the registration and the engine recomputes:
+    upgrade agents before engines (a newer agent serves older connectors).
     """
 
     kv_id: int

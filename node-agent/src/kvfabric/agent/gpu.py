@@ -226,6 +226,7 @@ class CopyEngine:
             self._streams = {d: cp.cuda.Stream(non_blocking=True) for d in (False, True)}
             self._kernel = cp.RawKernel(_KERNEL, "copy_segment")
         self._locks = {d: threading.Lock() for d in (False, True)}
+        self._closed = False
 
     @property
     def num_layers(self) -> int:
@@ -306,6 +307,8 @@ class CopyEngine:
         stream = self._streams[to_pool]
         groups = [slice(None)] if events is None else self._layer_cols
         with self._locks[to_pool], cp.cuda.Device(self.device):
+            if self._closed:
+                raise ValueError("the engine's session has ended")
             ids = _Ids(b, s, stream)
             method = "none"
             for i, cols in enumerate(groups):
@@ -318,10 +321,13 @@ class CopyEngine:
                 self._in_flight[to_pool] = ids
         return method
 
-    def synchronize(self) -> None:
-        """Waits for every queued copy (layered loads return before theirs end)."""
+    def close(self) -> None:
+        """Waits for every queued copy (layered loads return before theirs end) and refuses
+        later ones: the engine's tensors are about to be unmapped. A copy already waiting for
+        a lock when its engine went away is refused, not run against closed mappings."""
         cp = _cupy()
-        with cp.cuda.Device(self.device):
+        with self._locks[False], self._locks[True], cp.cuda.Device(self.device):
+            self._closed = True
             for stream in self._streams.values():
                 stream.synchronize()
 

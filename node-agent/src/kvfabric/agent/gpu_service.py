@@ -131,7 +131,7 @@ class GpuService:
         if state is None:
             return 0
         for engine in state.engines.values():
-            engine.synchronize()  # layered loads may still be running into the engine's tensors
+            engine.close()  # copies may still be running into the engine's tensors
         for events in state.events.values():
             events.close()
         closed = 0
