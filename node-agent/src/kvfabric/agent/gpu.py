@@ -286,8 +286,9 @@ class CopyEngine:
         - ``staged`` (fragmented batches): kernels gather the blocks into a device staging
           buffer (HBM to HBM, brief), and the copy engines move slot runs across PCIe; the
           SMs are left to the engine and both directions can overlap;
-        - ``kernel`` (``fragmented="kernel"``): one gather/scatter kernel reading and writing
-          mapped pinned memory directly; it holds SMs for the whole PCIe transfer.
+        - ``kernel`` (``fragmented="kernel"``): gather/scatter kernels (one launch per segment)
+          reading and writing mapped pinned memory directly; they hold SMs for the whole PCIe
+          transfer.
 
         ``events`` (loads only): one opened interprocess event per layer. Layer by layer, its
         copies are queued and its event recorded after them; returns once all are queued,
