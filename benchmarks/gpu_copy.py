@@ -319,14 +319,14 @@ def agent_ready_bench(gib: int) -> None:
             with AgentProcess(Path(d), f"{gib}GiB", extra_args=["--cuda", *extra]) as agent:
                 ready = time.perf_counter() - t0
                 pin = agent.stats()["cuda_pin_seconds"]
-                huge = _anon_huge_kib(agent)
+                huge = _shmem_huge_kib(agent)
         print(
             f"agent ready with a {gib} GiB pinned pool, {label}: {ready:.1f} s (populate + register "
             f"{pin:.1f} s, {huge} KiB in huge pages); target <= 20 s"
         )
 
 
-def _anon_huge_kib(agent: Any) -> str:
+def _shmem_huge_kib(agent: Any) -> str:
     """ShmemPmdMapped of the agent process: how much of its pool mapping huge pages back."""
     try:
         pid = agent.proc.pid
