@@ -139,7 +139,7 @@ def _layered_engine_body(socket_path: str, conn: Any) -> None:
     contiguous = list(range(LAYERED_N, 2 * LAYERED_N))
     fragmented = torch.randperm(LAYERED_N).add(LAYERED_N).tolist()
     stream = torch.cuda.current_stream()
-    results: dict[str, Any] = {"hits": hit.hits}
+    results: dict[str, Any] = {"hits": hit.hits, "events_opened": reg.layered}
     for case, targets, wait in (
         ("dma", contiguous, True),
         ("staged", fragmented, True),
@@ -176,6 +176,7 @@ def test_layered_load_orders_the_engine_stream_after_each_layer(tmp_path: Path) 
             results = parent.recv()
             assert "error" not in results, results
             assert results["hits"] == LAYERED_N
+            assert results["events_opened"] is True
             assert results["dma"] == ("dma", True), results
             assert results["staged"] == ("staged", True), results
             # The control: the same load read without waiting on the events is not yet there,

@@ -57,6 +57,7 @@ def worker(agent: AgentProcess) -> tuple[WorkerSide, list[torch.Tensor]]:
     kv = [torch.randn(NB, 8, 16, 256, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
     w.register_kv_caches({f"model.layers.{i}.attn": t for i, t in enumerate(kv)})
     assert w.cuda is not None and len(w.cuda.events) == LAYERS
+    assert w._layered_ok, "the agent could not open the layer events"
     return w, kv
 
 
@@ -97,3 +98,51 @@ def test_layered_loads_through_the_worker_and_a_skipped_wait_is_a_load_error(age
         sched.close()
         saver.shutdown()
         loader.shutdown()
+
+
+def test_agent_killed_during_a_layered_load_does_not_hang_the_engine(tmp_path: Path) -> None:
+    """SIGKILL the agent right after it queued a large layered load: the engine must notice,
+    report the blocks for recompute and keep a usable CUDA stream (no wait on an event whose
+    recorder died), within seconds."""
+    import threading
+    import time
+
+    agent = AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda", "--pin-threads", "8"]).start()
+    try:
+        n = 1000  # 1000 blocks x 6 layers x 64 KiB: long enough to be killed mid-copy
+        keys = chain_keys(list(range(n * 16)), 16, request_seed())
+        cfg = ConnectorConfig(socket_path=str(agent.socket_path), timeout_ms=30_000)
+        w = WorkerSide(cfg, SPEC, "t")
+        kv = [torch.randn(2 * n, 8, 16, 256, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
+        w.register_kv_caches({f"model.layers.{i}.attn": t for i, t in enumerate(kv)})
+        w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", tuple(range(n)), tuple(keys), None)]))
+        assert w.stats.saved_blocks == n
+        sched = AgentClient(str(agent.socket_path), "sched")
+        reply = sched.lookup([SPEC.namespace()], keys, 16, lease_id="L")
+        targets = tuple(range(n, 2 * n))
+        intent = LoadIntent("r", "L", reply.pool_id, targets, tuple(tuple(s) for s in reply.slots))
+        w.start_load_kv(KVFabricMetadata(loads=[intent]))
+        agent.kill()
+        done: dict[str, object] = {}
+
+        def forward() -> None:
+            for i in range(LAYERS):
+                w.wait_for_layer_load(f"model.layers.{i}.attn")
+                kv[i][list(targets)].add_(0)  # reads the layer, as attention would
+            done["errors"] = w.get_block_ids_with_load_errors()
+            torch.cuda.synchronize()
+            done["ok"] = True
+
+        t0 = time.monotonic()
+        th = threading.Thread(target=forward, daemon=True)
+        th.start()
+        th.join(10)
+        assert done.get("ok"), "the engine hung after the agent died mid-load"
+        print(f"engine went on {time.monotonic() - t0:.3f} s after the agent was killed")
+        # Whether or not the copies ended before the kill, the leases could not be released:
+        # every block is recomputed.
+        assert done["errors"] == set(targets)
+        sched.close()
+        w.shutdown()
+    finally:
+        agent.cleanup()

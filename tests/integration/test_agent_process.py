@@ -259,6 +259,23 @@ def test_client_fails_fast_while_down_and_reconnects_with_backoff(tmp_path: Path
         a.cleanup()
 
 
+def test_peer_closed_tells_a_live_agent_from_a_dead_one(tmp_path: Path) -> None:
+    """What a layered load's wait checks while copies are late: a killed agent shows at once."""
+    a = AgentProcess(tmp_path / "a", "32MiB").start()
+    try:
+        c = client(a)
+        c.stats()
+        assert c.peer_closed() is False
+        c.stats()  # the peek consumed nothing: the session still works
+        a.kill()
+        deadline = time.monotonic() + 5
+        while not c.peer_closed():
+            assert time.monotonic() < deadline, "the agent's death did not show"
+            time.sleep(0.01)
+    finally:
+        a.cleanup()
+
+
 def test_admin_endpoints(agent: AgentProcess) -> None:
     import urllib.request
 

@@ -9,6 +9,7 @@ and after an exponential backoff the next call tries to reconnect.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -76,6 +77,20 @@ class AgentClient:
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    def peer_closed(self) -> bool:
+        """Whether the agent's end of the session is closed (e.g. the agent died): a cheap
+        non-blocking peek, for waits that cannot use a deadline."""
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                return True
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+                # Nothing to read: open. Readable with nothing to peek at: the peer closed it.
+                return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
 
     def connect(self) -> bool:
         """Opens the session now if it is not open (breaker permitting); True when connected."""

@@ -202,6 +202,9 @@ class StatsReply(_Reply, frozen=True, tag="stats"):
 class GpuKVReply(_Reply, frozen=True, tag="gpu_kv"):
     kv_id: int
     block_bytes: int
+    #: Whether the agent opened the engine's layer events (layered loads possible). CUDA IPC
+    #: events need the two processes to share /dev/shm; without it the engine loads whole.
+    layered: bool = False
 
 
 class GpuCopyReply(_Reply, frozen=True, tag="gpu_copy"):

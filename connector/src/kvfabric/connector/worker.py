@@ -45,6 +45,13 @@ def _prefault(m: mmap.mmap) -> None:
         pass  # unsupported, or the mapping was replaced meanwhile
 
 
+#: While a layer's copies are late, how often to check that the agent is still there.
+_LIVENESS_CHECK_S = 0.05
+#: After giving up on a layered load, how long to still let copies the agent may have queued end
+#: (if it is alive after all) before vLLM can reuse the blocks.
+_ABANDON_GRACE_S = 1.0
+
+
 @dataclass
 class _LayeredLoad:
     """A step's load whose copies run while the forward pass goes on (``layered_loads``)."""
@@ -78,6 +85,7 @@ class WorkerSide:
         self._map: mmap.mmap | None = None
         self._load_errors: set[int] = set()
         self._layer_index: dict[str, int] = {}  # layer name -> its event, for layered loads
+        self._layered_ok = False  # the agent opened our layer events (see GpuKVReply.layered)
         self._layered: _LayeredLoad | None = None
         self.stats = WorkerStats()
         self._reported = asdict(self.stats)
@@ -124,6 +132,9 @@ class WorkerSide:
         if self.cuda is not None:
             reply = client._roundtrip(self.cuda.request(self.namespace), p.GpuKVReply)
             self.kv_id = reply.kv_id
+            self._layered_ok = reply.layered and bool(self.cuda.events)
+            if self.cuda.events and not reply.layered:
+                log.warning("the agent cannot use our layer events; loads will not be layered")
             self.pool_id = hello.pool_id
             return
         assert self.copier is not None
@@ -193,7 +204,7 @@ class WorkerSide:
         self._fail_loads([i for i in meta.loads if not self._ready(i.pool_id)])
         if not ready:
             return
-        if self.cuda is not None and self.cuda.events:
+        if self.cuda is not None and self._layered_ok:
             self._start_layered(ready)
             return
         copied: list[LoadIntent] = []
@@ -250,7 +261,12 @@ class WorkerSide:
         self._layered = _LayeredLoad(intents, started, set())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Before a layer's attention: the forward's stream waits for that layer's copies."""
+        """Before a layer's attention: waits until that layer's copies ended, then orders the
+        forward's stream after them.
+
+        The host waits first, checking that the agent is alive: an event whose recorder died
+        may never fire, and a stream made to wait on it would hang the engine. The forward's
+        kernels for earlier layers run meanwhile, so the overlap stays."""
         load = self._layered
         if load is None or self.cuda is None:
             return
@@ -258,18 +274,53 @@ class WorkerSide:
         index = 0 if len(events) == 1 else self._layer_index.get(layer_name)
         if index is None or index in load.waited:
             return
+        if not self._copies_ended(events[index]):
+            self._abandon_layered(load)
+            return
         torch.cuda.current_stream().wait_event(events[index])
         load.waited.add(index)
+
+    def _copies_ended(self, event: torch.cuda.Event) -> bool:
+        """Waits for ``event``; False if the agent's session closed first (the agent died: its
+        copies stopped with it, and the event may never fire)."""
+        next_check = time.perf_counter() + _LIVENESS_CHECK_S
+        try:
+            while not event.query():
+                if time.perf_counter() >= next_check:
+                    if self.client.peer_closed():
+                        return False
+                    next_check = time.perf_counter() + _LIVENESS_CHECK_S
+                time.sleep(0)
+        except RuntimeError:  # a CUDA error on the event: treat as the agent gone
+            return False
+        return True
+
+    def _abandon_layered(self, load: _LayeredLoad) -> None:
+        """The agent went away during a layered load: its blocks are recomputed, and no later
+        layer waits on an event that may never fire. Only our session may have closed (a call
+        of the save thread failed) while the agent still copies: a bounded wait for the last
+        event lets such copies end before vLLM reuses the blocks."""
+        log.error("the agent went away during a layered load; its blocks are recomputed")
+        self._layered = None
+        self._fail_loads(load.intents)
+        assert self.cuda is not None
+        deadline = time.perf_counter() + _ABANDON_GRACE_S
+        with contextlib.suppress(RuntimeError):
+            while not self.cuda.events[-1].query() and time.perf_counter() < deadline:
+                time.sleep(0.001)
 
     def _finish_layered(self) -> None:
         """After the forward pass: waits for the copies (recorded in layer order on one
         stream: the last event covers all), releases the leases and reports what failed. A
         forward that did not wait on every layer (vLLM skipped the hook, e.g. in a full CUDA
         graph) may have read blocks before they arrived: they are reported for recompute."""
-        load, self._layered = self._layered, None
+        load = self._layered
         if load is None or self.cuda is None:
             return
-        self.cuda.events[-1].synchronize()
+        if not self._copies_ended(self.cuda.events[-1]):
+            self._abandon_layered(load)
+            return
+        self._layered = None
         elapsed = time.perf_counter() - load.started
         missed = len(self.cuda.events) - len(load.waited)
         if not missed:

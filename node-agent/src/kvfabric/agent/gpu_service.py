@@ -64,8 +64,9 @@ class GpuService:
         finally:
             self.ready.set()
 
-    def register(self, session: int, req: p.RegisterGpuKV) -> tuple[int, int]:
-        """Opens an engine worker's KV tensors; returns (kv_id, block_bytes)."""
+    def register(self, session: int, req: p.RegisterGpuKV) -> tuple[int, int, bool]:
+        """Opens an engine worker's KV tensors; returns (kv_id, block_bytes, whether its layer
+        events could be opened too: without them its loads are whole, not layered)."""
         if not self.ready.wait(timeout=0) or self.pinned is None:
             raise GpuError(self.error or "the pool is still being pinned; retry shortly")
         from kvfabric.agent.gpu import (
@@ -103,9 +104,12 @@ class GpuService:
                 try:
                     state.events[self._ids] = IpcEvents(device, req.layer_events)
                 except Exception as exc:  # CuPy's CUDARuntimeError and the like
-                    del state.engines[self._ids]
-                    raise GpuError(f"cannot open the engine's layer events: {exc}") from exc
-            return self._ids, engine.block_bytes
+                    log.warning(
+                        "cannot open the engine's layer events (CUDA IPC events need a /dev/shm "
+                        "shared with the engine, e.g. hostIPC); its loads will not be layered",
+                        extra={"session": session, "error": str(exc)},
+                    )
+            return self._ids, engine.block_bytes, self._ids in state.events
 
     def copy(self, session: int, req: p.GpuCopy) -> str:
         """Runs on an executor thread; the event loop keeps serving other sessions."""

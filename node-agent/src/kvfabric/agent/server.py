@@ -275,7 +275,7 @@ class Agent:
                 # copy's time with its commit or release (a layered load's reply comes early).
                 return p.GpuCopyReply(method=method, seconds=time.perf_counter() - started)
             self.index.check_layout(request.namespace, request.description)  # before opening anything
-            kv_id, block_bytes = await loop.run_in_executor(
+            kv_id, block_bytes, layered = await loop.run_in_executor(
                 self._gpu_copies, gpu.register, session.session_id, request
             )
             ns = self.index.register(request.namespace, block_bytes, 1, request.description)
@@ -289,13 +289,13 @@ class Agent:
                 "session": session.session_id,
                 "kv_id": kv_id,
                 "layers": len(request.handles),
-                "layer_events": len(request.layer_events),
+                "layer_events": len(request.layer_events) if layered else 0,
                 "layout": request.description,
                 "namespace": ns.name,
                 "seconds": round(time.perf_counter() - started, 4),
             },
         )
-        return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes)
+        return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes, layered=layered)
 
     def _close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
