@@ -276,6 +276,20 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         assert get(cluster, "daemonset", "kvfabric-tiny-agent", "-n", "kvfabric") is None
         cluster.kubectl("delete", "kvcachepool", "tiny", "-n", "kvfabric")
 
+        # A GPU pool with hostIPC: its agents and the engines wired to it share the node's IPC
+        # namespace and /dev/shm (CUDA IPC events for layered loads need that).
+        gpu_pool = {"memory": {"size": "1Gi"}, "cuda": True, "hostIPC": True}
+        cluster.kubectl("apply", "-f", "-", input=pool_manifest("gpu", gpu_pool))
+        gds = until(
+            lambda: get(cluster, "daemonset", "kvfabric-gpu-agent", "-n", "kvfabric"), what="GPU DaemonSet"
+        )
+        assert gds["spec"]["template"]["spec"].get("hostIPC") is True
+        cluster.kubectl("apply", "-f", "-", input=pod("vllm-gpu", {"kvfabric.io/pool": "gpu"}))
+        gp = get(cluster, "pod", "vllm-gpu", "-n", "kvfabric")
+        assert gp is not None and gp["metadata"]["annotations"].get("kvfabric.io/injected") == "gpu", gp
+        assert gp["spec"].get("hostIPC") is True
+        cluster.kubectl("delete", "kvcachepool", "gpu", "-n", "kvfabric")
+
         # Deleting the pool garbage-collects everything it owns.
         cluster.kubectl("delete", "kvcachepool", "default", "-n", "kvfabric", "--wait=true")
         until(

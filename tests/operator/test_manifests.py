@@ -64,3 +64,11 @@ def test_children_are_owned_and_named_per_pool() -> None:
         ("Service", "kvfabric-p-agents"),
     ]
     assert all(c["metadata"]["ownerReferences"][0]["uid"] == "u" for c in children("ml", "p", "u", SPEC))
+
+
+def test_host_ipc_shares_the_nodes_ipc_namespace_for_gpu_pools_only() -> None:
+    gpu = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "cuda": True, "hostIPC": True})
+    assert daemonset("ml", "p", "u", gpu)["spec"]["template"]["spec"]["hostIPC"] is True
+    assert "hostIPC" not in daemonset("ml", "p", "u", SPEC)["spec"]["template"]["spec"]
+    with pytest.raises(ValueError, match="cuda: true"):
+        KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "hostIPC": True})

@@ -112,3 +112,11 @@ def test_admission_review_uses_the_request_namespace_and_always_allows() -> None
     assert configuration({"url": "https://x"})["webhooks"][0]["failurePolicy"] == "Ignore"
     event = skip_event("ml", {"metadata": {"generateName": "vllm-abc-"}}, "why")
     assert event["involvedObject"]["name"] == "vllm-abc-" and event["type"] == "Warning"
+
+
+def test_host_ipc_pools_give_engine_pods_the_nodes_ipc_namespace() -> None:
+    spec = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "cuda": True, "hostIPC": True})
+    out, _ = mutate(pod({"kvfabric.io/pool": "gpu"}), "ml", spec)
+    assert out["spec"]["hostIPC"] is True
+    plain, _ = mutate(pod({"kvfabric.io/pool": "default"}), "ml", SPEC)
+    assert "hostIPC" not in plain["spec"]

@@ -123,6 +123,7 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Bod
                     "annotations": {"kvfabric.io/spec-hash": spec_hash(spec)},
                 },
                 "spec": {
+                    **({"hostIPC": True} if spec.host_ipc else {}),
                     "nodeSelector": dict(spec.node_selector),
                     "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations],
                     "containers": [container],

@@ -80,6 +80,8 @@ def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: 
     env.append({"name": "KVFABRIC_SOCKET_PATH", "value": SOCKET_PATH})
     if spec.tenancy == "perNamespace":
         env.append({"name": "KVFABRIC_TENANT", "value": namespace})
+    if spec.host_ipc:  # the agent's pods share it too: CUDA IPC events need one /dev/shm
+        out["spec"]["hostIPC"] = True
     args = container.setdefault("args", [])
     if not any(str(a).startswith("--kv-transfer-config") for a in args):
         args += ["--kv-transfer-config", CONNECTOR_LINE]

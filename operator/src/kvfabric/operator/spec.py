@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GROUP = "kvfabric.io"
 VERSION = "v1alpha1"
@@ -78,5 +78,18 @@ class KVCachePoolSpec(_Model):
         "blocks within their Kubernetes namespace (the connector's tenant).",
     )
     cuda: bool = Field(default=False, description="Agents serve GPU engines (pin the pool for CUDA).")
+    host_ipc: bool = Field(
+        default=False,
+        alias="hostIPC",
+        description="Agent and engine pods share the node's IPC namespace and /dev/shm, which the "
+        "CUDA IPC events of layered loads need (without it GPU engines load before the forward "
+        "pass instead). A security trade-off: those pods see the node's shared memory. Needs cuda.",
+    )
     image: str = Field(default="ghcr.io/kvfabric/agent:0.1.0", min_length=1, description="Agent image.")
     resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _host_ipc_needs_cuda(self) -> KVCachePoolSpec:
+        if self.host_ipc and not self.cuda:
+            raise ValueError("hostIPC is only for GPU engines: set cuda: true as well")
+        return self
