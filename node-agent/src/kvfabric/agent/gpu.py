@@ -158,11 +158,12 @@ class PinnedPool:
 
 
 class _Ids:
-    """One copy's block ids and slots, uploaded to the device once, at the first kernel that
-    needs them (an upload from pageable memory waits for the stream: once, not per launch)."""
+    """One copy's checked block ids and slots, where their runs break (the same for every
+    layer), and their upload to the device, once, at the first kernel that needs them (an
+    upload from pageable memory waits for the stream: once, not per launch)."""
 
-    def __init__(self, blocks: np.ndarray, slots: np.ndarray, stream: Any) -> None:
-        self.blocks, self.slots, self._stream = blocks, slots, stream
+    def __init__(self, blocks: np.ndarray, slots: np.ndarray, breaks: np.ndarray, stream: Any) -> None:
+        self.blocks, self.slots, self.breaks, self._stream = blocks, slots, breaks, stream
         self._dev: Any = None
 
     def device(self, first: int) -> tuple[int, int]:
@@ -264,7 +265,12 @@ class CopyEngine:
         b, s = self._check(block_ids, slots)
         if len(b) == 0:
             return []
-        brk = self._run_breaks(b, s)
+        return self._dma_plan(b, s, self._run_breaks(b, s), to_pool, cols)
+
+    def _dma_plan(
+        self, b: np.ndarray, s: np.ndarray, brk: np.ndarray, to_pool: bool, cols: slice
+    ) -> list[tuple[int, ...]]:
+        """:meth:`dma_plan` for checked ids whose run breaks are known."""
         starts = np.concatenate(([0], brk))
         ends = np.concatenate((brk, [len(b)]))
         plan: list[tuple[int, ...]] = []
@@ -310,7 +316,7 @@ class CopyEngine:
         with self._locks[to_pool], cp.cuda.Device(self.device):
             if self._closed:
                 raise ValueError("the engine's session has ended")
-            ids = _Ids(b, s, stream)
+            ids = _Ids(b, s, self._run_breaks(b, s), stream)
             method = "none"
             for i, cols in enumerate(groups):
                 method = self._queue(ids, to_pool, cols, stream)
@@ -338,8 +344,8 @@ class CopyEngine:
         kind = cp.cuda.runtime.memcpyDeviceToHost if to_pool else cp.cuda.runtime.memcpyHostToDevice
         b, s = ids.blocks, ids.slots
         ncols = len(range(*cols.indices(len(self._len))))
-        runs = 1 + len(self._run_breaks(b, s))
-        plan = self.dma_plan(b, s, to_pool, cols) if runs * ncols <= DMA_MAX_CALLS else []
+        runs = 1 + len(ids.breaks)
+        plan = self._dma_plan(b, s, ids.breaks, to_pool, cols) if runs * ncols <= DMA_MAX_CALLS else []
         if plan and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES:
             for copy in plan:
                 self._memcpy(copy, kind, stream)
