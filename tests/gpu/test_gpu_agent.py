@@ -8,33 +8,37 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from e2e.gpu_host import require_gpu
+
 pytestmark = pytest.mark.gpu
 
-try:
-    import cupy
-    import torch
-
-    HAVE_GPU = torch.cuda.is_available() and cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:
-    HAVE_GPU = False
-if not HAVE_GPU:
-    pytest.skip("no CUDA GPU with torch and CuPy on this machine", allow_module_level=True)
+require_gpu()
 
 from e2e.agent import AgentProcess  # noqa: E402
 
 NB, LAYERS = 64, 4
 
 
-def _engine(socket_path: str, conn: Any) -> None:
+def _engine(body: Callable[[str, Any], None], socket_path: str, conn: Any) -> None:
     try:
-        _engine_body(socket_path, conn)
+        body(socket_path, conn)
     except Exception as exc:  # tell the parent at once instead of letting it time out
         conn.send(("error", repr(exc)))
+
+
+def _spawn_engine(agent: AgentProcess, body: Callable[[str, Any], None]) -> tuple[Any, Any]:
+    """``body(socket_path, conn)`` in an engine process of its own; (parent end of the pipe, process)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_engine, args=(body, str(agent.socket_path), child), daemon=True)
+    proc.start()
+    return parent, proc
 
 
 def _engine_body(socket_path: str, conn: Any) -> None:
@@ -74,10 +78,7 @@ def _engine_body(socket_path: str, conn: Any) -> None:
 def test_agent_copies_over_ipc_and_releases_a_killed_engine(tmp_path: Path) -> None:
     with AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda", "--pin-threads", "8"]) as agent:
         assert agent.stats()["cuda_pinned"] == 1
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_engine, args=(str(agent.socket_path), child), daemon=True)
-        proc.start()
+        parent, proc = _spawn_engine(agent, _engine_body)
         try:
             assert parent.poll(120), "engine did not finish its round trip"
             first = parent.recv()
@@ -105,13 +106,6 @@ def test_agent_copies_over_ipc_and_releases_a_killed_engine(tmp_path: Path) -> N
 
 
 LAYERED_NB, LAYERED_LAYERS, LAYERED_N = 1024, 8, 512
-
-
-def _layered_engine(socket_path: str, conn: Any) -> None:
-    try:
-        _layered_engine_body(socket_path, conn)
-    except Exception as exc:
-        conn.send(("error", repr(exc)))
 
 
 def _layered_engine_body(socket_path: str, conn: Any) -> None:
@@ -167,10 +161,7 @@ def _layered_engine_body(socket_path: str, conn: Any) -> None:
 
 def test_layered_load_orders_the_engine_stream_after_each_layer(tmp_path: Path) -> None:
     with AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda", "--pin-threads", "8"]) as agent:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_layered_engine, args=(str(agent.socket_path), child), daemon=True)
-        proc.start()
+        parent, proc = _spawn_engine(agent, _layered_engine_body)
         try:
             assert parent.poll(180), "engine did not finish"
             results = parent.recv()

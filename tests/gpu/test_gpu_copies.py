@@ -14,17 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from e2e.gpu_host import require_gpu
+
 pytestmark = pytest.mark.gpu
 
-try:
-    import cupy
-    import torch
+require_gpu()
 
-    HAVE_GPU = torch.cuda.is_available() and cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # ImportError, or a CUDA runtime without a device
-    HAVE_GPU = False
-if not HAVE_GPU:
-    pytest.skip("no CUDA GPU with torch and CuPy on this machine", allow_module_level=True)
+import cupy  # noqa: E402
+import torch  # noqa: E402
 
 from kvfabric.agent.gpu import (  # noqa: E402
     CopyEngine,

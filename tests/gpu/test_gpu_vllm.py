@@ -7,23 +7,18 @@ with noise the warm outputs change. Each engine is its own process; the pool is 
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from e2e.gpu_host import require_gpu
+
 pytestmark = pytest.mark.gpu
 
-try:
-    import torch
+require_gpu(vllm=True)
 
-    HAVE_GPU = torch.cuda.is_available()
-except Exception:
-    HAVE_GPU = False
-if not HAVE_GPU or importlib.util.find_spec("vllm") is None or importlib.util.find_spec("cupy") is None:
-    pytest.skip("needs a CUDA GPU with vLLM and CuPy (see tests/README.md)", allow_module_level=True)
 
 from e2e import tiny_model  # noqa: E402
 from e2e.agent import AgentProcess  # noqa: E402

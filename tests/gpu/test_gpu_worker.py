@@ -6,22 +6,18 @@ Needs vLLM importable (the connector's metadata types come from it), no engine.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from e2e.gpu_host import require_gpu
+
 pytestmark = pytest.mark.gpu
 
-try:
-    import torch
+require_gpu(vllm=True)
 
-    HAVE_GPU = torch.cuda.is_available()
-except Exception:
-    HAVE_GPU = False
-if not HAVE_GPU or importlib.util.find_spec("vllm") is None or importlib.util.find_spec("cupy") is None:
-    pytest.skip("needs a CUDA GPU with vLLM and CuPy (see tests/README.md)", allow_module_level=True)
+import torch  # noqa: E402
 
 from e2e.agent import AgentProcess  # noqa: E402
 from kvfabric.connector.client import AgentClient  # noqa: E402
