@@ -54,6 +54,19 @@ def pin_bench(gib: int) -> None:
     )
     m.close()
     os.unlink(path)
+    # The agent's way first: the one that runs second finds guest memory the host already backs
+    # (freed by the first), which favours the baseline.
+    m, path = shm(gib << 30, "pin")
+    pinned = PinnedPool(host_address(m), gib << 30, threads=16)
+    t_pop, t_reg, piped = pinned.pin()
+    print(
+        f"  agent (16 threads, each registering a chunk once it populated it): {piped:.1f} s "
+        f"({gib / piped:.2f} GiB/s; thread-seconds populate {t_pop:.1f}, register {t_reg:.1f}); "
+        f"target <= 20 s for 64 GiB; speedup vs single {gib * t1 / piped:.2f}x"
+    )
+    pinned.unregister()
+    m.close()
+    os.unlink(path)
     m, path = shm(gib << 30, "pin")
     t0 = time.perf_counter()
     pinned = PinnedPool(host_address(m), gib << 30, threads=16)
@@ -61,8 +74,8 @@ def pin_bench(gib: int) -> None:
     t_reg = pinned.register()
     total = time.perf_counter() - t0
     print(
-        f"  parallel: populate {t_pop:.1f} s + register {t_reg:.1f} s = {total:.1f} s "
-        f"({gib / total:.2f} GiB/s); target <= 20 s for 64 GiB; speedup vs single {gib * t1 / total:.2f}x"
+        f"  baseline, populate then register (16 threads each): {t_pop:.1f} s + {t_reg:.1f} s = {total:.1f} s; "
+        f"agent's way {piped / total:.2f}x of it"
     )
     pinned.unregister()
     m.close()
@@ -321,7 +334,7 @@ def agent_ready_bench(gib: int) -> None:
                 pin = agent.stats()["cuda_pin_seconds"]
                 huge = _shmem_huge_kib(agent)
         print(
-            f"agent ready with a {gib} GiB pinned pool, {label}: {ready:.1f} s (populate + register "
+            f"agent ready with a {gib} GiB pinned pool, {label}: {ready:.1f} s (pinning "
             f"{pin:.1f} s, {huge} KiB in huge pages); target <= 20 s"
         )
 

@@ -46,7 +46,7 @@ def pool() -> Iterator[tuple[mmap.mmap, int]]:
     os.close(fd)
     addr = host_address(m)
     pinned = PinnedPool(addr, POOL_BYTES, threads=8, chunk=256 << 20)
-    pinned.register()
+    pinned.pin()  # as the agent does: each chunk populated, then registered
     yield m, addr
     pinned.unregister()
     os.unlink(path)

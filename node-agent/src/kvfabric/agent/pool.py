@@ -66,7 +66,13 @@ class PoolError(RuntimeError):
 class Segment:
     """The pool's backing file, reserved up front so an undersized tmpfs fails now, not later."""
 
-    def __init__(self, path: Path, size: int, huge_pages: bool = False, threads: int = 16) -> None:
+    def __init__(
+        self, path: Path, size: int, huge_pages: bool = False, threads: int = 16, reserve: bool = True
+    ) -> None:
+        """``reserve``: allocate every page now (fallocate). An agent that pins the pool right
+        away passes False: pinning touches every page anyway, and on tmpfs the first touch is
+        what costs (allocating and zeroing), so reserving first would pay for it in a step
+        that cannot overlap the registration."""
         self.path = path
         self.size = size
         self.pool_id = uuid.uuid4().hex
@@ -85,7 +91,8 @@ class Segment:
         try:
             os.ftruncate(fd, size)
             try:
-                _fallocate(fd, size, threads)
+                if reserve:
+                    _fallocate(fd, size, threads)
             except OSError as exc:
                 raise PoolError(
                     f"cannot reserve {size} bytes for the pool at {path}: {exc.strerror} "

@@ -96,6 +96,7 @@ class Agent:
                 self.settings.pool_size,
                 self.settings.huge_pages,
                 threads=self.settings.pin_threads,
+                reserve=not self.settings.cuda,  # pinning populates it (statvfs checked it fits)
             )
         except (OSError, PoolError) as exc:
             raise AgentStartError(str(exc)) from exc
