@@ -221,6 +221,17 @@ def transfer_bench() -> None:
         f"MLA (32 x [blocks, 16, 576] bf16, {eng3.block_bytes // 1024} KiB/block), 256 random blocks: "
         f"save {msave:.1f} GB/s ({msave / d2h:.2f}x), load {mload:.1f} GB/s ({mload / h2d:.2f}x)"
     )
+    # The same blocks into consecutive slots (a request's blocks saved together get an arena's
+    # next slots), and by the direct kernel: is the random case bound by one DMA call per slot?
+    mrun = list(range(3, 3 + n))
+    rsave, rload = rates(eng3, blocks, mrun, n * eng3.block_bytes)
+    eng3k = engine_for(mla, "mla", per, fragmented="kernel")
+    ksave, kload = rates(eng3k, blocks, mslots, n * eng3.block_bytes)
+    print(
+        f"  MLA, consecutive slots: save {rsave / d2h:.2f}x, load {rload / h2d:.2f}x; "
+        f"random slots, direct kernel on mapped memory: save {ksave / d2h:.2f}x, load {kload / h2d:.2f}x"
+    )
+    del eng3k
 
     # vLLM >= 0.26 cross-layer blocks (the connector asks for them): one [blocks, 32, 16, 8, 256]
     # tensor, each block one 2 MiB chunk over all layers; the agent sees a single "layer".
