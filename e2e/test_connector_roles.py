@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -19,8 +20,10 @@ with warnings.catch_warnings():  # vLLM's own import-time deprecations are not o
     import vllm.distributed.kv_transfer.kv_connector.v1.base  # noqa: F401
 
 from e2e.agent import AgentProcess
+from kvfabric.connector import protocol as p
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
+from kvfabric.connector.cuda_kv import CudaKV
 from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed
 from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent
 from kvfabric.connector.scheduler import SchedulerSide
@@ -193,3 +196,63 @@ def test_layered_loads_ask_vllm_for_piecewise_cuda_graphs() -> None:
 
     assert KVFabricConnector.requires_piecewise_for_cudagraph({}) is True
     assert KVFabricConnector.requires_piecewise_for_cudagraph({"layered_loads": False}) is False
+
+
+# -- layered loads only with an agent that understands them -------------------------------------
+
+
+class _Client:
+    def __init__(self, opened: bool) -> None:
+        self.sent: list[Any] = []
+        self.opened = opened
+
+    def _roundtrip(self, request: Any, reply_type: type) -> Any:
+        self.sent.append(request)
+        assert reply_type is p.GpuKVReply
+        return p.GpuKVReply(kv_id=7, block_bytes=1024, layered=self.opened and bool(request.layer_events))
+
+
+def _hello(features: list[str]) -> p.HelloReply:
+    return p.HelloReply(
+        session_id=1,
+        agent_id="a",
+        pool_id="pool",
+        pool_path="/dev/shm/none",
+        pool_bytes=1 << 30,
+        protocol_version=p.PROTOCOL_VERSION,
+        features=features,
+    )
+
+
+@pytest.mark.parametrize(
+    ("features", "opened", "sends_events", "layered"),
+    [
+        ([], True, False, False),  # older agent: no events sent, whole loads
+        (["layered_loads"], True, True, True),
+        (["layered_loads"], False, True, False),  # the agent could not open them (no shared /dev/shm)
+    ],
+)
+def test_layer_events_go_only_to_an_agent_that_understands_them(
+    tmp_path: Path, features: list[str], opened: bool, sends_events: bool, layered: bool
+) -> None:
+    """A GPU worker sends its layer events only to an agent that lists ``layered_loads``, so an
+    agent older than layered loads serves it (whole loads) instead of refusing the registration.
+    Pure logic of ``_on_connect``: a stand-in client records the registration (the GPU path end
+    to end is in tests/gpu)."""
+    w = WorkerSide(ConnectorConfig(socket_path=str(tmp_path / "none.sock")), SPEC, "t")
+    w.cuda = CudaKV(
+        device_uuid="GPU-1",
+        layout="block_chunk",
+        num_blocks=4,
+        plane_bytes=512,
+        handles=(b"h" * 64, b"h" * 64),
+        offsets=(0, 0),
+        events=(object(), object()),  # type: ignore[arg-type]
+        event_handles=(b"e" * 64, b"f" * 64),
+    )
+    client = _Client(opened)
+    w._on_connect(client, _hello(features))  # type: ignore[arg-type]
+    (registration,) = client.sent
+    assert bool(registration.layer_events) is sends_events
+    assert w._layered_ok is layered
+    assert w.kv_id == 7

@@ -47,3 +47,54 @@ def test_replies_round_trip() -> None:
 def test_invalid_requests_are_rejected(raw: dict[str, object]) -> None:
     with pytest.raises(msgspec.ValidationError):
         p.request_decoder.decode(msgspec.msgpack.encode(raw))
+
+
+class _OldRegisterGpuKV(msgspec.Struct, tag_field="op", tag="register_gpu_kv", forbid_unknown_fields=True):
+    """RegisterGpuKV as an agent older than layered loads declares it."""
+
+    namespace: str
+    device_uuid: str
+    layout: str
+    num_blocks: int
+    plane_bytes: int
+    handles: list[bytes]
+    offsets: list[int]
+    byte_order: str = ""
+
+
+def _registration(events: list[bytes]) -> p.RegisterGpuKV:
+    return p.RegisterGpuKV(
+        namespace="n",
+        device_uuid="GPU-1",
+        layout="kv_planes",
+        num_blocks=4,
+        plane_bytes=64,
+        handles=[b"h" * 64],
+        offsets=[0],
+        layer_events=events,
+    )
+
+
+def test_an_older_agent_accepts_a_request_that_uses_nothing_new() -> None:
+    old = msgspec.msgpack.Decoder(_OldRegisterGpuKV)
+    assert old.decode(_body(p.encode(_registration([])))).handles == [b"h" * 64]
+    with pytest.raises(msgspec.ValidationError, match="layer_events"):
+        old.decode(_body(p.encode(_registration([b"e" * 64]))))
+    # the layered flag likewise travels only when set
+    assert "layered" not in msgspec.msgpack.decode(_body(p.encode(p.GpuCopy(1, False, [1], [2]))))
+
+
+def test_features_of_an_older_agent_decode_as_none() -> None:
+    old_hello = {
+        "kind": "hello",
+        "session_id": 1,
+        "agent_id": "a",
+        "pool_id": "p",
+        "pool_path": "/dev/shm/x",
+        "pool_bytes": 1,
+        "protocol_version": 1,
+    }
+    assert p.reply_decoder.decode(msgspec.msgpack.encode(old_hello)).features == []
+    features = ["layered_loads", "from_the_future"]
+    newer = {**old_hello, "features": features, "surprise": 1}
+    assert p.reply_decoder.decode(msgspec.msgpack.encode(newer)).features == features

@@ -50,7 +50,9 @@ def read_reply(s: socket.socket) -> p._Reply | None:
 
 def hello(s: socket.socket) -> None:
     s.sendall(p.encode(p.Hello(protocol_version=p.PROTOCOL_VERSION, client="raw")))
-    assert isinstance(read_reply(s), p.HelloReply)
+    reply = read_reply(s)
+    assert isinstance(reply, p.HelloReply)
+    assert "layered_loads" in reply.features  # what connectors check before sending layer events
 
 
 def client(agent: AgentProcess, **kw: float) -> AgentClient:

@@ -26,7 +26,9 @@ class CudaKV:
     events: tuple[torch.cuda.Event, ...] = ()
     event_handles: tuple[bytes, ...] = field(default=(), repr=False)
 
-    def request(self, namespace: str) -> p.RegisterGpuKV:
+    def request(self, namespace: str, with_events: bool = True) -> p.RegisterGpuKV:
+        """The registration; ``with_events`` False leaves the layer events out (an agent that
+        does not list ``layered_loads`` would refuse them)."""
         return p.RegisterGpuKV(
             namespace=namespace,
             device_uuid=self.device_uuid,
@@ -36,7 +38,7 @@ class CudaKV:
             handles=list(self.handles),
             offsets=list(self.offsets),
             byte_order=self.byte_order,
-            layer_events=list(self.event_handles),
+            layer_events=list(self.event_handles) if with_events else [],
         )
 
 

@@ -15,6 +15,12 @@ copy many blocks with one vectorised gather or scatter.
 
 Adding a request type: add a Struct with a unique ``tag``, add it to :data:`Request`, and handle
 it in the agent's dispatcher. Bump :data:`PROTOCOL_VERSION` for incompatible changes.
+
+Compatible changes need no bump. Requests refuse unknown fields, so a new request field must
+have a default, and requests are encoded without fields at their defaults: an older agent
+accepts a newer client's request as long as it uses nothing new. A client that wants a newer
+field first checks that the agent lists the feature in :attr:`HelloReply.features` (replies
+ignore unknown fields, so a newer agent's reply never troubles an older client).
 """
 
 from __future__ import annotations
@@ -36,7 +42,12 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
 
 
-class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, frozen=True):
+#: What this agent understands beyond protocol 1's first release; see :attr:`HelloReply.features`.
+#: ``layered_loads``: ``RegisterGpuKV.layer_events`` and ``GpuCopy.layered``.
+FEATURES = ("layered_loads",)
+
+
+class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True, frozen=True):
     pass
 
 
@@ -140,9 +151,8 @@ class GpuCopy(_Request, frozen=True, tag="gpu_copy"):
 
     ``layered`` (loads into an engine registered with ``layer_events``): the reply comes once
     the copies are queued; layer ``i``'s event is recorded after its copies, and the engine's
-    stream waits on it before reading that layer. Requests refuse unknown fields, so an agent
-    older than ``layer_events``/``layered`` refuses the registration and the engine recomputes:
-    upgrade agents before engines (a newer agent serves older connectors).
+    stream waits on it before reading that layer. Sent only to an agent that lists
+    ``layered_loads`` in its features (an older one would refuse the unknown field).
     """
 
     kv_id: int
@@ -166,6 +176,9 @@ class HelloReply(_Reply, frozen=True, tag="hello"):
     pool_path: str
     pool_bytes: int
     protocol_version: int
+    #: Optional requests and fields the agent understands (:data:`FEATURES`); an agent older
+    #: than this field sends none, and decodes as an empty list.
+    features: list[str] = []
 
 
 class NamespaceReply(_Reply, frozen=True, tag="namespace"):

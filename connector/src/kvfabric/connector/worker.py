@@ -130,10 +130,13 @@ class WorkerSide:
     def _on_connect(self, client: AgentClient, hello: p.HelloReply) -> None:
         """(Re)connected: declare our layout and map the agent's pool if it is a new one."""
         if self.cuda is not None:
-            reply = client._roundtrip(self.cuda.request(self.namespace), p.GpuKVReply)
+            events = bool(self.cuda.events) and "layered_loads" in hello.features
+            if self.cuda.events and not events:
+                log.warning("the agent is older than layered loads; loads will not be layered (upgrade it)")
+            reply = client._roundtrip(self.cuda.request(self.namespace, events), p.GpuKVReply)
             self.kv_id = reply.kv_id
-            self._layered_ok = reply.layered and bool(self.cuda.events)
-            if self.cuda.events and not reply.layered:
+            self._layered_ok = reply.layered and events
+            if events and not reply.layered:
                 log.warning("the agent cannot use our layer events; loads will not be layered")
             self.pool_id = hello.pool_id
             return

@@ -326,6 +326,7 @@ class Agent:
             pool_path=str(self.segment.path),
             pool_bytes=self.segment.size,
             protocol_version=p.PROTOCOL_VERSION,
+            features=list(p.FEATURES),
         )
 
     # -- requests ------------------------------------------------------------------------------------
