@@ -212,6 +212,20 @@ class _Client:
         return p.GpuKVReply(kv_id=7, block_bytes=1024, layered=self.opened and bool(request.layer_events))
 
 
+def _cuda_kv() -> CudaKV:
+    """A GPU engine's registration as the worker keeps it (no GPU needed: nothing is opened)."""
+    return CudaKV(
+        device_uuid="GPU-1",
+        layout="block_chunk",
+        num_blocks=4,
+        plane_bytes=512,
+        handles=(b"h" * 64, b"h" * 64),
+        offsets=(0, 0),
+        events=(object(), object()),  # type: ignore[arg-type]
+        event_handles=(b"e" * 64, b"f" * 64),
+    )
+
+
 def _hello(features: list[str]) -> p.HelloReply:
     return p.HelloReply(
         session_id=1,
@@ -240,19 +254,48 @@ def test_layer_events_go_only_to_an_agent_that_understands_them(
     Pure logic of ``_on_connect``: a stand-in client records the registration (the GPU path end
     to end is in tests/gpu)."""
     w = WorkerSide(ConnectorConfig(socket_path=str(tmp_path / "none.sock")), SPEC, "t")
-    w.cuda = CudaKV(
-        device_uuid="GPU-1",
-        layout="block_chunk",
-        num_blocks=4,
-        plane_bytes=512,
-        handles=(b"h" * 64, b"h" * 64),
-        offsets=(0, 0),
-        events=(object(), object()),  # type: ignore[arg-type]
-        event_handles=(b"e" * 64, b"f" * 64),
-    )
+    w.cuda = _cuda_kv()
     client = _Client(opened)
     w._on_connect(client, _hello(features))  # type: ignore[arg-type]
     (registration,) = client.sent
     assert bool(registration.layer_events) is sends_events
     assert w._layered_ok is layered
     assert w.kv_id == 7
+
+
+def test_gpu_loads_wait_for_the_engine_stream_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With async scheduling a step's loads are sent while the previous step may still write
+    into blocks freed meanwhile: the worker lets the engine's stream catch up before the agent
+    writes, for layered and whole loads alike. Pure logic (a stand-in stream and client)."""
+    order: list[str] = []
+
+    class Stream:
+        def synchronize(self) -> None:
+            order.append("synchronize")
+
+    class Client(_Client):
+        def connect(self) -> bool:
+            return True
+
+        def call(self, request: Any, reply_type: type) -> Any:
+            order.append(type(request).__name__)
+            return p.GpuCopyReply(method="dma", seconds=0.0)
+
+        def release(self, lease_ids: list[str], blocks: int, seconds: float) -> list[bool]:
+            return [True] * len(lease_ids)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    load = LoadIntent("r", "lease", "pool", (1, 2), ((5, 6),))
+    for layered in (True, False):
+        order.clear()
+        w = WorkerSide(ConnectorConfig(socket_path=str(tmp_path / "none.sock")), SPEC, "t")
+        w.cuda = _cuda_kv()
+        w.pool_id = "pool"
+        w._layered_ok = layered
+        w.client = Client(opened=True)  # type: ignore[assignment]
+        w._finish_layered = lambda: None  # type: ignore[method-assign]
+        w.start_load_kv(KVFabricMetadata(loads=[load]))
+        assert order == ["synchronize", "GpuCopy"], order
+        order.clear()
+        w.start_load_kv(KVFabricMetadata())
+        assert order == []  # steps without loads (every decode step) never wait

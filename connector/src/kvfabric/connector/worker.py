@@ -207,6 +207,14 @@ class WorkerSide:
         self._fail_loads([i for i in meta.loads if not self._ready(i.pool_id)])
         if not ready:
             return
+        if self.cuda is not None:
+            # The agent writes into the engine's blocks from its own streams, which know nothing
+            # of the engine's. With vLLM's async scheduling (the default) this step is prepared
+            # while the previous one still runs on the GPU, and a block allocated now may have
+            # been freed by a request that the running step still writes into (one that
+            # finished or was preempted meanwhile). vLLM's own offloading orders its loads after
+            # the compute stream likewise. Costs nothing when the GPU has caught up.
+            torch.cuda.current_stream().synchronize()
         if self.cuda is not None and self._layered_ok:
             self._start_layered(ready)
             return
