@@ -198,7 +198,7 @@ def test_layered_loads_ask_vllm_for_piecewise_cuda_graphs() -> None:
     assert KVFabricConnector.requires_piecewise_for_cudagraph({"layered_loads": False}) is False
 
 
-# -- layered loads only with an agent that understands them -------------------------------------
+# -- GPU worker logic, without a GPU (a stand-in client) -----------------------------------------
 
 
 class _Client:
