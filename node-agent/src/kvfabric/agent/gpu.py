@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from kvfabric.agent.pool import address_of, populate
+from kvfabric.agent.pool import address_of, chunks_of, populate
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ DMA_MAX_CALLS = 256
 #: pitched copy across pieces failed with "invalid argument"; split at pieces and sent as linear
 #: copies they pass (tests/gpu).
 REGISTER_CHUNK = 1 << 30
+#: cudaHostRegisterPortable | cudaHostRegisterMapped
+_HOST_REGISTER_FLAGS = 1 | 2
 
 
 def _cupy() -> Any:
@@ -143,12 +145,11 @@ class PinnedPool:
 
     def register(self) -> float:
         cp = _cupy()
-        flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
-        chunks = [(a, min(self.chunk, self.size - a)) for a in range(0, self.size, self.chunk)]
+        chunks = chunks_of(self.size, self.chunk)
         started = time.perf_counter()
 
         def one(c: tuple[int, int]) -> None:
-            cp.cuda.runtime.hostRegister(self.address + c[0], c[1], flags)
+            cp.cuda.runtime.hostRegister(self.address + c[0], c[1], _HOST_REGISTER_FLAGS)
 
         with ThreadPoolExecutor(self.threads, "kvfabric-pin") as ex:
             list(ex.map(one, chunks))
@@ -164,8 +165,7 @@ class PinnedPool:
         chunks registered so far are unregistered and the error raised."""
         cp = _cupy()
         cp.cuda.runtime.free(0)  # CUDA's context, once, before the threads race to create it
-        flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
-        chunks = [(a, min(self.chunk, self.size - a)) for a in range(0, self.size, self.chunk)]
+        chunks = chunks_of(self.size, self.chunk)
         done: list[tuple[int, int]] = []
         times = [0.0, 0.0]
         lock = threading.Lock()
@@ -175,7 +175,7 @@ class PinnedPool:
             t0 = time.perf_counter()
             populate(self.address + c[0], c[1], 1, c[1])
             t1 = time.perf_counter()
-            cp.cuda.runtime.hostRegister(self.address + c[0], c[1], flags)
+            cp.cuda.runtime.hostRegister(self.address + c[0], c[1], _HOST_REGISTER_FLAGS)
             t2 = time.perf_counter()
             with lock:
                 done.append(c)

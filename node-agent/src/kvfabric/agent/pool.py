@@ -27,13 +27,18 @@ log = logging.getLogger(__name__)
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
+def chunks_of(size: int, chunk: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each ``chunk``-sized piece of ``size`` bytes (the last may be short)."""
+    return [(a, min(chunk, size - a)) for a in range(0, size, chunk)]
+
+
 def populate(address: int, size: int, threads: int, chunk: int = 1 << 30) -> float:
     """Faults every page of ``[address, address + size)`` in (tmpfs allocates and zeroes a page
     at its first touch), one thread per chunk. Through ctypes, so the threads really run in
     parallel: CPython's ``mmap.madvise`` holds the GIL. Returns seconds; raises OSError."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    chunks = [(a, min(chunk, size - a)) for a in range(0, size, chunk)]
+    chunks = chunks_of(size, chunk)
     started = time.perf_counter()
 
     def one(c: tuple[int, int]) -> None:
@@ -50,7 +55,7 @@ def _fallocate(fd: int, size: int, threads: int, chunk: int = 1 << 30) -> None:
     """Reserves ``size`` bytes, chunks in parallel: on tmpfs reserving means allocating and
     zeroing every page, which one thread does at a few GB/s (on the H200 host, 16 threads made a
     64 GiB agent ready 10 s sooner)."""
-    chunks = [(a, min(chunk, size - a)) for a in range(0, size, chunk)]
+    chunks = chunks_of(size, chunk)
     with ThreadPoolExecutor(max(1, min(threads, len(chunks))), "kvfabric-fallocate") as ex:
         list(ex.map(lambda c: os.posix_fallocate(fd, c[0], c[1]), chunks))
 
