@@ -195,12 +195,11 @@ def agent_times(agent: AgentProcess) -> dict[str, tuple[float, float]]:
         "kvfabric_load_copy_seconds_{}": "load_copy",
     }
     lines = agent.metrics_text().splitlines()
-    out = {}
-    for pattern, name in want.items():
-        total = [float(x.split()[-1]) for x in lines if x.startswith(pattern.format("sum") + " ")]
-        count = [float(x.split()[-1]) for x in lines if x.startswith(pattern.format("count") + " ")]
-        out[name] = (total[0] if total else 0.0, count[0] if count else 0.0)
-    return out
+
+    def value(series: str) -> float:
+        return next((float(x.split()[-1]) for x in lines if x.startswith(series + " ")), 0.0)
+
+    return {name: (value(pattern.format("sum")), value(pattern.format("count"))) for pattern, name in want.items()}
 
 
 def warm(b: Bench, agent: AgentProcess, e: EngineProcess, label: str) -> None:
