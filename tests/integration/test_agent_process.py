@@ -193,7 +193,7 @@ def test_refuses_to_start_beside_a_live_agent(agent: AgentProcess, tmp_path: Pat
         timeout=60,
     )
     assert proc.returncode == 1
-    assert "another agent is serving" in proc.stderr
+    assert "another agent holds" in proc.stderr
     assert agent.stats()["sessions"] == 0  # the live one is untouched
     assert client(agent).stats()["pool_bytes"] == 64 << 20
 

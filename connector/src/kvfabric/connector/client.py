@@ -9,6 +9,7 @@ and after an exponential backoff the next call tries to reconnect.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import threading
@@ -185,6 +186,47 @@ class AgentClient:
         if not isinstance(reply, expect):
             raise self._fail(f"unexpected reply {type(reply).__name__} to {type(request).__name__}")
         return reply
+
+    def _roundtrip_fd(self, request: p._Request, expect: type[R]) -> tuple[R, int]:
+        """Like :meth:`_roundtrip`, for a reply whose frame carries a file descriptor."""
+        sock = self._sock
+        assert sock is not None
+        fds: list[int] = []
+        try:
+            sock.sendall(p.encode(request))
+            header = b""
+            while len(header) < p.HEADER.size:
+                data, ancdata, _, _ = sock.recvmsg(p.HEADER.size - len(header), socket.CMSG_SPACE(4))
+                if not data:
+                    raise ConnectionError("agent closed the connection")
+                header += data
+                for level, kind, payload in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.extend(
+                            int.from_bytes(payload[i : i + 4], "little")
+                            for i in range(0, len(payload) - 3, 4)
+                        )
+            (length,) = p.HEADER.unpack(header)
+            if length > self.max_frame_bytes:
+                raise ConnectionError(f"reply frame of {length} bytes exceeds limit")
+            reply = p.reply_decoder.decode(self._recv_exact(sock, length))
+        except (OSError, ConnectionError, msgspec.DecodeError) as exc:
+            for fd in fds:
+                os.close(fd)
+            raise self._fail(f"{type(request).__name__}: {exc!r}") from exc
+        if isinstance(reply, p.ErrorReply) or not isinstance(reply, expect) or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            if isinstance(reply, p.ErrorReply):
+                raise AgentRejected(reply.code, reply.message)
+            raise self._fail(f"unexpected reply {type(reply).__name__} with {len(fds)} descriptors")
+        return reply, fds[0]
+
+    def open_pool(self, writable: bool = True) -> tuple[p.PoolReply, int]:
+        """The pool file as a descriptor the caller owns (agents listing ``pool_fd``)."""
+        with self._lock:
+            self._ensure_connected()
+            return self._roundtrip_fd(p.OpenPool(writable=writable), p.PoolReply)
 
     def call(self, request: p._Request, expect: type[R]) -> R:
         """Sends one request and returns its reply; raises ``AgentError`` on any failure."""

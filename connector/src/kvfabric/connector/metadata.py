@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
@@ -12,7 +13,8 @@ class LoadIntent:
     """Copy leased pool slots into vLLM blocks before the forward pass.
 
     ``slots[rank]`` are the slots of TP rank ``rank``; the worker releases its own lease
-    ``f"{lease_id}#{rank}"`` after copying and trusts the bytes only if the lease was still held.
+    (``leases[rank]``, which names the lease's generation, or ``f"{lease_id}#{rank}"`` from an
+    agent that issues none) after copying and trusts the bytes only if the lease was still held.
     """
 
     req_id: str
@@ -20,6 +22,10 @@ class LoadIntent:
     pool_id: str
     block_ids: tuple[int, ...]
     slots: tuple[tuple[int, ...], ...]
+    leases: tuple[str, ...] = ()
+
+    def lease_of(self, rank: int) -> str:
+        return self.leases[rank] if rank < len(self.leases) else lease_of_rank(self.lease_id, rank)
 
 
 @dataclass(frozen=True)
@@ -43,3 +49,10 @@ class KVFabricMetadata(KVConnectorMetadata):
 def lease_of_rank(lease_id: str, rank: int) -> str:
     """The agent leases each namespace (TP rank) of a lookup separately under this id."""
     return f"{lease_id}#{rank}"
+
+
+def lease_id_for(engine_tag: str, request_id: str) -> str:
+    """A request's lease id: short whatever vLLM's request id is (clients may choose those, and
+    the agent takes ids of at most 128 characters), unique per engine and request."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=12).hexdigest()
+    return f"{engine_tag[:64]}:{digest}"

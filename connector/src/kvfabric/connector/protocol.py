@@ -36,15 +36,31 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 HEADER = struct.Struct(">I")
 
+#: Largest frame the agent reads before a session said hello (a hello is ~100 bytes).
+PRE_HELLO_MAX_FRAME_BYTES = 4096
+#: Most keys one request names: a 2M-token prompt in blocks of 16 tokens.
+MAX_KEYS = 1 << 17
+#: Smallest block the agent accepts: a slot is a page at least (a tiny block would make the
+#: agent's free lists explode: ``block_bytes=1`` cost 2.5 GiB per arena).
+MIN_BLOCK_BYTES = 4096
+MAX_BLOCK_TOKENS = 1 << 16
+#: Engines' measured copy times: finite and at most an hour (``inf`` would poison the metrics).
+MAX_SECONDS = 3600.0
+
 Key = Annotated[bytes, msgspec.Meta(min_length=1, max_length=64)]
+Keys = Annotated[list[Key], msgspec.Meta(max_length=MAX_KEYS)]
 Namespace = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
+LeaseId = Annotated[str, msgspec.Meta(min_length=1, max_length=160)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_SECONDS)]
+BlockTokens = Annotated[int, msgspec.Meta(gt=0, le=MAX_BLOCK_TOKENS)]
 
 
 #: What this agent understands beyond protocol 1's first release; see :attr:`HelloReply.features`.
 #: ``layered_loads``: ``RegisterGpuKV.layer_events`` and ``GpuCopy.layered``.
-FEATURES = ("layered_loads",)
+#: ``lease_generations``: ``LookupReply.leases`` (release those exact ids).
+#: ``pool_fd``: :class:`OpenPool` (the pool is passed as a file descriptor, not a path).
+FEATURES = ("layered_loads", "lease_generations", "pool_fd")
 
 
 class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True, frozen=True):
@@ -62,8 +78,8 @@ class RegisterNamespace(_Request, frozen=True, tag="register_namespace"):
     """Declares a layout so the agent can carve slots for it; idempotent for equal sizes."""
 
     namespace: Namespace
-    block_bytes: Annotated[int, msgspec.Meta(gt=0)]
-    block_tokens: Annotated[int, msgspec.Meta(gt=0)]
+    block_bytes: Annotated[int, msgspec.Meta(ge=MIN_BLOCK_BYTES, le=2**40)]
+    block_tokens: BlockTokens
     description: Annotated[str, msgspec.Meta(max_length=4096)] = ""
 
 
@@ -73,12 +89,14 @@ class Lookup(_Request, frozen=True, tag="lookup"):
     With ``lease_id`` set, the hit blocks of ``namespaces[i]`` are leased (pinned against
     eviction) under ``f"{lease_id}#{i}"`` until :class:`Release` or the end of the session, and
     their slots are returned. One lease per namespace lets each TP rank release its own.
+    Namespaces must be distinct. A lease id another live session holds is refused; the same
+    session looking up again under its id replaces its earlier lease (a new generation).
     """
 
     namespaces: Annotated[list[Namespace], msgspec.Meta(min_length=1, max_length=1024)]
-    keys: list[Key]
-    block_tokens: Annotated[int, msgspec.Meta(gt=0)]
-    lease_id: str | None = None
+    keys: Keys
+    block_tokens: BlockTokens
+    lease_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
 
 
 class Reserve(_Request, frozen=True, tag="reserve"):
@@ -89,7 +107,7 @@ class Reserve(_Request, frozen=True, tag="reserve"):
     """
 
     namespace: Namespace
-    keys: list[Key]
+    keys: Keys
     parent: Key | None = None
 
 
@@ -97,21 +115,37 @@ class Commit(_Request, frozen=True, tag="commit"):
     """Makes reserved blocks visible (``keys``) and returns the rest (``abort``) to the pool."""
 
     namespace: Namespace
-    keys: list[Key]
-    abort: list[Key] = []
+    keys: Keys
+    abort: Keys = []
     copy_seconds: Seconds = 0.0
 
 
 class Release(_Request, frozen=True, tag="release"):
-    """Ends leases. ``loaded_blocks`` and ``copy_seconds`` feed the agent's load metrics."""
+    """Ends leases. ``loaded_blocks`` and ``copy_seconds`` feed the agent's load metrics
+    (``loaded_blocks`` counts only up to the first lease's size).
 
-    lease_ids: Annotated[list[str], msgspec.Meta(max_length=65536)]
+    An id from :attr:`LookupReply.leases` (``"<id>#<i>/<generation>"``) ends that generation
+    only: if the lease was replaced or dropped meanwhile, it is reported as not held. A plain
+    ``"<id>#<i>"`` ends whatever generation is current. Only sessions of the lease's tenant
+    can end it.
+    """
+
+    lease_ids: Annotated[list[LeaseId], msgspec.Meta(max_length=65536)]
     loaded_blocks: NonNegative = 0
     copy_seconds: Seconds = 0.0
 
 
 class Stats(_Request, frozen=True, tag="stats"):
     pass
+
+
+class OpenPool(_Request, frozen=True, tag="open_pool"):
+    """Asks for the pool as a file descriptor (``SCM_RIGHTS`` on the reply's frame) instead of
+    opening :attr:`HelloReply.pool_path`: with isolated tenancy every tenant has its own pool
+    file, which only the agent can open. ``writable``: False gives a read-only descriptor.
+    Sent only to an agent that lists ``pool_fd``."""
+
+    writable: bool = True
 
 
 class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
@@ -132,10 +166,10 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
     namespace: Namespace
     device_uuid: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     layout: Annotated[str, msgspec.Meta(max_length=32)]
-    num_blocks: Annotated[int, msgspec.Meta(gt=0)]
-    plane_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    num_blocks: Annotated[int, msgspec.Meta(gt=0, le=1 << 32)]
+    plane_bytes: Annotated[int, msgspec.Meta(gt=0, le=1 << 36)]
     handles: Annotated[list[bytes], msgspec.Meta(min_length=1, max_length=4096)]
-    offsets: list[NonNegative]
+    offsets: Annotated[list[NonNegative], msgspec.Meta(max_length=4096)]
     byte_order: Annotated[str, msgspec.Meta(max_length=128)] = ""
     layer_events: Annotated[list[bytes], msgspec.Meta(max_length=4096)] = []
 
@@ -157,12 +191,23 @@ class GpuCopy(_Request, frozen=True, tag="gpu_copy"):
 
     kv_id: int
     to_pool: bool
-    block_ids: list[NonNegative]
-    slots: list[NonNegative]
+    block_ids: Annotated[list[NonNegative], msgspec.Meta(max_length=MAX_KEYS)]
+    slots: Annotated[list[NonNegative], msgspec.Meta(max_length=MAX_KEYS)]
     layered: bool = False
 
 
-Request = Hello | RegisterNamespace | Lookup | Reserve | Commit | Release | Stats | RegisterGpuKV | GpuCopy
+Request = (
+    Hello
+    | RegisterNamespace
+    | Lookup
+    | Reserve
+    | Commit
+    | Release
+    | Stats
+    | OpenPool
+    | RegisterGpuKV
+    | GpuCopy
+)
 
 
 class _Reply(msgspec.Struct, tag_field="kind", frozen=True):
@@ -179,6 +224,8 @@ class HelloReply(_Reply, frozen=True, tag="hello"):
     #: Optional requests and fields the agent understands (:data:`FEATURES`); an agent older
     #: than this field sends none, and decodes as an empty list.
     features: list[str] = []
+    #: The tenant the agent put this session in (isolated tenancy), for logs; "" when shared.
+    tenant: str = ""
 
 
 class NamespaceReply(_Reply, frozen=True, tag="namespace"):
@@ -191,6 +238,9 @@ class LookupReply(_Reply, frozen=True, tag="lookup"):
     pool_id: str
     #: ``slots[i][j]``: slot of hit block ``j`` in ``namespaces[i]``; empty without a lease.
     slots: list[list[int]]
+    #: ``leases[i]``: the id that ends exactly this lease of ``namespaces[i]`` (with its
+    #: generation); empty from an agent without ``lease_generations`` or without a lease.
+    leases: list[str] = []
 
 
 class ReserveReply(_Reply, frozen=True, tag="reserve"):
@@ -210,6 +260,14 @@ class ReleaseReply(_Reply, frozen=True, tag="release"):
 
 class StatsReply(_Reply, frozen=True, tag="stats"):
     stats: dict[str, int | float | str]
+
+
+class PoolReply(_Reply, frozen=True, tag="pool"):
+    """The frame carries the pool file's descriptor (``SCM_RIGHTS``)."""
+
+    pool_id: str
+    pool_bytes: int
+    writable: bool
 
 
 class GpuKVReply(_Reply, frozen=True, tag="gpu_kv"):
@@ -238,6 +296,7 @@ Reply = (
     | CommitReply
     | ReleaseReply
     | StatsReply
+    | PoolReply
     | GpuKVReply
     | GpuCopyReply
     | ErrorReply
@@ -251,6 +310,9 @@ E_VERSION = "version_mismatch"
 E_NAMESPACE = "namespace"
 E_INTERNAL = "internal"
 E_GPU = "gpu"
+E_LEASE = "lease"
+E_QUOTA = "quota"
+E_BUSY = "busy"
 
 request_encoder = msgspec.msgpack.Encoder()
 request_decoder = msgspec.msgpack.Decoder(Request)

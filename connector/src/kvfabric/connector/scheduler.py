@@ -11,7 +11,7 @@ from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.errors import AgentError
 from kvfabric.connector.keys import chain_keys, request_seed
-from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_of_rank
+from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_id_for, lease_of_rank
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -27,6 +27,7 @@ class _PendingLoad:
     pool_id: str
     first_block: int
     slots: list[list[int]]
+    leases: list[str]
 
 
 @dataclass
@@ -41,6 +42,8 @@ class _RequestState:
     saved_upto: int = 0
     pending: _PendingLoad | None = None
     lease_id: str | None = None
+    #: the agent's ids of exactly the leases taken (with their generation), per TP rank
+    leases: list[str] = field(default_factory=list)
     #: A save was planned: with background saves vLLM must keep the blocks until it is done.
     had_saves: bool = False
 
@@ -103,7 +106,7 @@ class SchedulerSide:
         st.saved_upto = max(st.saved_upto, local)
         if not self.config.load or usable <= local:
             return 0, False
-        lease_id = f"{self.engine_tag}:{request.request_id}"
+        lease_id = lease_id_for(self.engine_tag, request.request_id)
         self.stats.lookups += 1
         try:
             reply = self.client.lookup(self.namespaces, st.keys[local:usable], self.block_size, lease_id)
@@ -115,8 +118,9 @@ class SchedulerSide:
         if reply.hits == 0:
             st.pending = None
             return 0, False
-        st.pending = _PendingLoad(lease_id, reply.pool_id, local, reply.slots)
+        st.pending = _PendingLoad(lease_id, reply.pool_id, local, reply.slots, reply.leases)
         st.lease_id = lease_id
+        st.leases = list(reply.leases)
         st.saved_upto = max(st.saved_upto, local + reply.hits)
         self.stats.hit_tokens += reply.hits * self.block_size
         return reply.hits * self.block_size, False
@@ -141,6 +145,7 @@ class SchedulerSide:
                 pool_id=pending.pool_id,
                 block_ids=tuple(ids),
                 slots=tuple(tuple(s[:n]) for s in pending.slots),
+                leases=tuple(pending.leases),
             )
         )
         self.stats.loads_planned += 1
@@ -224,8 +229,9 @@ class SchedulerSide:
         """Drops the request's leases (usually already released by the workers)."""
         if st.lease_id is None:
             return
-        lease_ids = [lease_of_rank(st.lease_id, r) for r in range(len(self.namespaces))]
+        lease_ids = st.leases or [lease_of_rank(st.lease_id, r) for r in range(len(self.namespaces))]
         st.lease_id = None
+        st.leases = []
         with contextlib.suppress(AgentError):  # the agent drops a dead session's leases itself
             self.client.release(lease_ids)
 

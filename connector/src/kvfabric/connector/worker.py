@@ -20,9 +20,9 @@ from kvfabric.connector.background_saves import BackgroundSaves
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.copier import BlockCopier
-from kvfabric.connector.errors import AgentError
+from kvfabric.connector.errors import AgentError, AgentRejected
 from kvfabric.connector.keys import LayoutSpec
-from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_of_rank
+from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent
 
 if TYPE_CHECKING:
     from kvfabric.connector.cuda_kv import CudaKV
@@ -157,14 +157,21 @@ class WorkerSide:
         assert self.copier is not None
         self.copier.detach()
         self._map = None  # the old mapping goes when the last view of it does
-        fd = os.open(hello.pool_path, os.O_RDWR)
+        by_fd = not hello.pool_path and "pool_fd" in hello.features
+        if by_fd:  # isolated tenancy: our tenant's own file, which has no path
+            _, fd = self.client._roundtrip_fd(p.OpenPool(writable=True), p.PoolReply)
+        elif not hello.pool_path:
+            raise AgentRejected("pool", "the agent offers no pool this connector can map")
+        else:
+            fd = os.open(hello.pool_path, os.O_RDWR)
         try:
             m = mmap.mmap(fd, hello.pool_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         self._map = m
         self.copier.attach(np.frombuffer(m, dtype=np.uint8))
-        threading.Thread(target=_prefault, args=(m,), name="kvfabric-prefault", daemon=True).start()
+        if not by_fd:  # a tenant's file is sparse: pages exist only in its own arenas
+            threading.Thread(target=_prefault, args=(m,), name="kvfabric-prefault", daemon=True).start()
         self.pool_id = hello.pool_id
         log.info("pool mapped", extra={"pool_id": hello.pool_id, "pool_bytes": hello.pool_bytes})
 
@@ -237,9 +244,7 @@ class WorkerSide:
             return
         blocks = sum(len(i.block_ids) for i in copied)
         try:
-            held = self.client.release(
-                [lease_of_rank(i.lease_id, self.rank) for i in copied], blocks, elapsed
-            )
+            held = self.client.release([i.lease_of(self.rank) for i in copied], blocks, elapsed)
         except AgentError:
             held = [False] * len(copied)
         for intent, ok in zip(copied, held, strict=True):
@@ -340,7 +345,7 @@ class WorkerSide:
         log.error("the forward pass did not wait for %d layers' loads; their blocks are recomputed", missed)
         self._fail_loads(load.intents)
         with contextlib.suppress(AgentError):  # else the leases end with the session or time out
-            self.client.release([lease_of_rank(i.lease_id, self.rank) for i in load.intents], 0, elapsed)
+            self.client.release([i.lease_of(self.rank) for i in load.intents], 0, elapsed)
 
     def _fail_loads(self, intents: list[LoadIntent]) -> None:
         for intent in intents:

@@ -551,6 +551,17 @@ def device_index(uuid: str) -> int:
 _IPC_HANDLE_BYTES = 64
 
 
+def allocation_size(address: int) -> int:
+    """Size of the device allocation that contains ``address`` (``cuMemGetAddressRange``, in
+    the current context), so an engine's claimed geometry can be checked against it."""
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    rc = libcuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address))
+    if rc != 0:
+        raise ValueError(f"cannot read the size of the engine's allocation (CUDA driver error {rc})")
+    return int(size.value) - (address - int(base.value))
+
+
 def ipc_handle(shared: bytes) -> bytes:
     """The ``cudaIpcMemHandle_t`` inside a handle from torch's ``storage._share_cuda_()``.
 
@@ -576,6 +587,7 @@ class IpcMappings:
     def __init__(self, device: int) -> None:
         self.device = device
         self._bases: dict[bytes, int] = {}
+        self._sizes: dict[int, int] = {}  # base -> the allocation's size, from the driver
 
     def open(self, handle: bytes) -> int:
         """Base address of the allocation behind ``handle`` (each handle opened once)."""
@@ -583,11 +595,17 @@ class IpcMappings:
         handle = ipc_handle(handle)
         if handle not in self._bases:
             with cp.cuda.Device(self.device):
-                self._bases[handle] = cp.cuda.runtime.ipcOpenMemHandle(
+                base = cp.cuda.runtime.ipcOpenMemHandle(
                     handle,
                     1,  # cudaIpcMemLazyEnablePeerAccess
                 )
+                self._bases[handle] = base
+                self._sizes[base] = allocation_size(base)
         return self._bases[handle]
+
+    def size_of(self, base: int) -> int:
+        """Bytes of the opened allocation at ``base`` (the driver's answer, not the engine's)."""
+        return self._sizes[base]
 
     def close(self) -> None:
         cp = _cupy()
@@ -595,6 +613,7 @@ class IpcMappings:
             for base in self._bases.values():
                 cp.cuda.runtime.ipcCloseMemHandle(base)
         self._bases.clear()
+        self._sizes.clear()
 
     def __len__(self) -> int:
         return len(self._bases)
@@ -607,6 +626,7 @@ class IpcEvents:
     def __init__(self, device: int, handles: Sequence[bytes]) -> None:
         cp = _cupy()
         self.device = device
+        self.handles = {bytes(h) for h in handles}
         self.events: list[int] = []
         with cp.cuda.Device(device):
             try:

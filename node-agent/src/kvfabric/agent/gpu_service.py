@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,38 @@ class GpuError(RuntimeError):
     """A GPU request could not be served (no CUDA, unknown GPU, unsupported handle...)."""
 
 
+#: CUDA errors after which the context is unusable for every later call (cudaErrorIllegalAddress
+#: and its kin, and an uncorrectable ECC error): the agent must stop, not go on reporting ready.
+STICKY_CUDA_ERRORS = frozenset({214, 700, 714, 715, 716, 717, 718, 719})
+
+
+def cuda_status(exc: BaseException) -> int | None:
+    """The CUDA error code of a CuPy runtime or driver error, else None."""
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def check_layers_fit(
+    layers: list[tuple[int, int, int]], num_blocks: int, segments: tuple[object, ...]
+) -> None:
+    """Every byte a registration names lies inside the allocation behind its handle.
+
+    ``layers``: per layer ``(tensor address, allocation base, allocation size)`` as the driver
+    reports them. Python integers throughout: nothing wraps (the engine's ``num_blocks``, offsets
+    and plane sizes are its claims, the allocation's size is the driver's)."""
+    for ptr, base, size in layers:
+        if ptr < base:
+            raise GpuError("a KV tensor starts before its allocation")
+        for seg in segments:
+            off, stride, length = seg.off, seg.stride, seg.length  # type: ignore[attr-defined]
+            end = ptr + off + (num_blocks - 1) * stride + length
+            if end > base + size:
+                raise GpuError(
+                    f"the registered geometry ({num_blocks} blocks) reaches {end - base} bytes into an "
+                    f"allocation of {size} bytes; refused"
+                )
+
+
 @dataclass
 class _SessionKV:
     mappings: dict[int, IpcMappings] = field(default_factory=dict)  # device index -> mappings
@@ -30,8 +63,11 @@ class _SessionKV:
 
 
 class GpuService:
-    def __init__(self, segment: Segment, pin_threads: int) -> None:
+    def __init__(
+        self, segment: Segment, pin_threads: int, on_fatal: Callable[[str], None] | None = None
+    ) -> None:
         self.segment = segment
+        self.on_fatal = on_fatal
         self.pin_threads = pin_threads
         self.pinned: PinnedPool | None = None
         self.pin_seconds = 0.0
@@ -95,25 +131,52 @@ class GpuService:
             state = self._sessions.setdefault(session, _SessionKV())
             maps = state.mappings.setdefault(device, IpcMappings(device))
             try:
-                layers = [
-                    LayerLayout(maps.open(h) + off, req.num_blocks, segments)
-                    for h, off in zip(req.handles, req.offsets, strict=True)
-                ]
+                opened = [(maps.open(h), off) for h, off in zip(req.handles, req.offsets, strict=True)]
+                check_layers_fit(
+                    [(base + off, base, maps.size_of(base)) for base, off in opened], req.num_blocks, segments
+                )
             except ValueError as exc:
                 raise GpuError(str(exc)) from exc
+            layers = [LayerLayout(base + off, req.num_blocks, segments) for base, off in opened]
             engine = CopyEngine(device, self.pinned.address, self.pinned.size, layers)
             self._ids += 1
             state.engines[self._ids] = engine
             if req.layer_events:
-                try:
-                    state.events[self._ids] = IpcEvents(device, req.layer_events)
-                except Exception as exc:  # CuPy's CUDARuntimeError and the like
+                clash = self._open_event_handles() & {bytes(h) for h in req.layer_events}
+                if clash:
+                    # CUDA IPC event handles name the creating process by PID: two pods whose
+                    # engines have the same PID (1, in containers) can hand over identical
+                    # handles. Recording one engine's event would then never signal the other's
+                    # stream, which would read KV before it arrived: no layered loads here.
                     log.warning(
-                        "cannot open the engine's layer events (CUDA IPC events need a /dev/shm "
-                        "shared with the engine, e.g. hostIPC); its loads will not be layered",
-                        extra={"session": session, "error": str(exc)},
+                        "this engine's layer events are indistinguishable from another engine's "
+                        "(same PID in another PID namespace?); its loads will not be layered",
+                        extra={"session": session},
                     )
+                else:
+                    try:
+                        state.events[self._ids] = IpcEvents(device, req.layer_events)
+                    except Exception as exc:  # CuPy's CUDARuntimeError and the like
+                        log.warning(
+                            "cannot open the engine's layer events (CUDA IPC events need a /dev/shm "
+                            "shared with the engine, e.g. hostIPC); its loads will not be layered",
+                            extra={"session": session, "error": str(exc)},
+                        )
             return self._ids, engine.block_bytes, self._ids in state.events
+
+    def _open_event_handles(self) -> set[bytes]:
+        return {h for st in self._sessions.values() for ev in st.events.values() for h in ev.handles}
+
+    def unregister(self, session: int, kv_id: int) -> None:
+        """Forgets one registration (its namespace was refused after the tensors were opened)."""
+        with self._lock:
+            state = self._sessions.get(session)
+            engine = state.engines.pop(kv_id, None) if state else None
+            events = state.events.pop(kv_id, None) if state else None
+        if engine is not None:
+            engine.close()
+        if events is not None:
+            events.close()
 
     def copy(self, session: int, req: p.GpuCopy) -> str:
         """Runs on an executor thread; the event loop keeps serving other sessions."""
@@ -131,6 +194,10 @@ class GpuService:
             return engine.copy(req.block_ids, req.slots, req.to_pool, events)
         except ValueError as exc:
             raise GpuError(str(exc)) from exc
+        except Exception as exc:
+            if cuda_status(exc) in STICKY_CUDA_ERRORS and self.on_fatal is not None:
+                self.on_fatal(repr(exc))
+            raise GpuError(f"copy failed: {exc}") from exc
 
     def drop_session(self, session: int) -> int:
         """Closes a gone engine's IPC mappings (after its copies finished); returns how many."""
@@ -149,7 +216,8 @@ class GpuService:
         return closed
 
     def mapped(self) -> int:
-        return sum(len(m) for s in self._sessions.values() for m in s.mappings.values())
+        with self._lock:  # executor threads change the sessions
+            return sum(len(m) for s in self._sessions.values() for m in s.mappings.values())
 
     def close(self) -> None:
         for session in list(self._sessions):

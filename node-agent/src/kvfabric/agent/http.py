@@ -19,9 +19,11 @@ if TYPE_CHECKING:
 def build_app(agent: Agent) -> FastAPI:
     app = FastAPI(title="kvfabric-agent", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.get("/healthz", response_class=PlainTextResponse)
-    async def healthz() -> str:
-        return "ok"
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        if agent.fatal is not None:  # e.g. a lost CUDA context: restart me
+            return PlainTextResponse(f"fatal: {agent.fatal}", status_code=503)
+        return PlainTextResponse("ok")
 
     @app.get("/readyz")
     async def readyz() -> Response:

@@ -56,12 +56,21 @@ async def run(settings: AgentSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     http = asyncio.create_task(server.serve(sockets=[http_sock]))
+    waits = [http, asyncio.create_task(stop.wait()), asyncio.create_task(agent.fatal_event.wait())]
     try:
-        await asyncio.wait([http, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         server.should_exit = True
         await agent.stop()
         await http
+        for w in waits[1:]:
+            w.cancel()
+    if agent.fatal is not None:
+        raise AgentFatal(agent.fatal)
+
+
+class AgentFatal(RuntimeError):
+    """The agent stopped because it could not go on (its supervisor restarts it)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except AgentStartError as exc:
         log.error("agent failed to start: %s", exc)
         return 1
+    except AgentFatal as exc:
+        log.error("agent stopped after a fatal error: %s", exc)
+        return 70  # EX_SOFTWARE
     return 0
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +85,9 @@ class Segment:
         self.pool_id = uuid.uuid4().hex
         self.prefaulted_bytes = 0
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._refuse_if_in_use(path)
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # stale segment of a crashed agent (a live one is ruled out by the socket)
+            path.unlink()  # stale segment of a crashed agent (a live one holds its lock)
         # Checked before fallocate: on tmpfs an oversized fallocate fills RAM before it fails.
         fs = os.statvfs(path.parent)
         if size > fs.f_bavail * fs.f_frsize:
@@ -92,8 +95,10 @@ class Segment:
                 f"pool of {size} bytes does not fit in {path.parent} "
                 f"({fs.f_bavail * fs.f_frsize} bytes free); lower --pool-size or grow the filesystem"
             )
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held while the agent lives
+            os.fchmod(fd, 0o660)  # not the umask's choice: group-member engines open it O_RDWR
             os.ftruncate(fd, size)
             try:
                 if reserve:
@@ -109,12 +114,26 @@ class Segment:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             raise
-        os.close(fd)
+        self._lock_fd = fd  # kept open: its shared lock marks the pool as in use
         if huge_pages:
             try:
                 self.map.madvise(mmap.MADV_HUGEPAGE)
             except (OSError, AttributeError) as exc:
                 log.warning("huge pages refused for the pool", extra={"reason": str(exc)})
+
+    @staticmethod
+    def _refuse_if_in_use(path: Path) -> None:
+        """A pool file another live agent holds (its lock) is never replaced."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PoolError(f"the pool file {path} is held by another running agent") from None
+        finally:
+            os.close(fd)
 
     def prefault(self, threads: int = 4) -> None:
         """Populates every page in the background, so engines' first saves into the pool run at
@@ -131,6 +150,8 @@ class Segment:
             self.map.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
 
 
 @dataclass
@@ -139,20 +160,42 @@ class _Arena:
     first_slot: int
     n_slots: int
     used: int = 0
+    #: slots below ``first_slot + fresh`` have been handed out before; ``free`` holds those
+    #: returned since (the arena is never materialised as a list of every slot).
+    fresh: int = 0
+    free: list[int] = field(default_factory=list)
+
+    def take(self) -> int:
+        self.used += 1
+        if self.free:
+            return self.free.pop()
+        self.fresh += 1
+        return self.first_slot + self.fresh - 1
+
+    @property
+    def has_free(self) -> bool:
+        return self.used < self.n_slots
 
 
 @dataclass
 class NamespaceSlots:
-    """Slots of one namespace: the arenas it holds and its free slots."""
+    """Slots of one namespace: the arenas it holds, and which of them have free slots."""
 
     block_bytes: int
+    tenant: str = ""
     arenas: dict[int, _Arena] = field(default_factory=dict)
-    free: list[int] = field(default_factory=list)
+    #: arenas with a free slot, lowest index first when taken in order (an ordered set)
+    partial: dict[int, None] = field(default_factory=dict)
     used: int = 0
+
+    @property
+    def has_free(self) -> bool:
+        return bool(self.partial)
 
 
 class SlotAllocator:
-    """Arena-and-slot bookkeeping; touches no memory."""
+    """Arena-and-slot bookkeeping; touches no memory. Every operation is O(1) (taking an arena
+    does not list its slots; returning one does not scan free lists)."""
 
     def __init__(self, pool_bytes: int, arena_bytes: int) -> None:
         if arena_bytes > pool_bytes:
@@ -163,8 +206,13 @@ class SlotAllocator:
         # Lowest-numbered arenas first keeps use compact and predictable in tests.
         self._free_arenas = list(range(self.n_arenas - 1, -1, -1))
         self.namespaces: dict[str, NamespaceSlots] = {}
+        self._tenant_arenas: dict[str, int] = {}
+        self._used_bytes = 0
+        #: called with (tenant, arena index) when an arena leaves a tenant (its bytes may be
+        #: dropped: with isolated tenancy each tenant's pool file punches the arena out)
+        self.on_arena_returned: Callable[[str, int], None] | None = None
 
-    def add_namespace(self, namespace: str, block_bytes: int) -> NamespaceSlots:
+    def add_namespace(self, namespace: str, block_bytes: int, tenant: str = "") -> NamespaceSlots:
         existing = self.namespaces.get(namespace)
         if existing is not None:
             if existing.block_bytes != block_bytes:
@@ -178,7 +226,7 @@ class SlotAllocator:
                 f"block_bytes={block_bytes} exceeds the arena size {self.arena_bytes}; "
                 "raise the agent's --arena-size"
             )
-        ns = NamespaceSlots(block_bytes=block_bytes)
+        ns = NamespaceSlots(block_bytes=block_bytes, tenant=tenant)
         self.namespaces[namespace] = ns
         return ns
 
@@ -188,26 +236,35 @@ class SlotAllocator:
 
     @property
     def used_bytes(self) -> int:
-        return sum(ns.used * ns.block_bytes for ns in self.namespaces.values())
+        return self._used_bytes
 
-    def allocate(self, ns: NamespaceSlots) -> int | None:
-        """A free slot for ``ns``, taking a new arena if needed; None when the pool is full."""
-        if not ns.free and not self._take_arena(ns):
+    def tenant_arenas(self, tenant: str) -> int:
+        return self._tenant_arenas.get(tenant, 0)
+
+    def allocate(self, ns: NamespaceSlots, new_arena: bool = True) -> int | None:
+        """A free slot for ``ns``, taking a new arena if needed and allowed; None when none."""
+        if not ns.partial and not (new_arena and self._take_arena(ns)):
             return None
-        slot = ns.free.pop()
-        ns.arenas[self._arena_of(ns, slot)].used += 1
+        index = next(iter(ns.partial))
+        arena = ns.arenas[index]
+        slot = arena.take()
+        if not arena.has_free:
+            del ns.partial[index]
         ns.used += 1
+        self._used_bytes += ns.block_bytes
         return slot
 
     def free(self, ns: NamespaceSlots, slot: int) -> None:
-        arena = ns.arenas[self._arena_of(ns, slot)]
+        arena = ns.arenas[self.arena_of(ns, slot)]
         arena.used -= 1
         ns.used -= 1
-        ns.free.append(slot)
+        self._used_bytes -= ns.block_bytes
+        arena.free.append(slot)
+        ns.partial[arena.index] = None
         if arena.used == 0:
             self._return_arena(ns, arena)
 
-    def _arena_of(self, ns: NamespaceSlots, slot: int) -> int:
+    def arena_of(self, ns: NamespaceSlots, slot: int) -> int:
         return (slot * ns.block_bytes) // self.arena_bytes
 
     def _take_arena(self, ns: NamespaceSlots) -> bool:
@@ -220,13 +277,15 @@ class SlotAllocator:
                 self._free_arenas.insert(0, index)
                 return False
             ns.arenas[index] = _Arena(index=index, first_slot=first, n_slots=end - first)
-            # Reversed so pop() hands out ascending slots: contiguous runs for coalesced copies.
-            ns.free.extend(range(end - 1, first - 1, -1))
+            ns.partial[index] = None
+            self._tenant_arenas[ns.tenant] = self._tenant_arenas.get(ns.tenant, 0) + 1
             return True
         return False
 
     def _return_arena(self, ns: NamespaceSlots, arena: _Arena) -> None:
-        lo, hi = arena.first_slot, arena.first_slot + arena.n_slots
-        ns.free = [s for s in ns.free if not lo <= s < hi]
         del ns.arenas[arena.index]
+        ns.partial.pop(arena.index, None)
+        self._tenant_arenas[ns.tenant] -= 1
         self._free_arenas.append(arena.index)
+        if self.on_arena_returned is not None:
+            self.on_arena_returned(ns.tenant, arena.index)

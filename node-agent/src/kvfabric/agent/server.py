@@ -1,31 +1,43 @@
-"""The agent's RPC server: sessions over a Unix socket, dispatching to the block index.
+"""The agent's RPC server: sessions over Unix sockets, dispatching to the block index.
 
-One asyncio loop runs every session and the admin HTTP server; index operations are short
-and never block, so they run inline. A bad frame or a vanished client costs only that
-connection; the agent logs why and serves everyone else.
+One asyncio loop runs every session and the admin HTTP server; index operations cost
+O(the request) (see :mod:`kvfabric.agent.index`), so they run inline. A bad frame or a
+vanished client costs only that connection; the agent logs why and serves everyone else.
+
+Trust model: the agent trusts the kernel, not its clients. A session's tenant comes from the
+socket it connected through or its peer credentials; every size, count and id a client sends is
+bounded by the schema and checked against what the agent knows; what one connection can hold
+(frames before hello, time to say hello, time a reply may wait, reserved and leased bytes,
+sessions per tenant) is bounded.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
+import gc
 import itertools
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 
 from kvfabric.agent.gpu_service import GpuError, GpuService
-from kvfabric.agent.index import BlockIndex
+from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded
 from kvfabric.agent.metrics import AgentMetrics
 from kvfabric.agent.pool import PoolError, Segment, SlotAllocator
 from kvfabric.agent.settings import AgentSettings
+from kvfabric.agent.tenancy import TENANT_RE, PeerCredentials, TenantPools, peer_credentials, tenant_of_uid
 from kvfabric.connector import protocol as p
 
 log = logging.getLogger(__name__)
@@ -52,18 +64,48 @@ class _ProtocolError(Exception):
 class Session:
     session_id: int
     client: str
-    peer_pid: int | None
+    peer: PeerCredentials | None
+    tenant: str = ""
     opened_at: float = field(default_factory=time.time)
     requests: int = 0
+    #: kv_id -> the namespace its GPU registration serves (copies may touch only its slots)
+    gpu_namespaces: dict[int, Namespace] = field(default_factory=dict)
+
+    @property
+    def peer_pid(self) -> int | None:
+        return self.peer.pid if self.peer else None
 
 
-def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        return int.from_bytes(creds[:4], "little")
-    except (OSError, AttributeError):
-        return None
+#: Warnings logged per connection before the rest are only counted (a fuzzing or broken client
+#: must not flood the log, which is written on the loop).
+_WARNINGS_PER_CONNECTION = 5
+#: GPU registrations one session may hold (a worker registers once; each costs streams,
+#: events and staging memory on the engines' GPU).
+MAX_GPU_REGISTRATIONS = 8
+#: How often housekeeping runs: tenant sockets appear, tenant files are audited.
+_HOUSEKEEPING_S = 1.0
+_GC_FREEZE_EVERY_S = 30.0
+
+
+class _Connection:
+    """Per-connection state that is not the session: peer, tenant hint, log budget."""
+
+    def __init__(self, writer: asyncio.StreamWriter, tenant: str | None) -> None:
+        self.writer = writer
+        self.tenant = tenant  # from the tenant socket it came through, if any
+        self.peer = peer_credentials(writer.get_extra_info("socket"))
+        self.warnings = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.peer.pid if self.peer else None
+
+    def warn(self, msg: str, **extra: object) -> None:
+        self.warnings += 1
+        if self.warnings <= _WARNINGS_PER_CONNECTION:
+            log.warning(msg, extra={"peer_pid": self.pid, **extra})
+        elif self.warnings == _WARNINGS_PER_CONNECTION + 1:
+            log.warning("further warnings of this connection are not logged", extra={"peer_pid": self.pid})
 
 
 class Agent:
@@ -74,39 +116,66 @@ class Agent:
         self.agent_id = uuid.uuid4().hex
         self.segment: Segment | None = None
         self.allocator = SlotAllocator(settings.pool_size, settings.arena_size)
-        self.index = BlockIndex(self.allocator)
+        self.isolated = settings.tenancy == "isolated"
+        quota = int(settings.tenant_share * self.allocator.n_arenas) if self.isolated else None
+        self.index = BlockIndex(
+            self.allocator,
+            max_session_bytes=int(settings.session_share * settings.pool_size),
+            max_namespaces=settings.max_namespaces,
+            tenant_arenas=max(1, quota) if quota is not None and settings.tenant_share < 1 else None,
+        )
+        self.tenant_pools: TenantPools | None = None
+        if self.isolated:
+            self.tenant_pools = TenantPools(settings.pool_size, self.allocator.arena_bytes)
+            self.allocator.on_arena_returned = self.tenant_pools.punch
+        self.pool_id = uuid.uuid4().hex  # the segment's, or the tenant files' when there is none
         self.sessions: dict[int, Session] = {}
         self.metrics = AgentMetrics(self.index, lambda: len(self.sessions))
         self._ids = itertools.count(1)
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: dict[str, asyncio.AbstractServer] = {}  # tenant ("" main) -> listener
+        self._socket_inodes: dict[Path, int] = {}
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tenant_sessions: dict[str, int] = {}
+        self._lock_fd: int | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.started_at = 0.0
         self.ready = False
+        #: set when the agent cannot go on (a sticky CUDA error): not ready, and main() exits
+        self.fatal: str | None = None
+        self.fatal_event = asyncio.Event()
         self.gpu: GpuService | None = None
         self._gpu_copies = ThreadPoolExecutor(4, "kvfabric-gpu-copy")
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Takes the agent's lock, binds its sockets (answering 'busy' until ready), then
+        reserves the pool: a second agent on the same socket exits before touching anything."""
         path = self.settings.socket
-        self._claim_socket(str(path))
+        self._loop = asyncio.get_running_loop()  # copy threads report fatal errors to it
+        self._take_lock(path)
+        self._servers[""] = await self._listen(path, None)
         try:
-            self.segment = Segment(
-                self.settings.pool_path,
-                self.settings.pool_size,
-                self.settings.huge_pages,
-                threads=self.settings.pin_threads,
-                reserve=not self.settings.cuda,  # pinning populates it (statvfs checked it fits)
-            )
+            if not self.isolated or self.settings.cuda:
+                self.segment = Segment(
+                    self.settings.pool_path,
+                    self.settings.pool_size,
+                    self.settings.huge_pages,
+                    threads=self.settings.pin_threads,
+                    reserve=not self.settings.cuda,  # pinning populates it (statvfs checked it fits)
+                )
+                self.pool_id = self.segment.pool_id
         except (OSError, PoolError) as exc:
             raise AgentStartError(str(exc)) from exc
         if self.settings.cuda:
-            self.gpu = GpuService(self.segment, self.settings.pin_threads)
+            assert self.segment is not None
+            self.gpu = GpuService(self.segment, self.settings.pin_threads, on_fatal=self._on_gpu_fatal)
             threading.Thread(target=self.gpu.pin, name="kvfabric-pin", daemon=True).start()
-        elif self.settings.prefault:
+        elif self.segment is not None and self.settings.prefault:
             threading.Thread(target=self.segment.prefault, name="kvfabric-prefault", daemon=True).start()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(path))
-        os.chmod(path, 0o660)
+        self._housekeeping = asyncio.create_task(self._housekeep())
+        gc.freeze()  # start-up objects never need a collection pass again
         self.started_at = time.time()
         self.ready = True
         self.metrics.up.set(1)
@@ -114,174 +183,354 @@ class Agent:
             "agent ready",
             extra={
                 "socket": str(path),
-                "pool_path": str(self.settings.pool_path),
+                "pool_path": str(self.settings.pool_path) if self.segment else "",
                 "pool_bytes": self.settings.pool_size,
-                "pool_id": self.segment.pool_id,
+                "pool_id": self.pool_id,
+                "tenancy": self.settings.tenancy,
             },
         )
 
-    @staticmethod
-    def _claim_socket(path: str) -> None:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
+    def _take_lock(self, path: Path) -> None:
+        """``flock`` on ``<socket>.lock`` for the process's lifetime decides which agent owns the
+        socket (and so the pool): probing the socket and binding later left a window in which
+        two agents both started."""
+        os.makedirs(path.parent, exist_ok=True)
+        lock_path = path.with_name(path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            probe.connect(path)
-        except FileNotFoundError:
-            pass
-        except (TimeoutError, ConnectionRefusedError, OSError):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # stale socket of an agent that is gone
-        else:
-            raise AgentStartError(f"another agent is serving on {path}; refusing to start")
-        finally:
-            probe.close()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AgentStartError(
+                f"another agent holds {lock_path} (it serves {path}); refusing to start"
+            ) from None
+        self._lock_fd = fd
+
+    async def _listen(self, path: Path, tenant: str | None) -> asyncio.AbstractServer:
+        """Binds ``path`` (a file left there is stale: we hold the lock) with mode 0660."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._handle(reader, writer, tenant)
+
+        server = await asyncio.start_unix_server(handle, path=str(path), limit=1 << 16)
+        os.chmod(path, 0o660)
+        self._socket_inodes[path] = os.stat(path).st_ino
+        return server
+
+    def _unlink_own(self, path: Path) -> None:
+        """Removes a socket only if it is still the one this agent bound."""
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_ino == self._socket_inodes.get(path):
+                os.unlink(path)
+
+    async def _housekeep(self) -> None:
+        last_freeze = time.monotonic()
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_S)
+            try:
+                if self.settings.tenant_socket_dir is not None:
+                    await self._serve_tenant_sockets(self.settings.tenant_socket_dir)
+                if self.tenant_pools is not None:
+                    self._audit_tenant_files(self.tenant_pools)
+                if time.monotonic() - last_freeze > _GC_FREEZE_EVERY_S:
+                    # Index entries live long and form no cycles: keep them out of full
+                    # collections, whose pause grows with every object tracked (seconds at 8M
+                    # blocks). Young garbage is collected first.
+                    gc.collect(1)
+                    gc.freeze()
+                    last_freeze = time.monotonic()
+            except Exception:  # housekeeping must never stop for good
+                log.exception("housekeeping failed")
+
+    async def _serve_tenant_sockets(self, root: Path) -> None:
+        """One socket per tenant directory ``root/<tenant>`` (created by whoever mounts it)."""
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(root):
+                tenant = entry.name
+                if tenant in self._servers or not entry.is_dir(follow_symlinks=False):
+                    continue
+                if not TENANT_RE.match(tenant) or tenant.startswith("uid-"):
+                    continue
+                self._servers[tenant] = await self._listen(Path(entry.path) / "agent.sock", tenant)
+                log.info("tenant socket served", extra={"tenant": tenant})
+
+    def _audit_tenant_files(self, pools: TenantPools) -> None:
+        lent: dict[str, set[int]] = {}
+        for ns in self.allocator.namespaces.values():
+            lent.setdefault(ns.tenant, set()).update(ns.arenas)
+        for tenant in pools.tenants():
+            pools.audit(tenant, lent.get(tenant, set()), self.allocator.n_arenas)
+
+    def _on_gpu_fatal(self, why: str) -> None:
+        """Called from a copy thread: the CUDA context is unusable for every engine."""
+
+        def mark() -> None:
+            self.fatal = why
+            self.ready = False
+            self.metrics.up.set(0)
+            self.fatal_event.set()
+            log.error(
+                "CUDA context lost; the agent stops (engines recompute meanwhile)", extra={"error": why}
+            )
+
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is gone
+                self._loop.call_soon_threadsafe(mark)
 
     async def stop(self) -> None:
         self.ready = False
         self.metrics.up.set(0)
-        if self._server is not None:
-            self._server.close()
-            for w in list(self._writers):
-                w.close()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+            self._housekeeping = None
+        for server in self._servers.values():
+            server.close()
+        for w in list(self._writers):
+            w.close()
+        for server in self._servers.values():
             with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.settings.socket)
-        self._gpu_copies.shutdown(wait=True)
+                await server.wait_closed()
+        self._servers.clear()
+        for path in list(self._socket_inodes):
+            self._unlink_own(path)
+        self._socket_inodes.clear()
+        # Joining copy threads can take a while: not on the loop.
+        await asyncio.get_running_loop().run_in_executor(None, self._gpu_copies.shutdown, True)
         if self.gpu is not None:
             self.gpu.close()
             self.gpu = None
         if self.segment is not None:
             self.segment.close()
             self.segment = None
+        if self.tenant_pools is not None:
+            self.tenant_pools.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock (the file stays: removing it would race)
+            self._lock_fd = None
         log.info("agent stopped")
 
     @property
     def serving(self) -> bool:
         """Ready for every kind of engine: started, and pinned when CUDA is on."""
-        return self.ready and (self.gpu is None or self.gpu.ready.is_set())
+        return self.ready and self.fatal is None and (self.gpu is None or self.gpu.ready.is_set())
 
     # -- sessions ----------------------------------------------------------------------------------
 
-    async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
+    async def _read_frame(self, reader: asyncio.StreamReader, limit: int) -> bytes:
         header = await reader.readexactly(p.HEADER.size)
         (length,) = p.HEADER.unpack(header)
-        if length > self.settings.max_frame_bytes:
+        if length > limit:
             raise _ProtocolError(
                 p.E_BAD_FRAME,
-                f"frame of {length} bytes exceeds max_frame_bytes={self.settings.max_frame_bytes}",
+                f"frame of {length} bytes exceeds the limit of {limit}"
+                + (" before hello" if limit == p.PRE_HELLO_MAX_FRAME_BYTES else ""),
                 fatal=True,
             )
         return await reader.readexactly(length)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+    async def _send(self, conn: _Connection, reply: p._Reply) -> None:
+        conn.writer.write(p.encode(reply))
+        await asyncio.wait_for(conn.writer.drain(), self.settings.write_timeout_s)
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tenant: str | None
+    ) -> None:
+        conn = _Connection(writer, tenant)
         session: Session | None = None
-        pid = _peer_pid(writer)
+        if len(self._writers) >= self.settings.max_sessions:  # connections, with or without hello
+            self.metrics.errors.labels("too_many_connections").inc()
+            conn.warn("too many connections; refusing one")
+            with contextlib.suppress(Exception):
+                await self._send(conn, p.ErrorReply(code=p.E_BUSY, message="too many connections"))
+            writer.close()
+            return
+        self._writers.add(writer)
         try:
             while True:
                 try:
-                    body = await self._read_frame(reader)
+                    if session is None:
+                        body = await asyncio.wait_for(
+                            self._read_frame(reader, p.PRE_HELLO_MAX_FRAME_BYTES),
+                            self.settings.hello_timeout_s,
+                        )
+                    else:
+                        body = await self._read_frame(reader, self.settings.max_frame_bytes)
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial:
                         self.metrics.errors.labels("truncated_frame").inc()
-                        log.warning("client vanished mid-frame", extra={"peer_pid": pid})
+                        conn.warn("client vanished mid-frame")
+                    return
+                except TimeoutError:
+                    self.metrics.errors.labels("hello_timeout").inc()
+                    conn.warn("no hello in time; closing the connection")
                     return
                 started = time.perf_counter()
                 op = "invalid"
+                fd_to_pass: int | None = None
                 try:
                     try:
                         request = p.request_decoder.decode(body)
-                    except msgspec.DecodeError as exc:
-                        raise _ProtocolError(p.E_BAD_REQUEST, f"undecodable request: {exc}") from exc
+                    except (msgspec.DecodeError, RecursionError) as exc:
+                        raise _ProtocolError(p.E_BAD_REQUEST, f"undecodable request: {exc}") from None
                     op = p.op_name(request)
                     if isinstance(request, p.Hello):
                         if session is not None:
                             raise _ProtocolError(p.E_BAD_REQUEST, "hello sent twice")
-                        session = self._open_session(request, pid)
+                        session = self._open_session(request, conn)
                         reply: p._Reply = self._hello_reply(session)
                     elif session is None:
                         raise _ProtocolError(p.E_NO_SESSION, "first request must be hello", fatal=True)
                     elif isinstance(request, p.GpuCopy | p.RegisterGpuKV):
                         session.requests += 1
                         reply = await self._gpu_request(request, session)
+                    elif isinstance(request, p.OpenPool):
+                        session.requests += 1
+                        reply, fd_to_pass = self._open_pool(request, session)
                     else:
                         session.requests += 1
                         reply = self._dispatch(request, session)
+                    frame = p.encode(reply)  # inside the barrier: an unencodable reply is an error
                 except _ProtocolError as exc:
                     self.metrics.errors.labels(exc.code).inc()
-                    log.warning(
-                        "bad request",
-                        extra={"code": exc.code, "reason": str(exc), "peer_pid": pid, "op": op},
-                    )
-                    writer.write(p.encode(p.ErrorReply(code=exc.code, message=str(exc))))
-                    await writer.drain()
+                    conn.warn("bad request", code=exc.code, reason=str(exc), op=op)
+                    await self._send(conn, p.ErrorReply(code=exc.code, message=str(exc)))
                     if exc.fatal:
                         return
                     continue
-                except Exception as exc:  # a bug must cost one request, not the agent
+                except Exception:  # a bug must cost one request, not the agent
                     self.metrics.errors.labels(p.E_INTERNAL).inc()
-                    log.exception("request failed", extra={"op": op, "peer_pid": pid})
-                    writer.write(p.encode(p.ErrorReply(code=p.E_INTERNAL, message=repr(exc))))
-                    await writer.drain()
+                    log.exception("request failed", extra={"op": op, "peer_pid": conn.pid})
+                    await self._send(
+                        conn, p.ErrorReply(code=p.E_INTERNAL, message="internal error (logged by the agent)")
+                    )
                     continue
                 self.metrics.rpc_seconds.labels(op).observe(time.perf_counter() - started)
-                writer.write(p.encode(reply))
-                await writer.drain()
-        except _ProtocolError as exc:
+                if fd_to_pass is None:
+                    writer.write(frame)
+                    await asyncio.wait_for(writer.drain(), self.settings.write_timeout_s)
+                else:
+                    try:
+                        await self._send_with_fd(writer, frame, fd_to_pass)
+                    finally:
+                        os.close(fd_to_pass)
+        except TimeoutError:
+            self.metrics.errors.labels("write_timeout").inc()
+            conn.warn("client stopped reading; closing its session")
+        except _ProtocolError as exc:  # a frame that cannot be read: say why, then close
             self.metrics.errors.labels(exc.code).inc()
-            log.warning("closing connection", extra={"code": exc.code, "reason": str(exc), "peer_pid": pid})
-            with contextlib.suppress(OSError):
-                writer.write(p.encode(p.ErrorReply(code=exc.code, message=str(exc))))
-                await writer.drain()
+            conn.warn("closing connection", code=exc.code, reason=str(exc))
+            with contextlib.suppress(OSError, TimeoutError):
+                await self._send(conn, p.ErrorReply(code=exc.code, message=str(exc)))
         except (ConnectionError, OSError) as exc:
             self.metrics.errors.labels("connection").inc()
-            log.info("connection lost", extra={"reason": repr(exc), "peer_pid": pid})
+            log.info("connection lost", extra={"reason": repr(exc), "peer_pid": conn.pid})
         finally:
             self._writers.discard(writer)
             if session is not None:
                 self._close_session(session)
             writer.close()
 
-    def _open_session(self, hello: p.Hello, pid: int | None) -> Session:
+    async def _send_with_fd(self, writer: asyncio.StreamWriter, frame: bytes, fd: int) -> None:
+        """Sends one frame with a descriptor attached (``SCM_RIGHTS``). asyncio's transports
+        cannot, so the frame goes on a duplicate of the socket, once everything queued before
+        it has been written (the transport's buffer is empty after drain)."""
+        await asyncio.wait_for(writer.drain(), self.settings.write_timeout_s)
+        transport_sock = writer.get_extra_info("socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(transport_sock.fileno()))
+        try:
+            deadline = time.monotonic() + self.settings.write_timeout_s
+            fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            sent = 0
+            while sent < len(frame):
+                try:
+                    sent += sock.sendmsg([frame[sent:]], fds if sent == 0 else [])
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError from None
+                    await asyncio.sleep(0.005)
+        finally:
+            sock.close()  # the duplicate only; the transport's descriptor stays open
+
+    def _tenant_of(self, conn: _Connection) -> str:
+        """The session's tenant, from what the kernel says, never from the client."""
+        if not self.isolated:
+            return ""
+        if conn.tenant is not None:
+            return conn.tenant
+        if conn.peer is None:
+            raise _ProtocolError(p.E_BAD_REQUEST, "peer credentials unavailable", fatal=True)
+        return tenant_of_uid(conn.peer.uid)
+
+    def _open_session(self, hello: p.Hello, conn: _Connection) -> Session:
         if hello.protocol_version != p.PROTOCOL_VERSION:
             raise _ProtocolError(
                 p.E_VERSION,
                 f"client speaks protocol {hello.protocol_version}, agent {p.PROTOCOL_VERSION}",
                 fatal=True,
             )
+        if not self.ready:
+            raise _ProtocolError(p.E_BUSY, "the agent is starting; retry shortly", fatal=True)
         if len(self.sessions) >= self.settings.max_sessions:
-            raise _ProtocolError(p.E_BAD_REQUEST, "too many sessions", fatal=True)
-        session = Session(session_id=next(self._ids), client=hello.client, peer_pid=pid)
+            raise _ProtocolError(p.E_BUSY, "too many sessions", fatal=True)
+        tenant = self._tenant_of(conn)
+        if self._tenant_sessions.get(tenant, 0) >= self.settings.max_sessions_per_tenant:
+            raise _ProtocolError(p.E_QUOTA, f"tenant {tenant!r} has too many sessions", fatal=True)
+        session = Session(session_id=next(self._ids), client=hello.client, peer=conn.peer, tenant=tenant)
         self.sessions[session.session_id] = session
+        self._tenant_sessions[tenant] = self._tenant_sessions.get(tenant, 0) + 1
         self.metrics.sessions_opened.inc()
         log.info(
-            "session opened", extra={"session": session.session_id, "client": hello.client, "peer_pid": pid}
+            "session opened",
+            extra={
+                "session": session.session_id,
+                "client": hello.client,
+                "peer_pid": conn.pid,
+                "peer_uid": conn.peer.uid if conn.peer else None,
+                "tenant": tenant,
+            },
         )
         return session
 
     async def _gpu_request(self, request: p.GpuCopy | p.RegisterGpuKV, session: Session) -> p._Reply:
         """GPU work runs on the GPU executor: CUDA calls can block (copies, opening IPC handles),
-        and the event loop must keep serving every other session meanwhile."""
+        and the event loop must keep serving every other session meanwhile. Whatever a copy
+        may touch is checked here, on the loop that owns the index, before it is queued."""
         if self.gpu is None:
             raise _ProtocolError(p.E_GPU, "this agent does not serve GPU engines (start it with --cuda)")
         gpu, loop = self.gpu, asyncio.get_running_loop()
         started = time.perf_counter()
+        tenant = session.tenant
         try:
             if isinstance(request, p.GpuCopy):
+                self._check_gpu_slots(request, session)
                 method = await loop.run_in_executor(self._gpu_copies, gpu.copy, session.session_id, request)
                 # Not observed into the copy histograms here: the engine reports the whole
                 # copy's time with its commit or release (a layered load's reply comes early).
                 return p.GpuCopyReply(method=method, seconds=time.perf_counter() - started)
-            self.index.check_layout(request.namespace, request.description)  # before opening anything
+            if len(session.gpu_namespaces) >= MAX_GPU_REGISTRATIONS:
+                raise _ProtocolError(
+                    p.E_QUOTA, f"at most {MAX_GPU_REGISTRATIONS} GPU registrations per session"
+                )
+            self.index.check_layout(request.namespace, request.description, tenant)  # before opening anything
             kv_id, block_bytes, layered = await loop.run_in_executor(
                 self._gpu_copies, gpu.register, session.session_id, request
             )
-            ns = self.index.register(request.namespace, block_bytes, 1, request.description)
+            try:
+                ns = self.index.register(request.namespace, block_bytes, 1, request.description, tenant)
+            except ValueError:
+                # Not left registered: a kv_id nobody may use (its namespace was refused).
+                await loop.run_in_executor(self._gpu_copies, gpu.unregister, session.session_id, kv_id)
+                raise
+            session.gpu_namespaces[kv_id] = ns
         except GpuError as exc:
             raise _ProtocolError(p.E_GPU, str(exc)) from exc
+        except QuotaExceeded as exc:
+            raise _ProtocolError(p.E_QUOTA, str(exc)) from exc
         except ValueError as exc:
             raise _ProtocolError(p.E_NAMESPACE, str(exc)) from exc
         log.info(
@@ -293,13 +542,51 @@ class Agent:
                 "layer_events": len(request.layer_events) if layered else 0,
                 "layout": request.description,
                 "namespace": ns.name,
+                "tenant": tenant,
                 "seconds": round(time.perf_counter() - started, 4),
             },
         )
         return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes, layered=layered)
 
+    def _check_gpu_slots(self, request: p.GpuCopy, session: Session) -> None:
+        """A save may write only slots this session reserved in the registration's namespace;
+        a load may read only slots under a live lease of that namespace (its tenant's: the
+        scheduler's session leases, the worker's copies)."""
+        ns = session.gpu_namespaces.get(request.kv_id)
+        if ns is None:
+            raise _ProtocolError(p.E_GPU, f"unknown kv_id {request.kv_id} for this session")
+        if len(request.slots) != len(request.block_ids):
+            raise _ProtocolError(p.E_BAD_REQUEST, "block_ids and slots differ in length")
+        ok = (
+            self.index.reserved_slots_ok(ns, request.slots, session.session_id)
+            if request.to_pool
+            else self.index.leased_slots_ok(ns, request.slots)
+        )
+        if not ok:
+            self.metrics.errors.labels("slot_not_owned").inc()
+            raise _ProtocolError(
+                p.E_GPU,
+                "a slot of this copy is not "
+                + ("reserved by this session" if request.to_pool else "under a lease")
+                + " in the registration's namespace",
+            )
+
+    def _open_pool(self, request: p.OpenPool, session: Session) -> tuple[p.PoolReply, int]:
+        """The session's pool file as a descriptor: its tenant's own file with isolated
+        tenancy, else the shared segment."""
+        if self.tenant_pools is not None:
+            fd = self.tenant_pools.open_for_client(session.tenant, request.writable)
+        else:
+            assert self.segment is not None
+            fd = os.open(self.segment.path, (os.O_RDWR if request.writable else os.O_RDONLY) | os.O_CLOEXEC)
+        reply = p.PoolReply(
+            pool_id=self.pool_id, pool_bytes=self.settings.pool_size, writable=request.writable
+        )
+        return reply, fd
+
     def _close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
+        self._tenant_sessions[session.tenant] -= 1
         if self.gpu is not None:
             # Copies of this session have completed (_handle awaits each one before reading on).
             # Closing IPC mappings can block in the driver: not on the event loop. An executor
@@ -318,50 +605,56 @@ class Agent:
         )
 
     def _hello_reply(self, session: Session) -> p.HelloReply:
-        assert self.segment is not None
         return p.HelloReply(
             session_id=session.session_id,
             agent_id=self.agent_id,
-            pool_id=self.segment.pool_id,
-            pool_path=str(self.segment.path),
-            pool_bytes=self.segment.size,
+            pool_id=self.pool_id,
+            # No path to open with isolated tenancy: the pool comes by descriptor (OpenPool).
+            pool_path=str(self.segment.path) if self.segment is not None and not self.isolated else "",
+            pool_bytes=self.settings.pool_size,
             protocol_version=p.PROTOCOL_VERSION,
             features=list(p.FEATURES),
+            tenant=session.tenant,
         )
 
     # -- requests ------------------------------------------------------------------------------------
 
     def _dispatch(self, request: p._Request, session: Session) -> p._Reply:
-        assert self.segment is not None
-        pool_id = self.segment.pool_id
+        pool_id = self.pool_id
+        tenant = session.tenant
         try:
             if isinstance(request, p.Lookup):
-                hits, leased = self.index.lookup(
+                result = self.index.lookup(
                     request.namespaces,
                     request.keys,
                     request.block_tokens,
                     session.session_id,
                     request.lease_id,
+                    tenant,
                 )
-                return p.LookupReply(hits=hits, pool_id=pool_id, slots=leased)
+                return p.LookupReply(
+                    hits=result.hits, pool_id=pool_id, slots=result.slots, leases=result.leases
+                )
             if isinstance(request, p.Reserve):
                 slots = self.index.reserve(
-                    request.namespace, request.keys, request.parent, session.session_id
+                    request.namespace, request.keys, request.parent, session.session_id, tenant
                 )
                 return p.ReserveReply(pool_id=pool_id, slots=slots)
             if isinstance(request, p.Commit):
-                done = self.index.commit(request.namespace, request.keys, request.abort, session.session_id)
+                done = self.index.commit(
+                    request.namespace, request.keys, request.abort, session.session_id, tenant
+                )
                 if done:
                     self.metrics.save_seconds.observe(request.copy_seconds)
                 return p.CommitReply(committed=done)
             if isinstance(request, p.Release):
-                held = self.index.release_many(request.lease_ids, request.loaded_blocks)
-                if request.loaded_blocks:
+                held = self.index.release_many(request.lease_ids, request.loaded_blocks, tenant)
+                if request.loaded_blocks and held and held[0]:
                     self.metrics.load_seconds.observe(request.copy_seconds)
                 return p.ReleaseReply(held=held)
             if isinstance(request, p.RegisterNamespace):
                 ns = self.index.register(
-                    request.namespace, request.block_bytes, request.block_tokens, request.description
+                    request.namespace, request.block_bytes, request.block_tokens, request.description, tenant
                 )
                 log.info(
                     "namespace registered",
@@ -369,11 +662,16 @@ class Agent:
                         "namespace": ns.name,
                         "block_bytes": ns.block_bytes,
                         "session": session.session_id,
+                        "tenant": tenant,
                     },
                 )
                 return p.NamespaceReply(namespace=ns.name, block_bytes=ns.block_bytes)
             if isinstance(request, p.Stats):
                 return p.StatsReply(stats=self.stats())
+        except LeaseConflict as exc:
+            raise _ProtocolError(p.E_LEASE, str(exc)) from exc
+        except QuotaExceeded as exc:
+            raise _ProtocolError(p.E_QUOTA, str(exc)) from exc
         except KeyError as exc:
             raise _ProtocolError(p.E_NAMESPACE, str(exc.args[0] if exc.args else exc)) from exc
         except ValueError as exc:
@@ -385,19 +683,23 @@ class Agent:
         out: dict[str, int | float | str] = {k: v for k, v in vars(c).items()}
         out.update(
             agent_id=self.agent_id,
-            pool_id=self.segment.pool_id if self.segment else "",
+            pool_id=self.pool_id,
             pool_bytes=self.allocator.pool_bytes,
             pool_used_bytes=self.allocator.used_bytes,
             pool_prefaulted_bytes=self.segment.prefaulted_bytes if self.segment else 0,
             free_arenas=self.allocator.free_arenas,
             namespaces=len(self.index.namespaces),
             sessions=len(self.sessions),
+            connections=len(self._writers),
+            tenancy=self.settings.tenancy,
+            tenants=len([t for t, n in self._tenant_sessions.items() if n]),
             leases_active=len(self.index.leases),
             uptime_s=round(time.time() - self.started_at, 3) if self.started_at else 0.0,
             cuda=int(self.gpu is not None),
             cuda_pinned=int(self.gpu is not None and self.gpu.pinned is not None),
             cuda_pin_seconds=round(self.gpu.pin_seconds, 3) if self.gpu else 0.0,
             cuda_ipc_mappings=self.gpu.mapped() if self.gpu else 0,
+            fatal=self.fatal or "",
         )
         out.update({f"blocks_{k}": v for k, v in self.index.block_counts().items()})
         return out

@@ -116,6 +116,51 @@ class AgentSettings(BaseSettings):
     max_sessions: int = Field(
         default=1024, ge=1, description="Concurrent engine sessions before new ones are refused."
     )
+    max_sessions_per_tenant: int = Field(
+        default=256, ge=1, description="Concurrent sessions of one tenant (with isolated tenancy)."
+    )
+    hello_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Seconds a new connection has to say hello before it is closed (connections "
+        "without a session count against --max-sessions meanwhile).",
+    )
+    write_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a reply may wait for a client that stopped reading; then the session "
+        "is closed and its leases and reservations dropped.",
+    )
+    session_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Fraction of the pool one session may hold reserved (saves in flight), and as "
+        "much again leased (loads in flight), at once.",
+    )
+    max_namespaces: int = Field(default=1024, ge=1, description="Namespaces (model layouts) per tenant.")
+    tenancy: str = Field(
+        default="shared",
+        description="'shared': every engine that can reach the socket is one trust domain (one "
+        "pool file all CPU engines map). 'isolated': the agent decides each session's tenant (from "
+        "the tenant socket it came through, else its peer uid); a tenant sees, leases and maps only "
+        "its own blocks, and CPU engines get their tenant's own pool file by descriptor passing.",
+    )
+    tenant_socket_dir: Path | None = Field(
+        default=None,
+        description="Isolated tenancy: serve one socket per tenant at DIR/<tenant>/agent.sock for "
+        "every subdirectory DIR/<tenant> (checked every second; under Kubernetes one per pod "
+        "namespace, each mounted only into that namespace's pods).",
+    )
+    tenant_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the pool one tenant may hold (isolated tenancy); under pressure "
+        "the tenant holding most gives arenas up first.",
+    )
     log_format: str = Field(default="text", description="'text' or 'json' log lines.")
     log_level: str = Field(default="INFO", description="Python logging level name.")
 
@@ -124,6 +169,13 @@ class AgentSettings(BaseSettings):
     def _log_format(cls, v: str) -> str:
         if v not in ("text", "json"):
             raise ValueError("must be 'text' or 'json'")
+        return v
+
+    @field_validator("tenancy")
+    @classmethod
+    def _tenancy(cls, v: str) -> str:
+        if v not in ("shared", "isolated"):
+            raise ValueError("must be 'shared' or 'isolated'")
         return v
 
     @field_validator("log_level")
@@ -139,6 +191,8 @@ class AgentSettings(BaseSettings):
         out: dict[str, str] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
+            if value is None:
+                continue  # unset (the default)
             out[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
 
