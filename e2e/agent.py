@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,14 @@ class AgentProcess:
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + "/stats", timeout=5) as r:
             return dict(json.loads(r.read()))
+
+    def http_status(self, path: str) -> int:
+        """Status code of an admin endpoint (``/healthz``, ``/readyz``)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:

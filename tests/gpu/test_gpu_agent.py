@@ -177,3 +177,124 @@ def test_layered_load_orders_the_engine_stream_after_each_layer(tmp_path: Path) 
         finally:
             proc.kill()
             proc.join(10)
+
+
+TRUST_NB, TRUST_BB = 16, 2 << 20  # 32 MiB tensors: each its own allocation in torch's allocator
+
+
+def _crafted_registration_body(socket_path: str, conn: Any) -> None:
+    """Two sessions: a victim engine registers and saves honestly; an attacker tries the review's
+    crafted geometries (wrapping num_blocks, one block past its allocation, an offset past it)
+    and copies to slots it does not hold. Every attempt must be refused and the victim's bytes
+    stay as they were."""
+    import torch
+
+    from kvfabric.connector import protocol as p
+    from kvfabric.connector.client import AgentClient
+    from kvfabric.connector.errors import AgentRejected
+
+    def share(t: torch.Tensor) -> tuple[bytes, int]:
+        _dev, handle, _size, storage_offset, *_ = t.untyped_storage()._share_cuda_()
+        return bytes(handle), int(storage_offset) + t.storage_offset() * t.element_size()
+
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+
+    def register(
+        c: AgentClient, ns: str, t: torch.Tensor, num_blocks: int, extra_off: int = 0
+    ) -> p.GpuKVReply:
+        h, off = share(t)
+        return c.call(
+            p.RegisterGpuKV(
+                namespace=ns,
+                device_uuid=uuid,
+                layout="block_chunk",
+                num_blocks=num_blocks,
+                plane_bytes=TRUST_BB,
+                handles=[h],
+                offsets=[off + extra_off],
+            ),
+            p.GpuKVReply,
+        )
+
+    out: dict[str, Any] = {}
+    victim_kv = torch.full((TRUST_NB, TRUST_BB), 0xAB, dtype=torch.uint8, device="cuda")
+    evil_kv = torch.full((TRUST_NB, TRUST_BB), 0x11, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    victim = AgentClient(socket_path, "victim", timeout_s=30)
+    v_reg = register(victim, "victim-ns", victim_kv, TRUST_NB)
+    v_slots = victim.reserve("victim-ns", [b"v" * 16], None).slots
+    victim.call(p.GpuCopy(kv_id=v_reg.kv_id, to_pool=True, block_ids=[0], slots=v_slots), p.GpuCopyReply)
+    victim.commit("victim-ns", [b"v" * 16], [], 0.0)
+
+    evil = AgentClient(socket_path, "attacker", timeout_s=30)
+    refused: dict[str, str] = {}
+    for case, blocks, extra in (
+        ("wrapping_num_blocks", 1 << 32, 0),
+        ("one_block_past_the_allocation", TRUST_NB + 1, 0),
+        ("offset_past_the_allocation", 1, TRUST_NB * TRUST_BB),
+    ):
+        try:
+            register(evil, f"evil-{case}", evil_kv, blocks, extra)
+            refused[case] = "ACCEPTED"
+        except AgentRejected as exc:
+            refused[case] = exc.code
+    out["registrations"] = refused
+    e_reg = register(evil, "evil-ns", evil_kv, TRUST_NB)  # honest geometry: accepted
+    copies: dict[str, str] = {}
+    for case, req in (
+        # into the victim's committed slot, which the attacker never reserved
+        (
+            "save_into_a_slot_not_reserved",
+            p.GpuCopy(kv_id=e_reg.kv_id, to_pool=True, block_ids=[0], slots=v_slots),
+        ),
+        # out of the victim's slot, under no lease
+        (
+            "load_from_a_slot_not_leased",
+            p.GpuCopy(kv_id=e_reg.kv_id, to_pool=False, block_ids=[0], slots=v_slots),
+        ),
+        # with the victim's kv_id (another session's registration)
+        ("another_sessions_kv_id", p.GpuCopy(kv_id=v_reg.kv_id, to_pool=False, block_ids=[0], slots=v_slots)),
+    ):
+        try:
+            evil.call(req, p.GpuCopyReply)
+            copies[case] = "ACCEPTED"
+        except AgentRejected as exc:
+            copies[case] = exc.code
+    e_slot = evil.reserve("evil-ns", [b"e" * 16], None).slots
+    try:  # a block id past the registered geometry, into its own reserved slot
+        evil.call(
+            p.GpuCopy(kv_id=e_reg.kv_id, to_pool=True, block_ids=[TRUST_NB], slots=e_slot), p.GpuCopyReply
+        )
+        copies["block_id_out_of_range"] = "ACCEPTED"
+    except AgentRejected as exc:
+        copies["block_id_out_of_range"] = exc.code
+    out["copies"] = copies
+    torch.cuda.synchronize()
+    out["victim_intact"] = bool((victim_kv == 0xAB).all().item())
+    # The victim's own round trip still works: load block 0's slot into block 5.
+    hit = victim.lookup(["victim-ns"], [b"v" * 16], 16, lease_id="V")
+    victim.call(
+        p.GpuCopy(kv_id=v_reg.kv_id, to_pool=False, block_ids=[5], slots=hit.slots[0]), p.GpuCopyReply
+    )
+    torch.cuda.synchronize()
+    out["victim_round_trip"] = bool(torch.equal(victim_kv[5], victim_kv[0]))
+    conn.send(out)
+
+
+def test_crafted_registrations_and_unowned_slots_are_refused_and_other_kv_is_untouched(
+    tmp_path: Path,
+) -> None:
+    with AgentProcess(tmp_path / "agent", "1GiB", extra_args=["--cuda", "--pin-threads", "8"]) as agent:
+        parent, proc = _spawn_engine(agent, _crafted_registration_body)
+        try:
+            assert parent.poll(180), "engine did not finish"
+            out = parent.recv()
+            assert not (isinstance(out, tuple) and out[0] == "error"), out
+            print(out)
+            assert out["registrations"] == dict.fromkeys(out["registrations"], "gpu"), out
+            assert out["copies"] == dict.fromkeys(out["copies"], "gpu"), out
+            assert out["victim_intact"] and out["victim_round_trip"], out
+            assert agent.http_status("/readyz") == 200 and agent.http_status("/healthz") == 200
+        finally:
+            proc.kill()
+            proc.join(10)
