@@ -199,8 +199,12 @@ def _crafted_registration_body(socket_path: str, conn: Any) -> None:
 
     uuid = str(torch.cuda.get_device_properties(0).uuid)
 
+    event = torch.cuda.Event(interprocess=True)
+    event.record()
+    event_handle = bytes(event.ipc_handle())
+
     def register(
-        c: AgentClient, ns: str, t: torch.Tensor, num_blocks: int, extra_off: int = 0
+        c: AgentClient, ns: str, t: torch.Tensor, num_blocks: int, extra_off: int = 0, events: bool = False
     ) -> p.GpuKVReply:
         h, off = share(t)
         return c.call(
@@ -212,6 +216,7 @@ def _crafted_registration_body(socket_path: str, conn: Any) -> None:
                 plane_bytes=TRUST_BB,
                 handles=[h],
                 offsets=[off + extra_off],
+                layer_events=[event_handle] if events else [],
             ),
             p.GpuKVReply,
         )
@@ -221,7 +226,8 @@ def _crafted_registration_body(socket_path: str, conn: Any) -> None:
     evil_kv = torch.full((TRUST_NB, TRUST_BB), 0x11, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     victim = AgentClient(socket_path, "victim", timeout_s=30)
-    v_reg = register(victim, "victim-ns", victim_kv, TRUST_NB)
+    v_reg = register(victim, "victim-ns", victim_kv, TRUST_NB, events=True)
+    out["victim_layered"] = v_reg.layered
     v_slots = victim.reserve("victim-ns", [b"v" * 16], None).slots
     victim.call(p.GpuCopy(kv_id=v_reg.kv_id, to_pool=True, block_ids=[0], slots=v_slots), p.GpuCopyReply)
     victim.commit("victim-ns", [b"v" * 16], [], 0.0)
@@ -239,7 +245,10 @@ def _crafted_registration_body(socket_path: str, conn: Any) -> None:
         except AgentRejected as exc:
             refused[case] = exc.code
     out["registrations"] = refused
-    e_reg = register(evil, "evil-ns", evil_kv, TRUST_NB)  # honest geometry: accepted
+    # Honest geometry: accepted; but presenting the victim's event handle (what two engines with
+    # the same PID in two pods do unwittingly) gets no layered loads.
+    e_reg = register(evil, "evil-ns", evil_kv, TRUST_NB, events=True)
+    out["clashing_events_layered"] = e_reg.layered
     copies: dict[str, str] = {}
     for case, req in (
         # into the victim's committed slot, which the attacker never reserved
@@ -294,6 +303,7 @@ def test_crafted_registrations_and_unowned_slots_are_refused_and_other_kv_is_unt
             assert out["registrations"] == dict.fromkeys(out["registrations"], "gpu"), out
             assert out["copies"] == dict.fromkeys(out["copies"], "gpu"), out
             assert out["victim_intact"] and out["victim_round_trip"], out
+            assert out["victim_layered"] is True and out["clashing_events_layered"] is False, out
             assert agent.http_status("/readyz") == 200 and agent.http_status("/healthz") == 200
         finally:
             proc.kill()
