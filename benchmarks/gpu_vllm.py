@@ -199,7 +199,9 @@ def agent_times(agent: AgentProcess) -> dict[str, tuple[float, float]]:
     def value(series: str) -> float:
         return next((float(x.split()[-1]) for x in lines if x.startswith(series + " ")), 0.0)
 
-    return {name: (value(pattern.format("sum")), value(pattern.format("count"))) for pattern, name in want.items()}
+    return {
+        name: (value(pattern.format("sum")), value(pattern.format("count"))) for pattern, name in want.items()
+    }
 
 
 def warm(b: Bench, agent: AgentProcess, e: EngineProcess, label: str) -> None:

@@ -1,6 +1,6 @@
 """``make bench``: every benchmark prints a ratio against a baseline measured in the same run.
 
-    python -m benchmarks.run [ttft] [rpc] [copy]      (default: all)
+    python -m benchmarks.run [ttft] [rpc] [copy] [index] [stall]      (default: all)
 
 Results go to stdout and ``benchmarks/out/results.json``; record them in RESULTS.md with the
 machine and date.
@@ -23,6 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import trust  # noqa: E402
 from e2e import tiny_model  # noqa: E402
 from e2e.agent import AgentProcess  # noqa: E402
 from e2e.engine import EngineProcess  # noqa: E402
@@ -210,7 +211,21 @@ def bench_copy(results: dict[str, Any], tmp: Path) -> None:
         w.shutdown()
 
 
-BENCHES = {"ttft": bench_ttft, "rpc": bench_rpc, "copy": bench_copy}
+def bench_index(results: dict[str, Any], tmp: Path) -> None:
+    trust.bench_index(results, tmp, report)
+
+
+def bench_stall(results: dict[str, Any], tmp: Path) -> None:
+    trust.bench_stall(results, tmp, report)
+
+
+BENCHES = {
+    "ttft": bench_ttft,
+    "rpc": bench_rpc,
+    "copy": bench_copy,
+    "index": bench_index,
+    "stall": bench_stall,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -85,6 +85,8 @@ MAX_GPU_REGISTRATIONS = 8
 #: How often housekeeping runs: tenant sockets appear, tenant files are audited.
 _HOUSEKEEPING_S = 1.0
 _GC_FREEZE_EVERY_S = 30.0
+#: Keys of a save handled before the loop serves others (about 1 ms of work).
+_KEYS_PER_SLICE = 256
 
 
 class _Connection:
@@ -388,6 +390,9 @@ class Agent:
                     elif isinstance(request, p.GpuCopy | p.RegisterGpuKV):
                         session.requests += 1
                         reply = await self._gpu_request(request, session)
+                    elif isinstance(request, p.Reserve | p.Commit) and len(request.keys) > _KEYS_PER_SLICE:
+                        session.requests += 1
+                        reply = await self._save_in_slices(request, session)
                     elif isinstance(request, p.OpenPool):
                         session.requests += 1
                         reply, fd_to_pass = self._open_pool(request, session)
@@ -547,6 +552,36 @@ class Agent:
             },
         )
         return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes, layered=layered)
+
+    async def _save_in_slices(self, request: p.Reserve | p.Commit, session: Session) -> p._Reply:
+        """A long save (a 128k-token prompt is 8k keys) in slices, yielding the loop between
+        them: other sessions and /healthz wait for one slice at most, not for the whole save.
+        Each key's reservation or commit is independent, so interleaving changes nothing."""
+        keys, n = request.keys, _KEYS_PER_SLICE
+        if isinstance(request, p.Reserve):
+            slots: list[int] = []
+            for i in range(0, len(keys), n):
+                parent = request.parent if i == 0 else keys[i - 1]
+                part = p.Reserve(namespace=request.namespace, keys=keys[i : i + n], parent=parent)
+                reply = self._dispatch(part, session)
+                assert isinstance(reply, p.ReserveReply)
+                slots += reply.slots
+                await asyncio.sleep(0)
+            return p.ReserveReply(pool_id=self.pool_id, slots=slots)
+        done = 0
+        for i in range(0, len(keys), n):
+            last = i + n >= len(keys)
+            part = p.Commit(
+                namespace=request.namespace,
+                keys=keys[i : i + n],
+                abort=request.abort if last else [],
+                copy_seconds=request.copy_seconds if last else 0.0,
+            )
+            reply = self._dispatch(part, session)
+            assert isinstance(reply, p.CommitReply)
+            done += reply.committed
+            await asyncio.sleep(0)
+        return p.CommitReply(committed=done)
 
     def _check_gpu_slots(self, request: p.GpuCopy, session: Session) -> None:
         """A save may write only slots this session reserved in the registration's namespace;
