@@ -24,6 +24,18 @@ def test_configmap_is_the_agent_settings_model(monkeypatch: pytest.MonkeyPatch) 
     assert str(settings.socket) == SOCKET_PATH and str(settings.pool_path) == POOL_PATH
 
 
+def test_per_namespace_tenancy_runs_the_agent_isolated_with_tenant_sockets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "tenancy": "perNamespace"})
+    for key, value in configmap("ns", "p", "uid-1", spec)["data"].items():
+        monkeypatch.setenv(key, value)
+    settings = AgentSettings()
+    assert settings.tenancy == "isolated" and str(settings.tenant_socket_dir) == "/kvfabric/run/tenants"
+    shared = configmap("ns", "p", "uid-1", SPEC)["data"]
+    assert shared["KVFABRIC_TENANCY"] == "shared" and "KVFABRIC_TENANT_SOCKET_DIR" not in shared
+
+
 def test_daemonset_places_agents_and_shares_host_dirs_per_pool() -> None:
     ds = daemonset("ml", "pool-a", "uid-1", SPEC)
     pod = ds["spec"]["template"]["spec"]

@@ -45,10 +45,24 @@ def test_annotated_pod_gets_mounts_env_and_the_connector_line_once() -> None:
     assert again == out  # idempotent
 
 
-def test_per_namespace_tenancy_sets_the_tenant() -> None:
+def test_per_namespace_tenancy_mounts_only_the_pods_own_tenant_socket() -> None:
     spec = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "tenancy": "perNamespace"})
-    out, _ = mutate(pod({"kvfabric.io/pool": "default"}), "team-a", spec)
+    out, why = mutate(pod({"kvfabric.io/pool": "infra/shared"}), "team-a", spec)
+    assert why == ""
     assert {"name": "KVFABRIC_TENANT", "value": "team-a"} in out["spec"]["containers"][0]["env"]
+    paths = [v["hostPath"]["path"] for v in out["spec"]["volumes"]]
+    # its own tenant's socket directory of the pool in "infra", and no shared memory
+    assert paths == ["/run/kvfabric/infra.shared/tenants/team-a"]
+    assert [m["mountPath"] for m in out["spec"]["containers"][0]["volumeMounts"]] == ["/kvfabric/run"]
+    other, _ = mutate(pod({"kvfabric.io/pool": "infra/shared"}), "team-b", spec)
+    assert [v["hostPath"]["path"] for v in other["spec"]["volumes"]] == [
+        "/run/kvfabric/infra.shared/tenants/team-b"
+    ]
+
+
+def test_a_shared_pool_serves_only_its_own_namespace() -> None:
+    out, why = mutate(pod({"kvfabric.io/pool": "infra/default"}), "team-a", SPEC)
+    assert "tenancy: perNamespace" in why and out["spec"] == pod()["spec"]
 
 
 def test_container_annotation_and_unsupported_pods() -> None:

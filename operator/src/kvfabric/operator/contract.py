@@ -98,7 +98,9 @@ def render() -> str:
         f"Into pods annotated `{POOL_ANNOTATION}: <pool>`, in the container named by "
         f"`{CONTAINER_ANNOTATION}`, else the one named `vllm`, else the only one:",
         "",
-        f"- host-path volumes and mounts for `{RUN_DIR}` and `{SHM_DIR}`;",
+        f"- host-path volumes and mounts for `{RUN_DIR}` and `{SHM_DIR}`; with `tenancy: perNamespace` "
+        f"only `{RUN_DIR}`, from the host directory of the pod namespace's own socket "
+        "(`/run/kvfabric/<pool namespace>.<pool>/tenants/<pod namespace>`);",
         f"- `KVFABRIC_SOCKET_PATH={SOCKET_PATH}`, and `KVFABRIC_TENANT=<pod namespace>` when "
         "`tenancy: perNamespace`;",
         f"- `--kv-transfer-config '{CONNECTOR_LINE}'` unless the container already sets one;",
@@ -108,6 +110,29 @@ def render() -> str:
         f"container cannot be chosen, is admitted unchanged "
         f"except for `{SKIPPED_ANNOTATION}: <why>`, and a Warning event `KVFabricNotInjected` is "
         "recorded on it.",
+        "",
+        "## Tenancy: what it protects and what it does not",
+        "",
+        "The agent trusts the kernel, not its clients; `docs/architecture.md` has the whole trust model.",
+        "",
+        "- `tenancy: shared` (default): the pool serves the pods of its own namespace. They are one "
+        "trust domain: every CPU engine maps the one pool file read-write, so an engine that is "
+        "buggy or hostile can read and overwrite every block of every other engine of the pool. "
+        "The agent still bounds what any one of them can cost the others (sizes range-checked, "
+        "per-session quotas and timeouts, a GPU engine can copy only its own tensors and the slots "
+        "it reserved or that are leased).",
+        "- `tenancy: perNamespace`: pods of any namespace may use the pool, naming it "
+        f"`{POOL_ANNOTATION}: <pool namespace>/<pool>`. Each pod namespace is a tenant. The agent "
+        "serves one socket per tenant, and a pod sees only its own (the webhook mounts only that "
+        "directory). The tenant of a session is the socket it came through, never something the "
+        "engine says. A tenant sees, leases and maps only its own blocks: the same prompt in two "
+        "tenants is two entries, and CPU engines get their tenant's own pool file by descriptor "
+        "passing (an anonymous file, with no path to open). Arenas that leave a tenant are wiped "
+        "before another tenant gets them.",
+        "- Not protected: engines of one tenant from each other (one trust domain, as with "
+        "`shared`); the node's root and anything with the pool's host directories mounted; "
+        "`hostIPC: true` pods, which see the node's shared memory; timing side channels "
+        "(a hit is faster than a miss, within a tenant).",
         "",
     ]
     return "\n".join(lines)

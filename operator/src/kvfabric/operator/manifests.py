@@ -9,6 +9,11 @@ because the agent tells engines where its pool file is):
 
 - ``/run/kvfabric/<namespace>.<pool>`` -> ``/kvfabric/run`` (the agent's socket);
 - ``/dev/shm/kvfabric/<namespace>.<pool>`` -> ``/kvfabric/shm`` (the pool file).
+
+With ``tenancy: perNamespace`` the agent serves one socket per Kubernetes namespace, at
+``/run/kvfabric/<namespace>.<pool>/tenants/<pod namespace>/agent.sock``; an engine pod mounts
+only its own namespace's directory there (at ``/kvfabric/run``), gets its tenant's pool file by
+descriptor passing and mounts no shared memory at all.
 """
 
 from __future__ import annotations
@@ -29,9 +34,17 @@ METRICS_PORT = 9400
 Body = dict[str, Any]
 
 
+TENANTS_DIR = f"{RUN_DIR}/tenants"
+
+
 def host_dirs(namespace: str, name: str) -> tuple[str, str]:
     """(socket dir, shm dir) on the host for one pool."""
     return f"/run/kvfabric/{namespace}.{name}", f"/dev/shm/kvfabric/{namespace}.{name}"
+
+
+def tenant_host_dir(namespace: str, name: str, tenant: str) -> str:
+    """The host directory of one tenant's socket (``perNamespace`` tenancy)."""
+    return f"{host_dirs(namespace, name)[0]}/tenants/{tenant}"
 
 
 def labels(name: str) -> dict[str, str]:
@@ -56,6 +69,8 @@ def agent_settings(spec: KVCachePoolSpec) -> AgentSettings:
         huge_pages=spec.memory.huge_pages,
         cuda=spec.cuda,
         socket=Path(SOCKET_PATH),
+        tenancy="isolated" if spec.tenancy == "perNamespace" else "shared",
+        tenant_socket_dir=Path(TENANTS_DIR) if spec.tenancy == "perNamespace" else None,
         http_host="0.0.0.0",  # the pod network: scraped through the headless Service
         http_port=METRICS_PORT,
         log_format="json",

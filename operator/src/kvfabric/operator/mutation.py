@@ -1,12 +1,15 @@
 """Pod mutation for the admission webhook: wires an annotated vLLM pod to its node's agent.
 
-A pod annotated ``kvfabric.io/pool: <pool>`` gets, in its vLLM container: the pool's socket and
-shared-memory host directories (at the paths the agent uses), ``KVFABRIC_SOCKET_PATH`` (and
-``KVFABRIC_TENANT`` for ``perNamespace`` tenancy), and ``--kv-transfer-config`` with the
-connector line. The container is the one named by ``kvfabric.io/container``, else the one named
-``vllm``, else the only one. Injection is recorded in ``kvfabric.io/injected`` so a re-admitted
-pod is not injected twice; a pod that cannot be injected is admitted unchanged except for a
-``kvfabric.io/skipped`` annotation saying why.
+A pod annotated ``kvfabric.io/pool: <pool>`` (a pool of its namespace) or ``<namespace>/<pool>``
+(a ``perNamespace`` pool serving several namespaces) gets, in its vLLM container: the pool's
+socket and shared-memory host directories (at the paths the agent uses), ``KVFABRIC_SOCKET_PATH``,
+and ``--kv-transfer-config`` with the connector line. With ``perNamespace`` tenancy it gets
+instead only its own namespace's socket directory (the agent puts every session that comes
+through it in that tenant, and hands the tenant's pool file over the socket), plus
+``KVFABRIC_TENANT``. The container is the one named by ``kvfabric.io/container``, else the one
+named ``vllm``, else the only one. Injection is recorded in ``kvfabric.io/injected`` so a
+re-admitted pod is not injected twice; a pod that cannot be injected is admitted unchanged
+except for a ``kvfabric.io/skipped`` annotation saying why.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import copy
 import json
 from typing import Any
 
-from kvfabric.operator.manifests import RUN_DIR, SHM_DIR, SOCKET_PATH, host_dirs
+from kvfabric.operator.manifests import RUN_DIR, SHM_DIR, SOCKET_PATH, host_dirs, tenant_host_dir
 from kvfabric.operator.spec import KVCachePoolSpec
 
 POOL_ANNOTATION = "kvfabric.io/pool"
@@ -49,33 +52,56 @@ def _pick_container(pod: Body) -> tuple[Body | None, str]:
     return None, f"{len(containers)} containers and none named 'vllm'; set {CONTAINER_ANNOTATION}"
 
 
+def pool_ref(annotation: str, namespace: str) -> tuple[str, str]:
+    """(namespace, name) of the pool a pod names: ``<pool>`` in its own namespace, or
+    ``<namespace>/<pool>`` (a ``perNamespace`` pool that serves several namespaces)."""
+    ns, _, name = annotation.rpartition("/")
+    return (ns or namespace), name
+
+
 def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: str = "") -> tuple[Body, str]:
     """Returns (the pod to admit, why it was skipped or ""). Never raises for a bad pod.
     ``spec`` None: the pool does not exist, or ``unreadable`` says why it could not be read."""
     out = copy.deepcopy(pod)
     annotations = out.setdefault("metadata", {}).setdefault("annotations", {})
-    pool = annotations.get(POOL_ANNOTATION)
-    if not pool:
+    ref = annotations.get(POOL_ANNOTATION)
+    if not ref:
         return pod, ""  # not ours: untouched
-    if annotations.get(INJECTED_ANNOTATION) == pool:
+    if annotations.get(INJECTED_ANNOTATION) == ref:
         return pod, ""  # already injected (re-admission)
+    pool_ns, pool = pool_ref(ref, namespace)
     if spec is None:
         problem = f"could not be used: {unreadable[:200]}" if unreadable else "not found"
-        annotations[SKIPPED_ANNOTATION] = f"KVCachePool {namespace}/{pool} {problem}"
+        annotations[SKIPPED_ANNOTATION] = f"KVCachePool {pool_ns}/{pool} {problem}"
+        return out, annotations[SKIPPED_ANNOTATION]
+    if pool_ns != namespace and spec.tenancy != "perNamespace":
+        annotations[SKIPPED_ANNOTATION] = (
+            f"KVCachePool {pool_ns}/{pool} serves only its own namespace (tenancy: shared); "
+            "a pool shared across namespaces needs tenancy: perNamespace"
+        )
         return out, annotations[SKIPPED_ANNOTATION]
     container, why = _pick_container(out)
     if container is None:
         annotations[SKIPPED_ANNOTATION] = why
         return out, why
-    run_dir, shm_dir = host_dirs(namespace, pool)
+    run_dir, shm_dir = host_dirs(pool_ns, pool)
     volumes = out["spec"].setdefault("volumes", [])
-    volumes += [
-        {"name": "kvfabric-run", "hostPath": {"path": run_dir, "type": "DirectoryOrCreate"}},
-        {"name": "kvfabric-shm", "hostPath": {"path": shm_dir, "type": "DirectoryOrCreate"}},
-    ]
-    container.setdefault("volumeMounts", []).extend(
-        [{"name": "kvfabric-run", "mountPath": RUN_DIR}, {"name": "kvfabric-shm", "mountPath": SHM_DIR}]
-    )
+    mounts = container.setdefault("volumeMounts", [])
+    if spec.tenancy == "perNamespace":  # its own tenant's socket, and no shared memory
+        tenant_dir = tenant_host_dir(pool_ns, pool, namespace)
+        volumes.append(
+            {"name": "kvfabric-run", "hostPath": {"path": tenant_dir, "type": "DirectoryOrCreate"}}
+        )
+        mounts.append({"name": "kvfabric-run", "mountPath": RUN_DIR})
+    else:
+        volumes += [
+            {"name": "kvfabric-run", "hostPath": {"path": run_dir, "type": "DirectoryOrCreate"}},
+            {"name": "kvfabric-shm", "hostPath": {"path": shm_dir, "type": "DirectoryOrCreate"}},
+        ]
+        mounts += [
+            {"name": "kvfabric-run", "mountPath": RUN_DIR},
+            {"name": "kvfabric-shm", "mountPath": SHM_DIR},
+        ]
     env = container.setdefault("env", [])
     env.append({"name": "KVFABRIC_SOCKET_PATH", "value": SOCKET_PATH})
     if spec.tenancy == "perNamespace":
@@ -85,7 +111,7 @@ def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: 
     args = container.setdefault("args", [])
     if not any(str(a).startswith("--kv-transfer-config") for a in args):
         args += ["--kv-transfer-config", CONNECTOR_LINE]
-    annotations[INJECTED_ANNOTATION] = pool
+    annotations[INJECTED_ANNOTATION] = ref
     annotations.pop(SKIPPED_ANNOTATION, None)
     return out, ""
 

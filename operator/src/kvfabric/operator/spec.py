@@ -74,8 +74,10 @@ class KVCachePoolSpec(_Model):
     )
     tenancy: Literal["shared", "perNamespace"] = Field(
         default="shared",
-        description="shared: every engine may hit every block; perNamespace: engines only share "
-        "blocks within their Kubernetes namespace (the connector's tenant).",
+        description="shared: the pool serves the pods of its own namespace, one trust domain (every "
+        "engine maps one pool file). perNamespace: the pool may serve pods of any namespace (they "
+        "name it <namespace>/<pool>), and the agent isolates namespaces: each has its own socket "
+        "and pool file, sees, leases and maps only its own blocks.",
     )
     cuda: bool = Field(default=False, description="Agents serve GPU engines (pin the pool for CUDA).")
     host_ipc: bool = Field(

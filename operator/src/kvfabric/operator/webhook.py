@@ -22,7 +22,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kvfabric.operator.mutation import POOL_ANNOTATION, json_patch, mutate
+from kvfabric.operator.mutation import POOL_ANNOTATION, json_patch, mutate, pool_ref
 from kvfabric.operator.reconcile import read_pool
 from kvfabric.operator.spec import KVCachePoolSpec
 
@@ -56,7 +56,7 @@ def review(body: dict[str, Any], lookup: Lookup) -> tuple[dict[str, Any], str]:
     if pool:
         unreadable = ""
         try:
-            spec = lookup(namespace, pool)
+            spec = lookup(*pool_ref(pool, namespace))
         except Exception as exc:  # API unreachable, invalid spec: admit uninjected, say why
             log.warning("pool lookup failed", extra={"namespace": namespace, "pool": pool, "error": str(exc)})
             spec, unreadable = None, str(exc) or type(exc).__name__
