@@ -382,3 +382,18 @@ def test_an_arena_leaving_a_tenant_is_wiped_before_another_gets_it(tmp_path: Pat
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_read_only_pool_descriptor_cannot_be_mapped_writable(
+    tenant_agent: tuple[AgentProcess, Path],
+) -> None:
+    _, root = tenant_agent
+    c = client(root / "team-a" / "agent.sock")
+    reply, fd = c.open_pool(writable=False)
+    try:
+        assert not reply.writable
+        with pytest.raises(PermissionError):
+            mmap.mmap(fd, reply.pool_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mmap.mmap(fd, reply.pool_bytes, mmap.MAP_SHARED, mmap.PROT_READ).close()
+    finally:
+        os.close(fd)

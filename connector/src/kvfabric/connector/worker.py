@@ -158,19 +158,21 @@ class WorkerSide:
         self.copier.detach()
         self._map = None  # the old mapping goes when the last view of it does
         by_fd = not hello.pool_path and "pool_fd" in hello.features
+        writable = self.config.save  # a worker that never saves maps the pool read-only
         if by_fd:  # isolated tenancy: our tenant's own file, which has no path
-            _, fd = self.client._roundtrip_fd(p.OpenPool(writable=True), p.PoolReply)
+            _, fd = self.client._roundtrip_fd(p.OpenPool(writable=writable), p.PoolReply)
         elif not hello.pool_path:
             raise AgentRejected("pool", "the agent offers no pool this connector can map")
         else:
-            fd = os.open(hello.pool_path, os.O_RDWR)
+            fd = os.open(hello.pool_path, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            m = mmap.mmap(fd, hello.pool_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            m = mmap.mmap(fd, hello.pool_bytes, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
         self._map = m
         self.copier.attach(np.frombuffer(m, dtype=np.uint8))
-        if not by_fd:  # a tenant's file is sparse: pages exist only in its own arenas
+        if not by_fd and writable:  # a tenant's file is sparse: pages exist only in its arenas
             threading.Thread(target=_prefault, args=(m,), name="kvfabric-prefault", daemon=True).start()
         self.pool_id = hello.pool_id
         log.info("pool mapped", extra={"pool_id": hello.pool_id, "pool_bytes": hello.pool_bytes})
