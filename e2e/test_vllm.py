@@ -265,3 +265,39 @@ def test_generated_blocks_are_saved_for_the_next_turn(
     cold_engine = start(engines, model_dir, tmp_path, None, "cold")
     (cold,) = cold_engine.generate([turn], MAX_TOKENS)
     assert cold.cached_tokens == 0 and warm.tokens == cold.tokens
+
+
+def test_a_checkpoint_replaced_at_its_path_gets_no_hits_and_one_at_two_paths_shares(
+    agent: AgentProcess,
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp_path: Path,
+    baseline: dict[str, list[int]],
+) -> None:
+    """The KServe case: every model is mounted at one path. Model A fills the pool; A copied to
+    another path shares its blocks; then other weights replace A at its path (same config,
+    same tokenizer): no hits, and the output equals that model's own without the connector."""
+    import shutil
+
+    from e2e import tiny_model
+
+    mount = tmp_path / "mnt" / "model"
+    shutil.copytree(model_dir, mount)
+    cfg = fast_retry(agent)
+    (cold,) = start(engines, mount, tmp_path, cfg, "a-at-mount").generate([PROMPTS["P"]], MAX_TOKENS)
+    assert cold.cached_tokens == 0 and cold.tokens == baseline["P"]
+    engines[-1].close()
+
+    elsewhere = tmp_path / "other-path"
+    shutil.copytree(mount, elsewhere)
+    (same,) = start(engines, elsewhere, tmp_path, cfg, "a-elsewhere").generate([PROMPTS["P"]], MAX_TOKENS)
+    assert same.cached_tokens == usable_blocks("P") * BLOCK and same.tokens == baseline["P"]
+    engines[-1].close()
+
+    tiny_model.build_weights(mount, seed=99)  # a model update, in place
+    (b_alone,) = start(engines, mount, tmp_path, None, "b-no-connector").generate([PROMPTS["P"]], MAX_TOKENS)
+    engines[-1].close()
+    assert b_alone.tokens != baseline["P"]  # the control: the two models really differ
+    (b,) = start(engines, mount, tmp_path, cfg, "b-at-mount").generate([PROMPTS["P"]], MAX_TOKENS)
+    assert b.cached_tokens == 0, "the new weights loaded the old model's KV"
+    assert b.tokens == b_alone.tokens

@@ -14,7 +14,7 @@ def test_requests_round_trip() -> None:
     for req in [
         p.Hello(protocol_version=1, client="x"),
         p.RegisterNamespace(namespace="n", block_bytes=4096, block_tokens=16),
-            p.OpenPool(writable=False),
+        p.OpenPool(writable=False),
         p.Lookup(namespaces=["n"], keys=[b"k" * 16], block_tokens=16, lease_id="l"),
         p.Reserve(namespace="n", keys=[b"a" * 16], parent=None),
         p.Commit(namespace="n", keys=[b"a" * 16], abort=[], copy_seconds=0.1),

@@ -68,8 +68,10 @@ class ConnectorConfig(BaseModel):
     )
     model_id: str | None = Field(
         default=None,
-        description="Model identity in block keys; defaults to vLLM's model name/path. Set it when "
-        "the same weights are mounted at different paths on different nodes.",
+        description="Model identity in block keys, instead of a fingerprint of the checkpoint's "
+        "weight files (sizes, headers, sampled bytes) read at start. Set it for a model whose "
+        "files are not local (streamed by a loader), and change it whenever the weights change; "
+        "the effective model config is part of the identity either way.",
     )
     tenant: str = Field(
         default="",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvfabric.connector.config import ConnectorConfig
+from kvfabric.connector.identity import model_identity
 from kvfabric.connector.keys import LayoutSpec
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def layout_specs(vllm_config: VllmConfig, config: ConnectorConfig, device_type: 
     parallel = vllm_config.parallel_config
     cache = vllm_config.cache_config
     tp = parallel.tensor_parallel_size
-    model_id = config.model_id or f"{model.model}@{model.revision or ''}"
+    model_id = model_identity(vllm_config, config.model_id)  # content, not the path
     return [
         LayoutSpec(
             model=model_id,
