@@ -59,17 +59,45 @@ def request_seed(extra: Sequence[str] = ()) -> bytes:
     return h.digest()
 
 
+def mm_block_extras(features: Sequence[object], block_size: int) -> dict[int, bytes]:
+    """Per block index, the multimodal items whose placeholders overlap that block.
+
+    As vLLM's own prefix cache does, each overlapping item contributes its content hash
+    (``identifier``) and its start relative to the block (negative when it began in an earlier
+    block): two prompts with the same text and placeholders but other images get other keys from
+    the first block an image touches on. ``features`` are vLLM's ``MultiModalFeatureSpec``s.
+    """
+    extras: dict[int, list[bytes]] = {}
+    for f in features:
+        ident = str(getattr(f, "identifier", "") or getattr(f, "mm_hash", ""))
+        pos = f.mm_position  # type: ignore[attr-defined]
+        if not ident or pos.length <= 0:
+            raise ValueError("a multimodal item without a hash or a position cannot be keyed")
+        first, last = pos.offset // block_size, (pos.offset + pos.length - 1) // block_size
+        for b in range(first, last + 1):
+            rel = pos.offset - b * block_size
+            extras.setdefault(b, []).append(
+                b"mm"
+                + len(ident).to_bytes(4, "little")
+                + ident.encode()
+                + rel.to_bytes(8, "little", signed=True)
+            )
+    return {b: b"".join(parts) for b, parts in extras.items()}
+
+
 def chain_keys(
     token_ids: Sequence[int] | np.ndarray,
     block_size: int,
     seed: bytes,
     start_block: int = 0,
     parent: bytes | None = None,
+    extras: dict[int, bytes] | None = None,
 ) -> list[bytes]:
     """Keys of the full blocks of ``token_ids`` (a trailing partial block gets none).
 
     Key ``i`` covers tokens ``[0, (i+1) * block_size)``. To extend a chain computed earlier,
-    pass ``start_block`` and the key of block ``start_block - 1`` as ``parent``.
+    pass ``start_block`` and the key of block ``start_block - 1`` as ``parent``. ``extras[i]``:
+    bytes that must also match for block ``i`` (multimodal items, :func:`mm_block_extras`).
     """
     tokens = np.asarray(token_ids, dtype="<i8")
     n_full = len(tokens) // block_size
@@ -80,6 +108,8 @@ def chain_keys(
     for b in range(start_block, n_full):
         h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
         h.update(tokens[b * block_size : (b + 1) * block_size].tobytes())
+        if extras and (extra := extras.get(b)):
+            h.update(b"\xffextra" + extra)  # no token run of int64s can spell this tag and length
         prev = h.digest()
         keys.append(prev)
     return keys

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.errors import AgentError
-from kvfabric.connector.keys import chain_keys, request_seed
+from kvfabric.connector.identity import checkpoint_fingerprint
+from kvfabric.connector.keys import chain_keys, mm_block_extras, request_seed
 from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_id_for, lease_of_rank
 
 if TYPE_CHECKING:
@@ -46,6 +47,10 @@ class _RequestState:
     leases: list[str] = field(default_factory=list)
     #: A save was planned: with background saves vLLM must keep the blocks until it is done.
     had_saves: bool = False
+    #: Per block, multimodal items its key must cover (:func:`mm_block_extras`).
+    extras: dict[int, bytes] = field(default_factory=dict)
+    #: Never looked up nor saved: its KV does not follow from token ids we can key (embeddings).
+    uncacheable: bool = False
 
 
 @dataclass
@@ -74,6 +79,7 @@ class SchedulerSide:
         self.engine_tag = engine_tag
         self.client = AgentClient.from_config(config, f"scheduler:{engine_tag}")
         self.requests: dict[str, _RequestState] = {}
+        self._loras: dict[tuple[str, str], str] = {}
         self._loads: list[LoadIntent] = []
         self.stats = SchedulerStats()
         if not self.client.connect():  # early, so the agent lists this engine; failure is fine
@@ -85,21 +91,50 @@ class SchedulerSide:
         st = self.requests.get(request.request_id)
         if st is None:
             seed = request_seed(self._salt(request))
-            keys = chain_keys(prompt, self.block_size, seed)
-            st = _RequestState(keys=keys, prompt_len=len(prompt), seed=seed, request=request)
+            # Prompt embeddings (whole or mixed with tokens): the ids at their positions are
+            # placeholders, so no key of ours can tell two such prompts apart. Never cached.
+            uncacheable = getattr(request, "prompt_embeds", None) is not None
+            try:
+                extras = mm_block_extras(getattr(request, "mm_features", None) or [], self.block_size)
+            except ValueError:
+                uncacheable, extras = True, {}
+            keys = [] if uncacheable else chain_keys(prompt, self.block_size, seed, extras=extras)
+            st = _RequestState(
+                keys=keys,
+                prompt_len=len(prompt),
+                seed=seed,
+                request=request,
+                extras=extras,
+                uncacheable=uncacheable,
+            )
             self.requests[request.request_id] = st
         return st
 
-    @staticmethod
-    def _salt(request: Request) -> list[str]:
+    def _salt(self, request: Request) -> list[str]:
         lora = request.lora_request
-        return [request.cache_salt or "", lora.lora_name if lora is not None else ""]
+        return [request.cache_salt or "", self._lora_identity(lora) if lora is not None else ""]
+
+    def _lora_identity(self, lora: object) -> str:
+        """An adapter by name, path and a fingerprint of its weight files (vLLM's own prefix cache
+        keys name and path; two adapters of one name with other weights must never share)."""
+        name, path = str(getattr(lora, "lora_name", "")), str(getattr(lora, "lora_path", "") or "")
+        cached = self._loras.get((name, path))
+        if cached is None:
+            from pathlib import Path
+
+            fingerprint = checkpoint_fingerprint(Path(path)) if path and Path(path).is_dir() else None
+            cached = self._loras[(name, path)] = f"lora:{name}|{path}|{fingerprint or ''}"
+        return cached
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         prompt = request.prompt_token_ids
         if prompt is None:
             return 0, False
         st = self._state(request, list(prompt))
+        if st.uncacheable or getattr(request, "skip_reading_prefix_cache", False):
+            # vLLM 0.26's scheduler asks us even for requests that must compute every prompt
+            # token (prompt logprobs, pooling): no external hits for those.
+            return 0, False
         local = num_computed_tokens // self.block_size
         # vLLM must compute at least one prompt token itself, so a full-prompt hit stops short.
         usable = min(len(st.keys), (len(prompt) - 1) // self.block_size)
@@ -204,7 +239,7 @@ class SchedulerSide:
 
     def _extend_keys(self, st: _RequestState, computed: int) -> None:
         """Keys for blocks that generated tokens filled (their KV is computed: ``computed``)."""
-        if not self.config.save_generated or st.request is None:
+        if not self.config.save_generated or st.request is None or st.uncacheable:
             return
         tokens = st.request.all_token_ids
         n_full = min(computed, len(tokens)) // self.block_size
@@ -215,6 +250,7 @@ class SchedulerSide:
                 st.seed,
                 start_block=len(st.keys),
                 parent=st.keys[-1] if st.keys else None,
+                extras=st.extras,
             )
 
     def request_finished(self, request: Request) -> bool:

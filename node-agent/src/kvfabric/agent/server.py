@@ -571,15 +571,15 @@ class Agent:
         done = 0
         for i in range(0, len(keys), n):
             last = i + n >= len(keys)
-            part = p.Commit(
+            commit = p.Commit(
                 namespace=request.namespace,
                 keys=keys[i : i + n],
                 abort=request.abort if last else [],
                 copy_seconds=request.copy_seconds if last else 0.0,
             )
-            reply = self._dispatch(part, session)
-            assert isinstance(reply, p.CommitReply)
-            done += reply.committed
+            done_reply = self._dispatch(commit, session)
+            assert isinstance(done_reply, p.CommitReply)
+            done += done_reply.committed
             await asyncio.sleep(0)
         return p.CommitReply(committed=done)
 
