@@ -299,3 +299,71 @@ def test_gpu_loads_wait_for_the_engine_stream_first(tmp_path: Path, monkeypatch:
         order.clear()
         w.start_load_kv(KVFabricMetadata())
         assert order == []  # steps without loads (every decode step) never wait
+
+
+def test_an_abort_mid_load_keeps_the_lease_until_the_workers_copy(agent: AgentProcess) -> None:
+    """The review's pool-poisoning trigger: the request is aborted after its load was planned
+    but before the worker copied. The scheduler must leave the lease to the worker (which
+    releases it after its copy), so the copy is trusted and correct."""
+    keys = chain_keys(list(range(80)), 16, request_seed(["", ""]))  # the scheduler's seed: no salt, no LoRA
+    w1, kv1 = make_worker(agent)
+    w1.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r0", (1, 2, 3, 4), tuple(keys[:4]), None)]))
+    cfg = ConnectorConfig(socket_path=str(agent.socket_path))
+    s = SchedulerSide(cfg, [SPEC.namespace()], 16, "t")
+    try:
+        req = _request("r", 80)
+        assert s.get_num_new_matched_tokens(req, 0) == (64, False)
+        s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([9, 10, 11, 12, 13],)), 64)
+        meta = s.build_connector_meta(_step([], set()))
+        assert [len(i.block_ids) for i in meta.loads] == [4]
+        s.request_finished(req)  # aborted: the intent is already on its way to the workers
+        assert agent.stats()["leases_active"] == 1  # still held for the worker
+        w2, kv2 = make_worker(agent)
+        w2.start_load_kv(meta)
+        assert w2.get_block_ids_with_load_errors() == set()
+        for a, b in zip(kv1, kv2, strict=True):
+            assert torch.equal(a[1:5], b[9:13])
+        assert agent.stats()["leases_active"] == 0  # the worker released it
+        for _ in range(3):  # the scheduler's deferred release finds it already gone: harmless
+            s.build_connector_meta(_step([], set()))
+    finally:
+        s.shutdown()
+
+
+def test_blocks_computed_on_a_failed_load_are_not_saved(agent: AgentProcess) -> None:
+    """A step whose load failed (here: its lease is gone) computes the rest of the prompt
+    attending to suspect blocks; those blocks must not reach the pool, where every engine would
+    load them. A later correct save of them is then accepted."""
+    keys = chain_keys(list(range(96)), 16, request_seed())
+    w1, _ = make_worker(agent)
+    w1.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r0", (1, 2, 3, 4), tuple(keys[:4]), None)]))
+    sched = AgentClient(str(agent.socket_path), "sched")
+    try:
+        reply = sched.lookup([SPEC.namespace()], keys[:4], 16, lease_id="L")
+        sched.release(reply.leases)  # lost before the worker's copy
+        w2, _ = make_worker(agent)
+        load = LoadIntent(
+            "r",
+            "L",
+            reply.pool_id,
+            (9, 10, 11, 12),
+            tuple(tuple(x) for x in reply.slots),
+            tuple(reply.leases),
+        )
+        save = SaveIntent("r", (13, 14), tuple(keys[4:6]), keys[3])
+        step = KVFabricMetadata(loads=[load], saves=[save])
+        w2.start_load_kv(step)
+        w2.wait_for_save(step)
+        assert w2.get_block_ids_with_load_errors() == {9, 10, 11, 12}
+        assert sched.lookup([SPEC.namespace()], keys[:6], 16).hits == 4  # blocks 4, 5 not committed
+        # Another request saving them (correctly computed) is not refused as "present".
+        w1.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r1", (5, 6), tuple(keys[4:6]), keys[3])]))
+        assert sched.lookup([SPEC.namespace()], keys[:6], 16).hits == 6
+        # The tainted request stays unsaved until it finishes, then is forgotten.
+        w2.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (15,), (b"n" * 16,), None)]))
+        assert w2.stats.saved_blocks == 0
+        w2.get_finished({"r"})
+        w2.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (15,), (b"n" * 16,), None)]))
+        assert w2.stats.saved_blocks == 1
+    finally:
+        sched.close()

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Steps after which the scheduler ends a finished request's leases a worker may have been
+#: handed (a worker copies in the step that carries the intent; async scheduling runs one ahead).
+_RELEASE_AFTER_STEPS = 2
+
 
 @dataclass
 class _PendingLoad:
@@ -45,6 +49,9 @@ class _RequestState:
     lease_id: str | None = None
     #: the agent's ids of exactly the leases taken (with their generation), per TP rank
     leases: list[str] = field(default_factory=list)
+    #: A load intent for the lease went to the workers: they release it after their copy. Ending
+    #: it here (an abort mid-load) would let its blocks be evicted under the copy.
+    handed_over: bool = False
     #: A save was planned: with background saves vLLM must keep the blocks until it is done.
     had_saves: bool = False
     #: Per block, multimodal items its key must cover (:func:`mm_block_extras`).
@@ -81,6 +88,10 @@ class SchedulerSide:
         self.requests: dict[str, _RequestState] = {}
         self._loras: dict[tuple[str, str], str] = {}
         self._loads: list[LoadIntent] = []
+        #: (step, lease ids) of finished requests whose leases workers may still be copying
+        #: under: released a few steps later (the workers' own release usually came first).
+        self._deferred: list[tuple[int, list[str]]] = []
+        self._step = 0
         self.stats = SchedulerStats()
         if not self.client.connect():  # early, so the agent lists this engine; failure is fine
             log.warning("agent not reachable yet; serving without it", extra={"socket": config.socket_path})
@@ -183,12 +194,18 @@ class SchedulerSide:
                 leases=tuple(pending.leases),
             )
         )
+        st.handed_over = True
         self.stats.loads_planned += 1
         self.stats.blocks_to_load += n
 
     # -- per step --------------------------------------------------------------------------------------
 
     def build_connector_meta(self, out: SchedulerOutput) -> KVFabricMetadata:
+        self._step += 1
+        while self._deferred and self._deferred[0][0] <= self._step - _RELEASE_AFTER_STEPS:
+            _, lease_ids = self._deferred.pop(0)
+            with contextlib.suppress(AgentError):
+                self.client.release(lease_ids)
         meta = KVFabricMetadata(loads=self._loads)
         self._loads = []
         if not self.config.save:
@@ -268,6 +285,10 @@ class SchedulerSide:
         lease_ids = st.leases or [lease_of_rank(st.lease_id, r) for r in range(len(self.namespaces))]
         st.lease_id = None
         st.leases = []
+        if st.handed_over:
+            st.handed_over = False
+            self._deferred.append((self._step, lease_ids))
+            return
         with contextlib.suppress(AgentError):  # the agent drops a dead session's leases itself
             self.client.release(lease_ids)
 

@@ -84,6 +84,9 @@ class WorkerSide:
         self.pool_id: str | None = None
         self._map: mmap.mmap | None = None
         self._load_errors: set[int] = set()
+        #: Requests a load of which failed: what the forward computed for them on top of the
+        #: suspect blocks is never saved (that would poison the pool for every engine).
+        self._tainted: set[str] = set()
         self._layer_index: dict[str, int] = {}  # layer name -> its event, for layered loads
         self._layered_ok = False  # the agent opened our layer events (see GpuKVReply.layered)
         self._layered: _LayeredLoad | None = None
@@ -352,6 +355,7 @@ class WorkerSide:
     def _fail_loads(self, intents: list[LoadIntent]) -> None:
         for intent in intents:
             self._load_errors.update(intent.block_ids)
+            self._tainted.add(intent.req_id)
             self.stats.load_errors += len(intent.block_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -365,6 +369,22 @@ class WorkerSide:
         self._finish_layered()
         if self.saves is not None:
             self.saves.note(meta.saves)  # delayed by the scheduler even if we cannot save them
+        if self._tainted and meta.saves:
+            # Blocks computed attending to a failed load's blocks: when in doubt, miss. (With
+            # async scheduling the next step may already build on them: the request stays
+            # tainted until it finishes.)
+            dropped = [i for i in meta.saves if i.req_id in self._tainted]
+            if dropped:
+                self.stats.save_skipped_blocks += sum(len(i.keys) for i in dropped)
+                log.warning(
+                    "not saving blocks computed on top of a failed load",
+                    extra={"reqs": sorted({i.req_id for i in dropped})},
+                )
+                meta = KVFabricMetadata(
+                    loads=meta.loads,
+                    saves=[i for i in meta.saves if i.req_id not in self._tainted],
+                    preempted=meta.preempted,
+                )
         if not meta.saves or not self.enabled:
             return
         if self.saves is not None:
@@ -399,6 +419,7 @@ class WorkerSide:
 
     def get_finished(self, finished_req_ids: set[str]) -> set[str] | None:
         """Finished requests whose blocks vLLM kept for our background saves, now free to go."""
+        self._tainted -= finished_req_ids
         return self.saves.finished(finished_req_ids) if self.saves is not None else None
 
     def _save_logged(self, intent: SaveIntent) -> None:
