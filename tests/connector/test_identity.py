@@ -101,3 +101,17 @@ def test_large_checkpoints_are_sampled_not_read(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(identity, "open", Counting, raising=False)
     assert checkpoint_fingerprint(tmp_path) is not None
     assert read[0] <= identity.SAMPLES_PER_FILE * identity.SAMPLE_BYTES + 4096
+
+
+def test_setups_the_connector_cannot_serve_are_named() -> None:
+    from kvfabric.connector.layout import unsupported_setup
+
+    def cfg(**parallel: int) -> SimpleNamespace:
+        return SimpleNamespace(parallel_config=SimpleNamespace(**parallel))
+
+    assert unsupported_setup(cfg(pipeline_parallel_size=1), None) is None
+    assert "pipeline" in (unsupported_setup(cfg(pipeline_parallel_size=2), None) or "")
+    assert "context" in (unsupported_setup(cfg(decode_context_parallel_size=2), None) or "")
+    two_groups = SimpleNamespace(kv_cache_groups=[object(), object()])
+    assert "KV-cache groups" in (unsupported_setup(cfg(), two_groups) or "")
+    assert unsupported_setup(cfg(), SimpleNamespace(kv_cache_groups=[object()])) is None

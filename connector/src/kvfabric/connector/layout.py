@@ -52,3 +52,18 @@ def layout_specs(vllm_config: VllmConfig, config: ConnectorConfig, device_type: 
         )
         for rank in range(tp)
     ]
+
+
+def unsupported_setup(vllm_config: VllmConfig, kv_cache_config: object | None) -> str | None:
+    """Why this engine's setup cannot be served correctly yet, or None. The engine then serves
+    without the connector (one log line), instead of loading blocks that may not fit."""
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "pipeline_parallel_size", 1) > 1:
+        return "pipeline parallelism (stages would share one namespace per TP rank)"
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            return f"context parallelism ({name}={getattr(parallel, name)}: KV blocks are split across ranks)"
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) if kv_cache_config is not None else None
+    if groups is not None and len(groups) > 1:
+        return f"{len(groups)} KV-cache groups (hybrid or sliding-window models): one group is supported"
+    return None

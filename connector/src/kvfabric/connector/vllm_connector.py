@@ -27,7 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvfabric.connector.config import ConnectorConfig
-from kvfabric.connector.layout import layout_specs
+from kvfabric.connector.layout import layout_specs, unsupported_setup
 from kvfabric.connector.metadata import KVFabricMetadata
 from kvfabric.connector.scheduler import SchedulerSide
 from kvfabric.connector.stats import KVFabricPromMetrics, KVFabricStats
@@ -58,6 +58,10 @@ class KVFabricConnector(KVConnectorBase_V1):
         self.config = ConnectorConfig.from_sources(transfer.kv_connector_extra_config)
         from vllm.platforms import current_platform
 
+        why = unsupported_setup(vllm_config, kv_cache_config)
+        if why is not None:
+            log.error("KVFabric cannot serve this engine correctly yet: %s; serving without it", why)
+            self.config = self.config.model_copy(update={"load": False, "save": False})
         specs = layout_specs(vllm_config, self.config, current_platform.device_type)
         self._on_cuda = current_platform.device_type == "cuda"
         background = self._on_cuda if self.config.background_saves is None else self.config.background_saves

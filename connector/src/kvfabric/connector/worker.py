@@ -98,6 +98,8 @@ class WorkerSide:
     # -- setup -------------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if not (self.config.load or self.config.save):
+            return  # disabled (e.g. an unsupported setup): never touches the agent
         layers = list(kv_caches.values())
         if layers and layers[0].is_cuda:
             self._register_cuda(kv_caches)
