@@ -154,9 +154,10 @@ def test_a_new_namespace_reclaims_arenas_from_one_that_holds_them_all() -> None:
     ns = idx.namespaces["ns"]
     # only the emptied arena's two blocks went; the rest of the chain stays (its new head a root)
     assert len(ns.entries) == 6
-    roots = [e for e in ns.entries.values() if e.parent is None or not e.parent.alive]
-    assert len(roots) == 1 and roots[0] is ns.entries[k(2)]  # the evicted head's child
-    assert all(e.children == sum(c.parent is e for c in ns.entries.values()) for e in ns.entries.values())
+    roots = [e for e in ns.entries.values() if not e.parent_alive]
+    assert [r.key for r in roots] == [k(2)]  # the evicted head's child
+    views = list(ns.entries.values())
+    assert all(e.children == sum(c.parent == e.slot and c.parent_alive for c in views) for e in views)
     assert idx.allocator.used_bytes == (len(ns.entries) + 1) * BB
 
 
@@ -235,43 +236,38 @@ def test_aborting_a_chain_parent_first_leaves_no_stale_links() -> None:
 
 
 def check_invariants(idx: BlockIndex) -> None:
-    """Everything the index keeps up to date incrementally, recomputed from the entries."""
+    """Everything the index keeps up to date incrementally, recomputed from the columns."""
     alloc = idx.allocator
+    leased: dict[tuple[int, int], int] = {}
+    for lease in idx.leases.values():
+        for slot in lease.slots:
+            leased[(id(lease.ns), slot)] = leased.get((id(lease.ns), slot), 0) + 1
     for name, ns in idx.namespaces.items():
-        by_arena: dict[int, set[bytes]] = {}
+        views = list(ns.entries.values())
+        assert len(views) == len(ns.entries) == ns.slots.used
         pinned: dict[int, int] = {}
-        for key, e in ns.entries.items():
-            assert e.key == key and e.alive
-            a = alloc.arena_of(ns.slots, e.slot)
+        for e in views:
+            assert ns.find(e.key) == e.slot, "the key table finds every resident block"
+            a = ns.arena_index(e.slot)
             assert a in ns.slots.arenas, "a block outside its namespace's arenas"
-            by_arena.setdefault(a, set()).add(key)
             pinned[a] = pinned.get(a, 0) + int(e.pinned)
-            live_children = sum(c.parent is e for c in ns.entries.values())
-            assert e.children == live_children, (name, key)
-        assert ns.arena_keys == by_arena
-        assert {a: n for a, n in ns.arena_pinned.items() if a in by_arena} == pinned
+            live_children = sum(c.parent == e.slot and c.parent_alive for c in views)
+            assert e.children == live_children, (name, e.key)
+            assert e.leases == leased.get((id(ns), e.slot), 0)
+        assert {a: n for a, n in ns.arena_pinned.items() if a in pinned} == pinned
         assert set(ns.unpinned) == {a for a, n in pinned.items() if n == 0}
-        leased = {}
-        for lease in idx.leases.values():
-            if lease.ns is ns:
-                for k in lease.keys:
-                    leased[ns.entries[k].slot] = leased.get(ns.entries[k].slot, 0) + 1
-        assert ns.leased_slots == leased
-        assert all(
-            ns.entries[k].leases > 0 for lease in idx.leases.values() if lease.ns is ns for k in lease.keys
-        )
-        slots = [e.slot for e in ns.entries.values()]
+        slots = [e.slot for e in views]
         assert len(slots) == len(set(slots))
-        assert ns.slots.used == len(ns.entries)
     assert alloc.used_bytes == sum(len(ns.entries) * ns.block_bytes for ns in idx.namespaces.values())
     for sid, st in idx._sessions.items():
         assert st.reserved_bytes == sum(
-            idx.namespaces[n].block_bytes * len(keys) for n, keys in st.reserved.items()
+            idx.namespaces[n].block_bytes * len(sl) for n, sl in st.reserved.items()
         )
-        for n, keys in st.reserved.items():
-            for k in keys:
-                e = idx.namespaces[n].entries[k]
-                assert e.state.name == "RESERVED" and e.owner == sid
+        for n, sl in st.reserved.items():
+            ns = idx.namespaces[n]
+            for slot in sl:
+                view = ns.entries._view(slot)
+                assert view.state.name == "RESERVED" and view.owner == sid
         assert st.leased_bytes == sum(idx.leases[lid].bytes for lid in st.leases)
 
 

@@ -1,28 +1,36 @@
 """Block index: which keys live in which slots, leases, reservations and eviction.
 
-Per namespace a dict ``key -> Entry``. A saved block goes RESERVED (slot handed to one session,
-invisible to lookups) then COMMITTED (visible). Eviction is prefix-aware LRU: only *leaves* —
-committed blocks with no resident children and no lease — are candidates, the least recently
-used first, so a chain is trimmed from its tail and a parent never goes before its children.
-Candidates sit in a lazy min-heap keyed by last use; stale heap items are skipped on pop.
+A saved block goes RESERVED (slot handed to one session, invisible to lookups) then COMMITTED
+(visible). Eviction is prefix-aware LRU: only *leaves* — committed blocks with no resident
+children and no lease — are candidates, the least recently used first, so a chain is trimmed
+from its tail and a parent never goes before its children.
 
 Tenants: every namespace and lease belongs to one tenant and is invisible to the others (the
 same namespace digest in two tenants is two namespaces). Tenant ``""`` is the shared domain.
 
-Cost discipline (everything here runs inline on the agent's event loop): every operation costs
+Compact storage (a 500 GiB pool of 64 KiB blocks is 8M blocks): no Python object per block.
+A block's state lives in array columns of the arena that holds its slot (:class:`_Cols`: about
+50 bytes per slot), and a namespace finds a key's slot through an open-addressing table of slot
+numbers (:class:`KeyTable`: about 16 bytes per block), whose keys are read back from the columns.
+Nothing per block is tracked by Python's garbage collector.
+
+Cost discipline (everything runs inline on the agent's event loop): every operation costs
 O(its own keys), O(the session's own state) or O(one arena), never O(pool). Giving an arena to
 another namespace evicts only that arena's blocks: children elsewhere become roots (unreachable
 until their parent is saved again, and evicted by LRU like any leaf). Each namespace keeps, per
-arena, its resident keys and how many of them are *pinned* (reserved or leased), and in order
-the arenas with none pinned, so finding an arena to empty is O(1).
+arena, how many of its blocks are *pinned* (reserved or leased), and in order the arenas with
+none pinned, so finding an arena to empty is O(1). The key table grows one partition at a time
+(a few thousand entries), never the whole namespace at once.
 
 Everything here runs on the agent's event loop thread: no locks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -31,27 +39,133 @@ from kvfabric.agent.pool import NamespaceSlots, SlotAllocator
 
 
 class State(Enum):
+    EMPTY = 0
     RESERVED = 1
     COMMITTED = 2
 
 
-@dataclass(slots=True)
-class Entry:
-    key: bytes
-    slot: int
-    #: The parent's entry while both are resident (an object, not a key: a parent evicted and
-    #: saved again is a new entry, and must not inherit the old one's children).
-    parent: Entry | None
-    state: State
-    owner: int  # session id that reserved it (meaningful while RESERVED)
-    tick: int = 0
-    children: int = 0
-    leases: int = 0
-    alive: bool = True
+_EMPTY, _RESERVED, _COMMITTED = 0, 1, 2
+KEY_BYTES = 16
+_GEN_MASK = 0x7FFFFFFF  # generations fit the int32 columns
+
+
+def normalize_key(key: bytes) -> bytes:
+    """Keys are stored in 16 bytes: the connector's keys already are; longer or shorter ones
+    (the protocol accepts 1-64 bytes) are replaced by their BLAKE2b-128 digest."""
+    return key if len(key) == KEY_BYTES else hashlib.blake2b(key, digest_size=KEY_BYTES).digest()
+
+
+class _Cols:
+    """Per-slot state of one arena of one namespace, indexed by ``slot - first``, packed into
+    four buffers (a Python object costs about 100 bytes: per field it would be a few per slot):
+
+    - ``meta`` (int32 x 6): owner session, resident children, leases, the parent's slot (-1: a
+      root), the parent's generation when linked, this occupant's generation;
+    - ``tick`` (int64): last use;
+    - ``flags`` (2 bytes): state, and whether an eviction candidate item is queued for it;
+    - ``keys`` (16 bytes): the block's key.
+    """
+
+    __slots__ = ("first", "flags", "keys", "meta", "tick")
+
+    def __init__(self, first: int, n: int) -> None:
+        self.first = first
+        self.meta = array("i", [0, 0, 0, -1, 0, 0]) * n
+        self.tick = array("q", bytes(8 * n))
+        self.flags = bytearray(2 * n)
+        self.keys = bytearray(KEY_BYTES * n)
+
+    def states(self) -> bytes:
+        return bytes(self.flags[0::2])
+
+
+class KeyTable:
+    """Key -> slot, open addressing with linear probing over ``array('q')`` partitions. Only
+    slot numbers are stored; a probe compares the key read back from the slot's columns
+    (``key_at``). Positions come from Python's per-process salted hash of the key, so no client
+    can craft keys that collide in the table. Each partition grows alone: at most a few thousand
+    entries are moved at once."""
+
+    _FREE, _GONE = -1, -2
+
+    def __init__(self, max_entries: int) -> None:
+        n = 1
+        while n * 4096 < max_entries:
+            n *= 2
+        self._parts = [array("q", [self._FREE]) * 8 for _ in range(n)]
+        self._count = [0] * n
+        self._used = [0] * n  # live + tombstones
+        self._mask = n - 1
+
+    def _part(self, key: bytes) -> tuple[int, int]:
+        h = hash(key) & 0xFFFFFFFFFFFFFFFF
+        return h & self._mask, h >> 20
+
+    def find(self, key: bytes, key_at: object) -> int:
+        p, h = self._part(key)
+        part = self._parts[p]
+        mask = len(part) - 1
+        i = h & mask
+        while True:
+            slot = part[i]
+            if slot == self._FREE:
+                return -1
+            if slot >= 0 and key_at(slot) == key:  # type: ignore[operator]
+                return slot
+            i = (i + 1) & mask
+
+    def insert(self, key: bytes, slot: int, key_at: object) -> None:
+        """Adds a key known to be absent."""
+        p, h = self._part(key)
+        if (self._used[p] + 1) * 10 > len(self._parts[p]) * 7:
+            self._rehash(p, key_at)
+        part = self._parts[p]
+        mask = len(part) - 1
+        i = h & mask
+        while part[i] >= 0:
+            i = (i + 1) & mask
+        if part[i] == self._FREE:
+            self._used[p] += 1
+        part[i] = slot
+        self._count[p] += 1
+
+    def remove(self, key: bytes, key_at: object) -> None:
+        p, h = self._part(key)
+        part = self._parts[p]
+        mask = len(part) - 1
+        i = h & mask
+        while True:
+            slot = part[i]
+            if slot == self._FREE:
+                return
+            if slot >= 0 and key_at(slot) == key:  # type: ignore[operator]
+                part[i] = self._GONE
+                self._count[p] -= 1
+                return
+            i = (i + 1) & mask
+
+    def _rehash(self, p: int, key_at: object) -> None:
+        old = self._parts[p]
+        live = self._count[p]
+        size = len(old)
+        while (live + 1) * 10 > size * 7 // 2:  # after it: at most 35% full
+            size *= 2
+        while size > 8 and live * 10 < size * 7 // 4:  # shrink a partition emptied by deletes
+            size //= 2
+        new = array("q", [self._FREE]) * size
+        mask = size - 1
+        for slot in old:
+            if slot >= 0:
+                i = self._part(key_at(slot))[1] & mask  # type: ignore[operator]
+                while new[i] != self._FREE:
+                    i = (i + 1) & mask
+                new[i] = slot
+        self._parts[p] = new
+        self._used[p] = live
 
     @property
-    def pinned(self) -> bool:
-        return self.state is State.RESERVED or self.leases > 0
+    def nbytes(self) -> int:
+        return sum(len(part) * 8 for part in self._parts)
 
 
 @dataclass
@@ -60,20 +174,129 @@ class Namespace:
     tenant: str
     block_tokens: int
     slots: NamespaceSlots
+    table: KeyTable
+    arena_bytes: int
     description: str = ""
-    entries: dict[bytes, Entry] = field(default_factory=dict)
-    heap: list[tuple[int, bytes]] = field(default_factory=list)
-    #: arena index -> resident keys in it, and how many of them are pinned.
-    arena_keys: dict[int, set[bytes]] = field(default_factory=dict)
+    count: int = 0  # resident blocks
+    #: eviction candidates: (tick, slot, generation); stale items are skipped on pop
+    heap: list[tuple[int, int, int]] = field(default_factory=list)
+    #: arena index -> how many of its blocks are pinned (reserved or leased)
     arena_pinned: dict[int, int] = field(default_factory=dict)
     #: arenas holding blocks none of which is pinned, oldest first (an ordered set).
     unpinned: dict[int, None] = field(default_factory=dict)
-    #: slot -> live leases on it (what a GPU load may read).
-    leased_slots: dict[int, int] = field(default_factory=dict)
+    next_gen: int = 0
 
     @property
     def block_bytes(self) -> int:
         return self.slots.block_bytes
+
+    def arena_index(self, slot: int) -> int:
+        return (slot * self.slots.block_bytes) // self.arena_bytes
+
+    def cols(self, slot: int) -> tuple[_Cols, int]:
+        """The columns holding ``slot`` and its index there (its arena must be this namespace's)."""
+        arena = self.slots.arenas[(slot * self.slots.block_bytes) // self.arena_bytes]
+        c = arena.cols
+        if c is None:
+            c = arena.cols = _Cols(arena.first_slot, arena.n_slots)
+        return c, slot - c.first
+
+    def cols_if_held(self, slot: int) -> tuple[_Cols, int] | None:
+        """Like :meth:`cols`, or None when the slot's arena is no longer this namespace's."""
+        arena = self.slots.arenas.get((slot * self.slots.block_bytes) // self.arena_bytes)
+        if (
+            arena is None
+            or arena.cols is None
+            or not arena.first_slot <= slot < arena.first_slot + arena.n_slots
+        ):
+            return None
+        return arena.cols, slot - arena.first_slot
+
+    def key_at(self, slot: int) -> bytes:
+        c, i = self.cols(slot)
+        return bytes(c.keys[KEY_BYTES * i : KEY_BYTES * (i + 1)])
+
+    def find(self, key: bytes) -> int:
+        """The slot holding ``key`` (normalized), or -1."""
+        return self.table.find(key, self.key_at)
+
+    @property
+    def entries(self) -> Entries:
+        return Entries(self)
+
+
+class EntryView(NamedTuple):
+    """One resident block, read from the columns (for tests, stats and tools)."""
+
+    key: bytes
+    slot: int
+    state: State
+    owner: int
+    tick: int
+    children: int
+    leases: int
+    parent: int  # the parent's slot, -1: none (or evicted: see ``parent_alive``)
+    parent_alive: bool
+
+    @property
+    def pinned(self) -> bool:
+        return self.state is State.RESERVED or self.leases > 0
+
+
+class Entries:
+    """A read-only mapping view ``key -> EntryView`` of a namespace's resident blocks."""
+
+    def __init__(self, ns: Namespace) -> None:
+        self.ns = ns
+
+    def __len__(self) -> int:
+        return self.ns.count
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.ns.find(normalize_key(key)) >= 0
+
+    def __getitem__(self, key: bytes) -> EntryView:
+        slot = self.ns.find(normalize_key(key))
+        if slot < 0:
+            raise KeyError(key)
+        return self._view(slot)
+
+    def _view(self, slot: int) -> EntryView:
+        ns = self.ns
+        c, i = ns.cols(slot)
+        ps = c.meta[6 * i + 3]
+        alive = False
+        if ps >= 0 and (held := ns.cols_if_held(ps)) is not None:
+            pc, pi = held
+            alive = pc.flags[2 * pi] != _EMPTY and pc.meta[6 * pi + 5] == c.meta[6 * i + 4]
+        return EntryView(
+            bytes(c.keys[KEY_BYTES * i : KEY_BYTES * (i + 1)]),
+            slot,
+            State(c.flags[2 * i]),
+            c.meta[6 * i],
+            c.tick[i],
+            c.meta[6 * i + 1],
+            c.meta[6 * i + 2],
+            ps,
+            alive,
+        )
+
+    def slots(self) -> Iterator[int]:
+        for arena in self.ns.slots.arenas.values():
+            c = arena.cols
+            if c is not None:
+                for i, st in enumerate(c.states()):
+                    if st != _EMPTY:
+                        yield c.first + i
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (self.ns.key_at(s) for s in self.slots())
+
+    def values(self) -> Iterator[EntryView]:
+        return (self._view(s) for s in self.slots())
+
+    def items(self) -> Iterator[tuple[bytes, EntryView]]:
+        return ((v.key, v) for v in self.values())
 
 
 @dataclass
@@ -83,11 +306,13 @@ class Lease:
     tenant: str
     generation: int
     ns: Namespace
-    keys: list[bytes]
+    #: the leased blocks: their slots and occupant generations
+    slots: array[int]
+    gens: array[int]
 
     @property
     def bytes(self) -> int:
-        return len(self.keys) * self.ns.block_bytes
+        return len(self.slots) * self.ns.block_bytes
 
 
 @dataclass
@@ -137,8 +362,8 @@ def scoped(tenant: str, name: str) -> str:
 
 @dataclass
 class _SessionState:
-    #: namespace (scoped) -> keys this session holds reserved
-    reserved: dict[str, set[bytes]] = field(default_factory=dict)
+    #: namespace (scoped) -> slots this session holds reserved
+    reserved: dict[str, set[int]] = field(default_factory=dict)
     reserved_bytes: int = 0
     leases: set[str] = field(default_factory=set)  # scoped lease ids
     leased_bytes: int = 0
@@ -154,9 +379,8 @@ class BlockIndex:
         tenant_arenas: int | None = None,
     ) -> None:
         """``max_session_bytes``: most bytes of blocks one session may hold reserved, and as
-        many leased, at once;
-        ``max_namespaces``: per tenant; ``tenant_arenas``: most arenas one tenant holds (its
-        quota; None: the whole pool)."""
+        many leased, at once; ``max_namespaces``: per tenant; ``tenant_arenas``: most arenas one
+        tenant holds (its quota; None: the whole pool)."""
         self.allocator = allocator
         self.namespaces: dict[str, Namespace] = {}
         self.leases: dict[str, Lease] = {}
@@ -185,7 +409,13 @@ class BlockIndex:
         slots = self.allocator.add_namespace(key, block_bytes, tenant)  # raises on a size conflict
         if ns is None:
             ns = Namespace(
-                name=name, tenant=tenant, block_tokens=block_tokens, slots=slots, description=description
+                name=name,
+                tenant=tenant,
+                block_tokens=block_tokens,
+                slots=slots,
+                table=KeyTable(self.allocator.pool_bytes // block_bytes),
+                arena_bytes=self.allocator.arena_bytes,
+                description=description,
             )
             self.namespaces[key] = ns
             self._tenant_namespaces[tenant] = self._tenant_namespaces.get(tenant, 0) + 1
@@ -220,19 +450,27 @@ class BlockIndex:
         if len(set(names)) != len(names):
             raise ValueError("a lookup names each namespace once")
         spaces = [self.namespaces.get(scoped(tenant, n)) for n in names]
+        found: list[list[int]] = [[] for _ in spaces]
         hits = 0
         if all(ns is not None for ns in spaces):
-            present = [ns.entries for ns in spaces if ns is not None]
             for key in keys:
+                key = normalize_key(key)
                 ok = True
-                for entries in present:
-                    e = entries.get(key)
-                    if e is None or e.state is not State.COMMITTED:
+                for ns, out in zip(spaces, found, strict=True):
+                    assert ns is not None
+                    slot = ns.find(key)
+                    if slot < 0:
                         ok = False
                         break
+                    c, i = ns.cols(slot)
+                    if c.flags[2 * i] != _COMMITTED:
+                        ok = False
+                        break
+                    out.append(slot)
                 if not ok:
                     break
                 hits += 1
+        found = [f[:hits] for f in found]
         slots: list[list[int]] = []
         names_out: list[str] = []
         if lease_id is not None and hits:
@@ -248,32 +486,34 @@ class BlockIndex:
                 st.leased_bytes - replaced + wanted > self.max_session_bytes
             ):
                 raise QuotaExceeded(f"this session would lease more than {self.max_session_bytes} bytes")
-            for i, (ns, lid) in enumerate(zip(spaces, lids, strict=True)):
+            for i, (ns, lid, held_slots) in enumerate(zip(spaces, lids, found, strict=True)):
                 assert ns is not None
                 if (old := self.leases.get(lid)) is not None:
                     self._drop_lease(lid, old)  # a repeated lookup replaces the request's lease
                 self._generation += 1
-                held_keys = keys[:hits]
-                ns_slots = []
-                for key in held_keys:
-                    e = ns.entries[key]
-                    self._lease(ns, e)
-                    ns_slots.append(e.slot)
-                slots.append(ns_slots)
-                self.leases[lid] = Lease(lid, session, tenant, self._generation, ns, list(held_keys))
+                gens = array("I")
+                for slot in held_slots:
+                    c, j = ns.cols(slot)
+                    self._lease(ns, c, j, slot)
+                    gens.append(c.meta[6 * j + 5])
+                slots.append(list(held_slots))
+                self.leases[lid] = Lease(
+                    lid, session, tenant, self._generation, ns, array("q", held_slots), gens
+                )
                 st.leases.add(lid)
                 st.leased_bytes += hits * ns.block_bytes
                 names_out.append(f"{lease_id}#{i}/{self._generation}")
                 self.counters.leases_granted += 1
-        c = self.counters
-        c.lookups += 1
-        c.hit_blocks += hits
-        c.miss_blocks += len(keys) - hits
-        c.hit_tokens += hits * block_tokens
-        c.miss_tokens += (len(keys) - hits) * block_tokens
-        for ns in spaces:
-            if ns is not None and hits:
-                self._touch(ns, keys[:hits])
+        n = self.counters
+        n.lookups += 1
+        n.hit_blocks += hits
+        n.miss_blocks += len(keys) - hits
+        n.hit_tokens += hits * block_tokens
+        n.miss_tokens += (len(keys) - hits) * block_tokens
+        if hits:
+            for ns, held_slots in zip(spaces, found, strict=True):
+                assert ns is not None
+                self._touch(ns, held_slots)
         return LookupResult(hits, slots, names_out)
 
     def release(self, lease_id: str, tenant: str = "") -> bool:
@@ -289,7 +529,7 @@ class BlockIndex:
             lease = self._end_lease(lid, tenant)
             held.append(lease is not None)
             if i == 0 and lease is not None and loaded_blocks:
-                n = min(loaded_blocks, len(lease.keys))
+                n = min(loaded_blocks, len(lease.slots))
                 self.counters.loaded_blocks += n
                 self.counters.loaded_bytes += n * lease.ns.block_bytes
         return held
@@ -315,25 +555,40 @@ class BlockIndex:
             st.leases.discard(lid)
             st.leased_bytes -= lease.bytes
         ns = lease.ns
-        for key in lease.keys:
-            e = ns.entries.get(key)
-            if e is not None:
-                self._unlease(ns, e)
-                self._maybe_candidate(ns, e)
+        for slot, gen in zip(lease.slots, lease.gens, strict=True):
+            held = ns.cols_if_held(slot)
+            if (
+                held is not None
+                and held[0].meta[6 * (held[1]) + 5] == gen
+                and held[0].flags[2 * (held[1])] != _EMPTY
+            ):
+                c, i = held
+                self._unlease(ns, c, i, slot)
+                self._maybe_candidate(ns, c, i, slot)
 
     def leased_slots_ok(self, ns: Namespace, slots: Iterable[int]) -> bool:
         """Whether every slot is under a live lease in ``ns`` (a GPU load may read only those)."""
-        held = ns.leased_slots
-        return all(s in held for s in slots)
+        for slot in slots:
+            held = ns.cols_if_held(slot)
+            if (
+                held is None
+                or held[0].flags[2 * (held[1])] != _COMMITTED
+                or held[0].meta[6 * (held[1]) + 2] <= 0
+            ):
+                return False
+        return True
 
     def reserved_slots_ok(self, ns: Namespace, slots: Iterable[int], session: int) -> bool:
         """Whether every slot is reserved by ``session`` in ``ns`` (a GPU save writes only those)."""
-        st = self._sessions.get(session)
-        mine = st.reserved.get(scoped(ns.tenant, ns.name), set()) if st else set()
-        if not mine:
-            return not any(True for _ in slots)
-        own = {ns.entries[k].slot for k in mine}
-        return all(s in own for s in slots)
+        for slot in slots:
+            held = ns.cols_if_held(slot)
+            if (
+                held is None
+                or held[0].flags[2 * (held[1])] != _RESERVED
+                or held[0].meta[6 * (held[1])] != session
+            ):
+                return False
+        return True
 
     # -- saves -------------------------------------------------------------------------------------
 
@@ -344,10 +599,11 @@ class BlockIndex:
         st = self._session(session)
         mine = st.reserved.setdefault(scoped(tenant, name), set())
         out: list[int] = []
-        prev = parent
+        prev = normalize_key(parent) if parent is not None else None
         room = _Room(self, ns)
         for key in keys:
-            if key in ns.entries:
+            key = normalize_key(key)
+            if ns.find(key) >= 0:
                 out.append(-1)
                 self.counters.reserve_refused_present += 1
             elif (
@@ -362,23 +618,38 @@ class BlockIndex:
                     out.append(-1)
                     self.counters.reserve_refused_full += 1
                 else:
-                    # Link to the parent only if it is resident: its child count must match
-                    # exactly the entries that will decrement it when they go.
-                    pe = ns.entries.get(prev) if prev is not None else None
-                    if pe is not None:
-                        pe.children += 1
-                    e = Entry(key=key, slot=slot, parent=pe, state=State.RESERVED, owner=session)
-                    ns.entries[key] = e
-                    arena = self.allocator.arena_of(ns.slots, slot)
-                    ns.arena_keys.setdefault(arena, set()).add(key)
-                    self._pin(ns, arena, +1)
-                    mine.add(key)
+                    self._occupy(ns, slot, key, prev, session)
+                    mine.add(slot)
                     st.reserved_bytes += ns.block_bytes
                     out.append(slot)
                     self.counters.reserved_blocks += 1
                     self._live["reserved"] += 1
             prev = key
         return out
+
+    def _occupy(self, ns: Namespace, slot: int, key: bytes, parent: bytes | None, session: int) -> None:
+        """A new RESERVED block in ``slot``, linked to its parent only if that is resident: the
+        parent's child count must match exactly the blocks that will decrement it."""
+        c, i = ns.cols(slot)
+        ns.next_gen = (ns.next_gen + 1) & _GEN_MASK
+        c.meta[6 * i + 5] = ns.next_gen
+        c.flags[2 * i] = _RESERVED
+        c.meta[6 * i] = session
+        c.tick[i] = 0
+        c.meta[6 * i + 1] = 0
+        c.meta[6 * i + 2] = 0
+        c.flags[2 * i + 1] = 0
+        c.keys[KEY_BYTES * i : KEY_BYTES * (i + 1)] = key
+        c.meta[6 * i + 3] = -1
+        ps = ns.find(parent) if parent is not None else -1
+        if ps >= 0:
+            pc, pi = ns.cols(ps)
+            pc.meta[6 * pi + 1] += 1
+            c.meta[6 * i + 3] = ps
+            c.meta[6 * i + 4] = pc.meta[6 * pi + 5]
+        ns.table.insert(key, slot, ns.key_at)
+        ns.count += 1
+        self._pin(ns, ns.arena_index(slot), +1)
 
     def commit(
         self, name: str, keys: Iterable[bytes], abort: Iterable[bytes], session: int, tenant: str = ""
@@ -387,26 +658,32 @@ class BlockIndex:
         st = self._sessions.get(session)
         mine = st.reserved.get(scoped(tenant, name)) if st else None
         done = 0
-        if mine:
+        if st is not None and mine:
             for key in keys:
-                e = ns.entries.get(key)
-                if e is None or e.state is not State.RESERVED or e.owner != session:
+                slot = ns.find(normalize_key(key))
+                if slot < 0 or slot not in mine:
                     continue
-                e.state = State.COMMITTED
-                self._unreserve(st, mine, key, ns.block_bytes)
-                if not e.leases:
-                    self._pin(ns, self.allocator.arena_of(ns.slots, e.slot), -1)
+                c, i = ns.cols(slot)
+                if c.flags[2 * i] != _RESERVED or c.meta[6 * i] != session:
+                    continue
+                c.flags[2 * i] = _COMMITTED
+                mine.discard(slot)
+                st.reserved_bytes -= ns.block_bytes
+                if not c.meta[6 * i + 2]:
+                    self._pin(ns, ns.arena_index(slot), -1)
                 self._live["reserved"] -= 1
                 self._live["committed"] += 1
                 self._tick += 1
-                e.tick = self._tick
-                self._maybe_candidate(ns, e)
+                c.tick[i] = self._tick
+                self._maybe_candidate(ns, c, i, slot)
                 done += 1
             for key in abort:
-                e = ns.entries.get(key)
-                if e is not None and e.state is State.RESERVED and e.owner == session:
-                    self._drop(ns, key, e)
-                    self.counters.aborted_blocks += 1
+                slot = ns.find(normalize_key(key))
+                if slot >= 0 and slot in mine:
+                    c, i = ns.cols(slot)
+                    if c.flags[2 * i] == _RESERVED and c.meta[6 * i] == session:
+                        self._drop(ns, slot)
+                        self.counters.aborted_blocks += 1
         self.counters.committed_blocks += done
         self.counters.committed_bytes += done * ns.block_bytes
         return done
@@ -423,12 +700,16 @@ class BlockIndex:
                 self._drop_lease(lid, lease)
         self.counters.leases_lost += len(lease_ids)
         dropped = 0
-        for ns_name, keys in st.reserved.items():
+        for ns_name, slots in st.reserved.items():
             ns = self.namespaces[ns_name]
-            for key in list(keys):
-                e = ns.entries.get(key)
-                if e is not None and e.state is State.RESERVED and e.owner == session:
-                    self._drop(ns, key, e)
+            for slot in list(slots):
+                held = ns.cols_if_held(slot)
+                if (
+                    held is not None
+                    and held[0].flags[2 * (held[1])] == _RESERVED
+                    and held[0].meta[6 * (held[1])] == session
+                ):
+                    self._drop(ns, slot)
                     dropped += 1
         return len(lease_ids), dropped
 
@@ -445,11 +726,6 @@ class BlockIndex:
             st = self._sessions[session] = _SessionState()
         return st
 
-    def _unreserve(self, st: _SessionState | None, mine: set[bytes] | None, key: bytes, size: int) -> None:
-        if st is not None and mine is not None and key in mine:
-            mine.discard(key)
-            st.reserved_bytes -= size
-
     def _pin(self, ns: Namespace, arena: int, delta: int) -> None:
         """Counts a block of ``arena`` becoming pinned (+1) or unpinned (-1)."""
         n = ns.arena_pinned.get(arena, 0) + delta
@@ -459,101 +735,126 @@ class BlockIndex:
         elif delta > 0 and n == 1:
             ns.unpinned.pop(arena, None)
 
-    def _lease(self, ns: Namespace, e: Entry) -> None:
-        e.leases += 1
-        ns.leased_slots[e.slot] = ns.leased_slots.get(e.slot, 0) + 1
-        if e.leases == 1:
+    def _lease(self, ns: Namespace, c: _Cols, i: int, slot: int) -> None:
+        c.meta[6 * i + 2] += 1
+        if c.meta[6 * i + 2] == 1:
             self._live["leased"] += 1
-            if e.state is State.COMMITTED:
-                self._pin(ns, self.allocator.arena_of(ns.slots, e.slot), +1)
+            if c.flags[2 * i] == _COMMITTED:
+                self._pin(ns, ns.arena_index(slot), +1)
 
-    def _unlease(self, ns: Namespace, e: Entry) -> None:
-        e.leases -= 1
-        n = ns.leased_slots[e.slot] - 1
-        if n:
-            ns.leased_slots[e.slot] = n
-        else:
-            del ns.leased_slots[e.slot]
-        if e.leases == 0:
+    def _unlease(self, ns: Namespace, c: _Cols, i: int, slot: int) -> None:
+        c.meta[6 * i + 2] -= 1
+        if c.meta[6 * i + 2] == 0:
             self._live["leased"] -= 1
-            if e.state is State.COMMITTED:
-                self._pin(ns, self.allocator.arena_of(ns.slots, e.slot), -1)
+            if c.flags[2 * i] == _COMMITTED:
+                self._pin(ns, ns.arena_index(slot), -1)
 
     # -- eviction ----------------------------------------------------------------------------------
 
-    def _touch(self, ns: Namespace, keys: list[bytes]) -> None:
-        # Parents first: along a chain the tail gets the newest tick.
-        for key in keys:
-            e = ns.entries[key]
+    def _touch(self, ns: Namespace, slots: list[int]) -> None:
+        # Parents first: along a chain the tail gets the newest tick. A queued candidate keeps
+        # its old tick in the heap and is requeued when popped (one heap item per block).
+        for slot in slots:
+            c, i = ns.cols(slot)
             self._tick += 1
-            e.tick = self._tick
-            self._maybe_candidate(ns, e)
+            c.tick[i] = self._tick
+            self._maybe_candidate(ns, c, i, slot)
 
-    def _maybe_candidate(self, ns: Namespace, e: Entry) -> None:
-        if e.state is State.COMMITTED and e.children == 0 and e.leases == 0:
-            heapq.heappush(ns.heap, (e.tick, e.key))
-            if len(ns.heap) > 4 * len(ns.entries) + 1024:
+    def _maybe_candidate(self, ns: Namespace, c: _Cols, i: int, slot: int) -> None:
+        if (
+            c.flags[2 * i] == _COMMITTED
+            and c.meta[6 * i + 1] == 0
+            and c.meta[6 * i + 2] == 0
+            and not c.flags[2 * i + 1]
+        ):
+            c.flags[2 * i + 1] = 1
+            heapq.heappush(ns.heap, (c.tick[i], slot, c.meta[6 * i + 5]))
+            if len(ns.heap) > 4 * ns.count + 1024:
                 self._compact(ns)
 
     def _compact(self, ns: Namespace) -> None:
-        # Amortised O(1) per push: runs when the heap holds 4x more items than entries.
-        ns.heap = [
-            (e.tick, k)
-            for k, e in ns.entries.items()
-            if e.state is State.COMMITTED and e.children == 0 and e.leases == 0
-        ]
-        heapq.heapify(ns.heap)
+        # Amortised O(1) per push (items of blocks gone since): at most one per live block.
+        keep = []
+        for tick, slot, gen in ns.heap:
+            held = ns.cols_if_held(slot)
+            if (
+                held is not None
+                and held[0].meta[6 * (held[1]) + 5] == gen
+                and held[0].flags[2 * (held[1])] == _COMMITTED
+            ):
+                keep.append((tick, slot, gen))
+        heapq.heapify(keep)
+        ns.heap = keep
 
     def _evict_one(self, ns: Namespace) -> bool:
-        while ns.heap:
-            tick, key = heapq.heappop(ns.heap)
-            e = ns.entries.get(key)
-            if e is None or e.tick != tick or e.state is not State.COMMITTED or e.children or e.leases:
-                continue  # stale heap item
-            self._drop(ns, key, e)
+        heap = ns.heap
+        while heap:
+            tick, slot, gen = heapq.heappop(heap)
+            held = ns.cols_if_held(slot)
+            if held is None:
+                continue  # its arena went meanwhile
+            c, i = held
+            if c.meta[6 * i + 5] != gen or c.flags[2 * i] != _COMMITTED:
+                continue  # another occupant now
+            c.flags[2 * i + 1] = 0
+            if c.meta[6 * i + 1] or c.meta[6 * i + 2]:
+                continue  # not a leaf now: queued again when it becomes one
+            if c.tick[i] != tick:  # used since it was queued: back in line with its new tick
+                c.flags[2 * i + 1] = 1
+                heapq.heappush(heap, (c.tick[i], slot, gen))
+                continue
+            self._drop(ns, slot)
             self.counters.evictions += 1
             self.counters.evicted_bytes += ns.block_bytes
             return True
         return False
 
-    def _drop(self, ns: Namespace, key: bytes, e: Entry) -> None:
-        del ns.entries[key]
-        e.alive = False  # children still resident (they point here) become roots
-        self._live["committed" if e.state is State.COMMITTED else "reserved"] -= 1
-        if e.state is State.RESERVED:
-            st = self._sessions.get(e.owner)
-            self._unreserve(
-                st, st.reserved.get(scoped(ns.tenant, ns.name)) if st else None, key, ns.block_bytes
-            )
-        arena = self.allocator.arena_of(ns.slots, e.slot)
-        if e.pinned:
-            self._pin(ns, arena, -1)
-        if e.leases:
+    def _drop(self, ns: Namespace, slot: int) -> None:
+        c, i = ns.cols(slot)
+        state = c.flags[2 * i]
+        key = bytes(c.keys[KEY_BYTES * i : KEY_BYTES * (i + 1)])
+        ns.table.remove(key, ns.key_at)
+        if state == _RESERVED:
+            self._live["reserved"] -= 1
+            st = self._sessions.get(c.meta[6 * i])
+            mine = st.reserved.get(scoped(ns.tenant, ns.name)) if st else None
+            if st is not None and mine is not None and slot in mine:
+                mine.discard(slot)
+                st.reserved_bytes -= ns.block_bytes
+        else:
+            self._live["committed"] -= 1
+        if state == _RESERVED or c.meta[6 * i + 2]:
+            self._pin(ns, ns.arena_index(slot), -1)
+        if c.meta[6 * i + 2]:
             self._live["leased"] -= 1
-            ns.leased_slots.pop(e.slot, None)
-        keys = ns.arena_keys[arena]
-        keys.discard(key)
-        if not keys:  # the arena goes back to the pool with its last block
-            del ns.arena_keys[arena]
+        ps, pgen = c.meta[6 * i + 3], c.meta[6 * i + 4]
+        c.flags[2 * i] = _EMPTY
+        ns.count -= 1
+        arena = ns.arena_index(slot)
+        if ns.slots.arenas[arena].used == 1:  # its last block: the arena goes back to the pool
             ns.arena_pinned.pop(arena, None)
             ns.unpinned.pop(arena, None)
-        self.allocator.free(ns.slots, e.slot)
-        pe = e.parent
-        if pe is not None and pe.alive:
-            pe.children -= 1
-            self._maybe_candidate(ns, pe)
+        self.allocator.free(ns.slots, slot)
+        if ps >= 0 and (held := ns.cols_if_held(ps)) is not None:
+            pc, pi = held
+            if pc.meta[6 * pi + 5] == pgen and pc.flags[2 * pi] != _EMPTY:
+                pc.meta[6 * pi + 1] -= 1
+                self._maybe_candidate(ns, pc, pi, ps)
 
     def reclaim(self, victim: Namespace) -> bool:
         """Empties ``victim``'s arena that has been without pinned blocks the longest, evicting
         only that arena's blocks; False, at once, when every arena of it holds a pinned block."""
         if not victim.unpinned:
             return False
-        arena = next(iter(victim.unpinned))
-        for key in list(victim.arena_keys.get(arena, ())):
-            e = victim.entries[key]
-            self._drop(victim, key, e)
-            self.counters.evictions += 1
-            self.counters.evicted_bytes += victim.block_bytes
+        index = next(iter(victim.unpinned))
+        arena = victim.slots.arenas[index]
+        c = arena.cols
+        if c is not None:
+            for i in [i for i, s in enumerate(c.states()) if s != _EMPTY]:
+                self._drop(victim, c.first + i)
+                self.counters.evictions += 1
+                self.counters.evicted_bytes += victim.block_bytes
+        victim.unpinned.pop(index, None)
         self.counters.arenas_reclaimed += 1
         return True
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Segment:
             os.close(self._lock_fd)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Arena:
     index: int
     first_slot: int
@@ -164,6 +165,8 @@ class _Arena:
     #: returned since (the arena is never materialised as a list of every slot).
     fresh: int = 0
     free: list[int] = field(default_factory=list)
+    #: the block index's per-slot columns for this arena (its owner's; dropped with the arena)
+    cols: Any = None
 
     def take(self) -> int:
         self.used += 1
