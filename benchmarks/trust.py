@@ -102,7 +102,7 @@ def _index_case(results: dict[str, Any], report: Any, label: str, n_blocks: int,
         space = idx.namespaces[ns]
         for arena in list(space.slots.arenas.values()):
             c = arena.cols
-            slot = next(c.first + i for i, st in enumerate(c.state) if st)
+            slot = next(c.first + i for i, st in enumerate(c.states()) if st)
             assert idx.lookup([ns], [space.key_at(slot)], 16, 5, f"pin-{ns}-{slot}").hits == 1
             pins += 1
     idx.register("D", block_bytes, 16)
@@ -194,20 +194,9 @@ def bench_stall(results: dict[str, Any], tmp: Path, report: Any) -> None:
             ("reclaim", rec_h, rec_l, rec_s),
             ("blocked", blk_h, blk_l, blk_s),
         ):
-            report(
-                results,
-                f"stall_{name}_healthz_p99_ms",
-                pct(h, 0.99) * 1e3,
-                "ms",
-                "" if name == "idle" else "target < 50",
-            )
-            report(
-                results,
-                f"stall_{name}_probe_lookup_p99_ms",
-                pct(lk, 0.99) * 1e3,
-                "ms",
-                "" if name == "idle" else "target < 50",
-            )
+            target = "" if name == "idle" else "target < 50"
+            for what, values in (("healthz", h), ("probe_lookup", lk)):
+                report(results, f"stall_{name}_{what}_p99_ms", pct(values, 0.99) * 1e3, "ms", target)
             if took:
                 report(results, f"stall_{name}_work_s", took, "s")
         report(results, "stall_reclaim_healthz_p99_vs_idle", pct(rec_h, 0.99) / pct(idle_h, 0.99), "x")

@@ -3,8 +3,10 @@ reproducers (``shared/reviews/agent.md``), and would fail on the agent it review
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -241,26 +243,26 @@ def test_a_replaced_lease_is_not_reported_held_to_its_old_generation(agent: Agen
 # -- M5: one agent per socket ----------------------------------------------------------------------------
 
 
+def run_agent(socket_path: Path, pool_path: Path) -> subprocess.CompletedProcess[str]:
+    """Starts another agent in the foreground (it is expected to refuse and exit)."""
+    args = [
+        "--socket",
+        str(socket_path),
+        "--pool-size",
+        "16MiB",
+        "--pool-path",
+        str(pool_path),
+        "--http-port",
+        "0",
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "kvfabric.agent.main", *args], capture_output=True, text=True, timeout=60
+    )
+
+
 def test_a_second_agent_exits_without_touching_the_first(agent: AgentProcess, tmp_path: Path) -> None:
     before = os.stat(agent.socket_path).st_ino
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvfabric.agent.main",
-            "--socket",
-            str(agent.socket_path),
-            "--pool-size",
-            "16MiB",
-            "--pool-path",
-            str(agent.pool_path),  # the live agent's pool, too
-            "--http-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_agent(agent.socket_path, agent.pool_path)  # the live agent's socket and pool
     assert proc.returncode == 1 and "another agent holds" in proc.stderr
     assert os.stat(agent.socket_path).st_ino == before and agent.pool_path.exists()
     c = client(agent.socket_path)
@@ -270,49 +272,35 @@ def test_a_second_agent_exits_without_touching_the_first(agent: AgentProcess, tm
 def test_the_pool_file_of_a_live_agent_is_never_replaced(agent: AgentProcess, tmp_path: Path) -> None:
     other = Path(tempfile.mkdtemp(prefix="kvf-", dir="/tmp")) / "agent.sock"
     try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "kvfabric.agent.main",
-                "--socket",
-                str(other),
-                "--pool-size",
-                "16MiB",
-                "--pool-path",
-                str(agent.pool_path),
-                "--http-port",
-                "0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = run_agent(other, agent.pool_path)  # another socket, the live agent's pool
         assert proc.returncode == 1 and "held by another running agent" in proc.stderr
         assert agent.pool_path.exists() and os.stat(agent.pool_path).st_mode & 0o777 == 0o660
     finally:
-        import shutil
-
         shutil.rmtree(other.parent, ignore_errors=True)
 
 
 # -- H1: tenants isolated by the agent ---------------------------------------------------------------
 
 
-@pytest.fixture
-def tenant_agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path]]:
+@contextlib.contextmanager
+def tenant_agent_at(tmp_path: Path, pool_size: str) -> Iterator[tuple[AgentProcess, Path]]:
+    """An isolated agent serving tenant sockets for team-a and team-b."""
     root = Path(tempfile.mkdtemp(prefix="kvt-", dir="/tmp"))
     for t in ("team-a", "team-b"):
         (root / t).mkdir()
     args = ["--arena-size", "4MiB", "--tenancy", "isolated", "--tenant-socket-dir", str(root)]
     try:
-        with AgentProcess(tmp_path / "agent", "64MiB", extra_args=args) as agent:
+        with AgentProcess(tmp_path / "agent", pool_size, extra_args=args) as agent:
             assert wait_for(lambda: all((root / t / "agent.sock").exists() for t in ("team-a", "team-b")))
             yield agent, root
     finally:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def tenant_agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path]]:
+    with tenant_agent_at(tmp_path, "64MiB") as pair:
+        yield pair
 
 
 def _mapped(c: AgentClient) -> mmap.mmap:
@@ -357,31 +345,21 @@ def test_tenants_neither_see_lease_nor_map_each_others_blocks(
 
 
 def test_an_arena_leaving_a_tenant_is_wiped_before_another_gets_it(tmp_path: Path) -> None:
-    root = Path(tempfile.mkdtemp(prefix="kvt-", dir="/tmp"))
-    for t in ("team-a", "team-b"):
-        (root / t).mkdir()
-    args = ["--arena-size", "4MiB", "--tenancy", "isolated", "--tenant-socket-dir", str(root)]
-    try:
-        with AgentProcess(tmp_path / "agent", "16MiB", extra_args=args) as agent:
-            assert wait_for(lambda: all((root / t / "agent.sock").exists() for t in ("team-a", "team-b")))
-            a = client(root / "team-a" / "agent.sock", "a")
-            a.register_namespace("ns", 1 << 20, 16)
-            pool_a = _mapped(a)
-            keys = [i.to_bytes(16, "little") for i in range(8)]
-            slots = a.reserve("ns", keys, None).slots
-            for s in slots:
-                pool_a[s << 20 : (s + 1) << 20] = b"\xab" * (1 << 20)
-            a.commit("ns", [], keys, 0.0)  # aborted: both arenas go back to the pool
-            b = client(root / "team-b" / "agent.sock", "b")
-            b.register_namespace("ns", 1 << 20, 16)
-            b_slots = b.reserve("ns", keys, None).slots
-            assert sorted(b_slots) == sorted(slots)  # B got A's former arenas...
-            assert pool_a[slots[0] << 20 : (slots[0] << 20) + 4096] == b"\x00" * 4096  # ...wiped
-            assert agent.stats()["pool_used_bytes"] == 8 << 20
-    finally:
-        import shutil
-
-        shutil.rmtree(root, ignore_errors=True)
+    with tenant_agent_at(tmp_path, "16MiB") as (agent, root):
+        a = client(root / "team-a" / "agent.sock", "a")
+        a.register_namespace("ns", 1 << 20, 16)
+        pool_a = _mapped(a)
+        keys = [i.to_bytes(16, "little") for i in range(8)]
+        slots = a.reserve("ns", keys, None).slots
+        for s in slots:
+            pool_a[s << 20 : (s + 1) << 20] = b"\xab" * (1 << 20)
+        a.commit("ns", [], keys, 0.0)  # aborted: both arenas go back to the pool
+        b = client(root / "team-b" / "agent.sock", "b")
+        b.register_namespace("ns", 1 << 20, 16)
+        b_slots = b.reserve("ns", keys, None).slots
+        assert sorted(b_slots) == sorted(slots)  # B got A's former arenas...
+        assert pool_a[slots[0] << 20 : (slots[0] << 20) + 4096] == b"\x00" * 4096  # ...wiped
+        assert agent.stats()["pool_used_bytes"] == 8 << 20
 
 
 def test_a_read_only_pool_descriptor_cannot_be_mapped_writable(

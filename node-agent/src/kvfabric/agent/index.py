@@ -101,18 +101,21 @@ class KeyTable:
         h = hash(key) & 0xFFFFFFFFFFFFFFFF
         return h & self._mask, h >> 20
 
-    def find(self, key: bytes, key_at: object) -> int:
+    def _probe(self, key: bytes, key_at: object) -> tuple[array[int], int]:
+        """(partition, position) holding ``key``, or of the free position ending its probe."""
         p, h = self._part(key)
         part = self._parts[p]
         mask = len(part) - 1
         i = h & mask
         while True:
             slot = part[i]
-            if slot == self._FREE:
-                return -1
-            if slot >= 0 and key_at(slot) == key:  # type: ignore[operator]
-                return slot
+            if slot == self._FREE or (slot >= 0 and key_at(slot) == key):  # type: ignore[operator]
+                return part, i
             i = (i + 1) & mask
+
+    def find(self, key: bytes, key_at: object) -> int:
+        part, i = self._probe(key, key_at)
+        return part[i]  # FREE (-1) when absent
 
     def insert(self, key: bytes, slot: int, key_at: object) -> None:
         """Adds a key known to be absent."""
@@ -130,19 +133,10 @@ class KeyTable:
         self._count[p] += 1
 
     def remove(self, key: bytes, key_at: object) -> None:
-        p, h = self._part(key)
-        part = self._parts[p]
-        mask = len(part) - 1
-        i = h & mask
-        while True:
-            slot = part[i]
-            if slot == self._FREE:
-                return
-            if slot >= 0 and key_at(slot) == key:  # type: ignore[operator]
-                part[i] = self._GONE
-                self._count[p] -= 1
-                return
-            i = (i + 1) & mask
+        part, i = self._probe(key, key_at)
+        if part[i] >= 0:
+            part[i] = self._GONE
+            self._count[self._part(key)[0]] -= 1
 
     def _rehash(self, p: int, key_at: object) -> None:
         old = self._parts[p]
