@@ -132,6 +132,19 @@ class KeyTable:
         part[i] = slot
         self._count[p] += 1
 
+    def remove_slot(self, key: bytes, slot: int) -> None:
+        """Removes ``key``, known to be in ``slot`` (compares slot numbers, not keys)."""
+        p, h = self._part(key)
+        part = self._parts[p]
+        mask = len(part) - 1
+        i = h & mask
+        while part[i] != slot:
+            if part[i] == self._FREE:
+                return
+            i = (i + 1) & mask
+        part[i] = self._GONE
+        self._count[p] -= 1
+
     def remove(self, key: bytes, key_at: object) -> None:
         part, i = self._probe(key, key_at)
         if part[i] >= 0:
@@ -837,18 +850,38 @@ class BlockIndex:
 
     def reclaim(self, victim: Namespace) -> bool:
         """Empties ``victim``'s arena that has been without pinned blocks the longest, evicting
-        only that arena's blocks; False, at once, when every arena of it holds a pinned block."""
+        only that arena's blocks; False, at once, when every arena of it holds a pinned block.
+
+        In bulk (the arena's blocks are all committed and unleased): keys leave the table by
+        slot, parents outside the arena lose a child, and the arena goes back whole. Children
+        elsewhere keep a link that no longer matches (their parent's generation): roots now."""
         if not victim.unpinned:
             return False
         index = next(iter(victim.unpinned))
         arena = victim.slots.arenas[index]
         c = arena.cols
+        first, end = arena.first_slot, arena.first_slot + arena.n_slots
+        evicted = 0
         if c is not None:
-            for i in [i for i, s in enumerate(c.states()) if s != _EMPTY]:
-                self._drop(victim, c.first + i)
-                self.counters.evictions += 1
-                self.counters.evicted_bytes += victim.block_bytes
+            table, meta, keys = victim.table, c.meta, c.keys
+            for i, state in enumerate(c.states()):
+                if state == _EMPTY:
+                    continue
+                table.remove_slot(bytes(keys[KEY_BYTES * i : KEY_BYTES * (i + 1)]), first + i)
+                ps = meta[6 * i + 3]
+                if ps >= 0 and not first <= ps < end and (held := victim.cols_if_held(ps)) is not None:
+                    pc, pi = held
+                    if pc.meta[6 * pi + 5] == meta[6 * i + 4] and pc.flags[2 * pi] != _EMPTY:
+                        pc.meta[6 * pi + 1] -= 1
+                        self._maybe_candidate(victim, pc, pi, ps)
+                evicted += 1
+        victim.count -= evicted
+        self._live["committed"] -= evicted
         victim.unpinned.pop(index, None)
+        victim.arena_pinned.pop(index, None)
+        self.allocator.free_arena(victim.slots, index)
+        self.counters.evictions += evicted
+        self.counters.evicted_bytes += evicted * victim.block_bytes
         self.counters.arenas_reclaimed += 1
         return True
 

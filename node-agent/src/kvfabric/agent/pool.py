@@ -267,6 +267,14 @@ class SlotAllocator:
         if arena.used == 0:
             self._return_arena(ns, arena)
 
+    def free_arena(self, ns: NamespaceSlots, index: int) -> None:
+        """Frees every slot of one of ``ns``'s arenas at once and returns it to the pool."""
+        arena = ns.arenas[index]
+        ns.used -= arena.used
+        self._used_bytes -= arena.used * ns.block_bytes
+        arena.used = 0
+        self._return_arena(ns, arena)
+
     def arena_of(self, ns: NamespaceSlots, slot: int) -> int:
         return (slot * ns.block_bytes) // self.arena_bytes
 
