@@ -6,6 +6,7 @@ lookup and the worker's copy must be reported to vLLM, never trusted.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -367,3 +368,23 @@ def test_blocks_computed_on_a_failed_load_are_not_saved(agent: AgentProcess) -> 
         assert w2.stats.saved_blocks == 1
     finally:
         sched.close()
+
+
+def test_a_cpu_worker_lets_go_of_a_dead_agents_pool_and_maps_the_next_one(agent: AgentProcess) -> None:
+    """After an agent crash the old pool's pages stay allocated while engines map it: a
+    restarted agent could not reserve its own. The worker drops the mapping when its session
+    fails, and maps the new agent's pool when it is back."""
+    keys = chain_keys(list(range(32)), 16, request_seed())
+    w, _ = make_worker(agent)
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (1, 2), tuple(keys), None)]))
+    old_pool = w.pool_id
+    assert w.copier is not None and w.copier.attached and old_pool is not None
+    agent.kill()
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r2", (3,), (b"k" * 16,), None)]))
+    assert not w.copier.attached and w.pool_id is None  # let go
+    agent.start()
+    deadline = time.monotonic() + 5
+    while not w.client.connect():  # the breaker's backoff is 1 ms here
+        assert time.monotonic() < deadline
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r3", (4,), (b"m" * 16,), None)]))
+    assert w.copier.attached and w.pool_id not in (None, old_pool) and w.stats.saved_blocks == 3

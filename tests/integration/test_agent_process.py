@@ -211,7 +211,7 @@ def test_invalid_settings_and_oversized_pool_fail_clearly(tmp_path: Path) -> Non
     bad = subprocess.run([*base, "--pool-size", "lots"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "pool_size" in bad.stderr
     huge = subprocess.run(
-        [*base, "--pool-size", "100TiB", "--pool-path", str(tmp_path / "pool")],
+        [*base, "--pool-size", "100TiB", "--pool-path", str(tmp_path / "pool"), "--start-wait-s", "0"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -375,3 +375,38 @@ def test_a_read_only_pool_descriptor_cannot_be_mapped_writable(
         mmap.mmap(fd, reply.pool_bytes, mmap.MAP_SHARED, mmap.PROT_READ).close()
     finally:
         os.close(fd)
+
+
+# -- M4: a restart while engines still map the old pool ------------------------------------------------
+
+
+def test_an_agent_whose_pool_does_not_fit_yet_waits_answering_busy(tmp_path: Path) -> None:
+    """The new agent waits for space (the old pool's pages return when engines unmap it), bound
+    and answering 'busy' so engines learn the old agent is gone; it gives up after the wait."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="kvf-", dir="/tmp"))
+    args = [
+        "--socket",
+        str(sock_dir / "agent.sock"),
+        "--pool-size",
+        "100TiB",
+        "--pool-path",
+        str(tmp_path / "pool"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvfabric.agent.main", *args, "--http-port", "0", "--start-wait-s", "3"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: (sock_dir / "agent.sock").exists(), 10)
+        s = raw(sock_dir / "agent.sock")
+        s.sendall(p.encode(p.Hello(protocol_version=p.PROTOCOL_VERSION, client="engine")))
+        reply = read_reply(s)
+        assert isinstance(reply, p.ErrorReply) and reply.code == p.E_BUSY
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1 and "waiting for space" in err and "does not fit" in err
+        assert not (sock_dir / "agent.sock").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -40,8 +40,12 @@ class AgentClient:
         backoff_max_s: float = 5.0,
         max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES,
         on_connect: Callable[[AgentClient, p.HelloReply], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
+        """``on_disconnect``: called (under the client's lock, from whichever thread's call
+        failed) when the session is lost; it must not call the client."""
         self.socket_path = socket_path
+        self._on_disconnect = on_disconnect
         self.client_name = client_name
         self.timeout_s = timeout_s
         self.backoff_initial_s = backoff_initial_s
@@ -62,6 +66,7 @@ class AgentClient:
         config: ConnectorConfig,
         client_name: str,
         on_connect: Callable[[AgentClient, p.HelloReply], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> AgentClient:
         """A client with the connector's socket, deadline and backoff settings."""
         return cls(
@@ -71,6 +76,7 @@ class AgentClient:
             backoff_initial_s=config.backoff_initial_ms / 1000,
             backoff_max_s=config.backoff_max_ms / 1000,
             on_connect=on_connect,
+            on_disconnect=on_disconnect,
         )
 
     # -- connection management -------------------------------------------------------------
@@ -113,7 +119,13 @@ class AgentClient:
 
     def _fail(self, why: str) -> AgentUnavailable:
         """Drops the connection and opens the breaker."""
+        was_open = self._sock is not None
         self.close()
+        if was_open and self._on_disconnect is not None:
+            try:
+                self._on_disconnect()
+            except Exception:  # a bad hook must not turn a miss into a crash
+                log.exception("on_disconnect failed")
         self.failures += 1
         self._backoff_s = min(self.backoff_max_s, max(self.backoff_initial_s, self._backoff_s * 2))
         self._retry_at = time.monotonic() + self._backoff_s

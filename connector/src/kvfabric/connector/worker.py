@@ -92,7 +92,9 @@ class WorkerSide:
         self._layered: _LayeredLoad | None = None
         self.stats = WorkerStats()
         self._reported = asdict(self.stats)
-        self.client = AgentClient.from_config(config, f"worker{self.rank}:{engine_tag}", self._on_connect)
+        self.client = AgentClient.from_config(
+            config, f"worker{self.rank}:{engine_tag}", self._on_connect, self._on_disconnect
+        )
         self.saves = BackgroundSaves[SaveIntent](self._save_logged) if background_saves else None
 
     # -- setup -------------------------------------------------------------------------------------------
@@ -157,6 +159,17 @@ class WorkerSide:
         )
         if hello.pool_id != self.pool_id:
             self._map_pool(hello)
+
+    def _on_disconnect(self) -> None:
+        """The session is gone: so are its agent's leases, and maybe the agent. A CPU worker lets
+        go of its pool mapping (remapped at the next connect): a restarted agent needs that
+        memory back to reserve its own pool, and no copy from it could be trusted anyway.
+        Copies in flight keep their view of the mapping until they end."""
+        if self.copier is not None and self.copier.attached:
+            self.copier.detach()
+            self._map = None
+            self.pool_id = None
+            log.info("pool mapping dropped until the agent is back")
 
     def _map_pool(self, hello: p.HelloReply) -> None:
         assert self.copier is not None

@@ -71,6 +71,10 @@ class PoolError(RuntimeError):
     """The pool segment could not be created."""
 
 
+class PoolDoesNotFit(PoolError):
+    """Not enough free space for the pool now (e.g. engines still map a dead agent's pool)."""
+
+
 class Segment:
     """The pool's backing file, reserved up front so an undersized tmpfs fails now, not later."""
 
@@ -92,7 +96,7 @@ class Segment:
         # Checked before fallocate: on tmpfs an oversized fallocate fills RAM before it fails.
         fs = os.statvfs(path.parent)
         if size > fs.f_bavail * fs.f_frsize:
-            raise PoolError(
+            raise PoolDoesNotFit(
                 f"pool of {size} bytes does not fit in {path.parent} "
                 f"({fs.f_bavail * fs.f_frsize} bytes free); lower --pool-size or grow the filesystem"
             )

@@ -35,7 +35,7 @@ import msgspec
 from kvfabric.agent.gpu_service import GpuError, GpuService
 from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded
 from kvfabric.agent.metrics import AgentMetrics
-from kvfabric.agent.pool import PoolError, Segment, SlotAllocator
+from kvfabric.agent.pool import PoolDoesNotFit, PoolError, Segment, SlotAllocator
 from kvfabric.agent.settings import AgentSettings
 from kvfabric.agent.tenancy import TENANT_RE, PeerCredentials, TenantPools, peer_credentials, tenant_of_uid
 from kvfabric.connector import protocol as p
@@ -158,18 +158,9 @@ class Agent:
         self._loop = asyncio.get_running_loop()  # copy threads report fatal errors to it
         self._take_lock(path)
         self._servers[""] = await self._listen(path, None)
-        try:
-            if not self.isolated or self.settings.cuda:
-                self.segment = Segment(
-                    self.settings.pool_path,
-                    self.settings.pool_size,
-                    self.settings.huge_pages,
-                    threads=self.settings.pin_threads,
-                    reserve=not self.settings.cuda,  # pinning populates it (statvfs checked it fits)
-                )
-                self.pool_id = self.segment.pool_id
-        except (OSError, PoolError) as exc:
-            raise AgentStartError(str(exc)) from exc
+        if not self.isolated or self.settings.cuda:
+            self.segment = await self._create_segment()
+            self.pool_id = self.segment.pool_id
         if self.settings.cuda:
             assert self.segment is not None
             self.gpu = GpuService(self.segment, self.settings.pin_threads, on_fatal=self._on_gpu_fatal)
@@ -191,6 +182,29 @@ class Agent:
                 "tenancy": self.settings.tenancy,
             },
         )
+
+    async def _create_segment(self) -> Segment:
+        """The pool segment. When it does not fit yet, waits up to ``--start-wait-s`` for space:
+        after a crash, CPU engines still map the dead agent's pool; they drop that mapping once
+        they find no agent (their next call, answered 'busy' by this one while it waits), and
+        its pages are freed."""
+        deadline = time.monotonic() + self.settings.start_wait_s
+        while True:
+            try:
+                return Segment(
+                    self.settings.pool_path,
+                    self.settings.pool_size,
+                    self.settings.huge_pages,
+                    threads=self.settings.pin_threads,
+                    reserve=not self.settings.cuda,  # pinning populates it (statvfs checked it fits)
+                )
+            except PoolDoesNotFit as exc:
+                if time.monotonic() >= deadline:
+                    raise AgentStartError(str(exc)) from exc
+                log.warning("the pool does not fit yet; waiting for space", extra={"reason": str(exc)})
+                await asyncio.sleep(0.5)
+            except (OSError, PoolError) as exc:
+                raise AgentStartError(str(exc)) from exc
 
     def _take_lock(self, path: Path) -> None:
         """``flock`` on ``<socket>.lock`` for the process's lifetime decides which agent owns the

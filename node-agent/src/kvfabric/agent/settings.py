@@ -119,6 +119,13 @@ class AgentSettings(BaseSettings):
     max_sessions_per_tenant: int = Field(
         default=256, ge=1, description="Concurrent sessions of one tenant (with isolated tenancy)."
     )
+    start_wait_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="Seconds the agent waits at start for room for its pool (engines that still "
+        "map a crashed agent's pool release it once they find it gone), answering 'busy' meanwhile.",
+    )
     hello_timeout_s: float = Field(
         default=10.0,
         gt=0,
