@@ -346,3 +346,23 @@ def test_session_and_tenant_caps() -> None:
     assert sum(s >= 0 for s in idx.reserve("a", keys[5:], keys[4], 2, "t")) == 3  # tenant quota: 2 arenas
     assert idx.allocator.tenant_arenas("t") == 2
     assert all(s >= 0 for s in idx.reserve("c", keys[:5], None, 3, "u"))  # its own quota
+
+
+def test_under_pressure_the_tenant_holding_most_gives_arenas_up_first() -> None:
+    """Fair eviction between tenants: tenant A fills the pool with two namespaces; tenant B's
+    saves take arenas from A (by tenant totals, not by namespace) until their shares meet."""
+    idx = BlockIndex(SlotAllocator(8 * 2 * BB, 2 * BB))
+    idx.register("a1", BB, 16, tenant="a")
+    idx.register("a2", BB, 16, tenant="a")
+    idx.register("b", BB, 16, tenant="b")
+    for name in ("a1", "a2"):
+        keys = [k(i, ord(name[1])) for i in range(8)]
+        idx.reserve(name, keys, None, 1, "a")
+        idx.commit(name, keys, [], 1, "a")
+    assert idx.allocator.tenant_arenas("a") == 8
+    for i in range(12):
+        assert idx.reserve("b", [k(i, 9)], None, 2, "b") != [-1]
+        idx.commit("b", [k(i, 9)], [], 2, "b")
+    alloc = idx.allocator
+    assert alloc.tenant_arenas("a") == alloc.tenant_arenas("b") == 4
+    check_invariants(idx)

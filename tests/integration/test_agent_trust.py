@@ -104,6 +104,7 @@ def wait_for(cond: object, timeout: float = 5.0) -> bool:
         {"op": "lookup", "namespaces": ["n", "n"], "keys": [b"k" * 16], "block_tokens": 16},  # repeated ns
         {"op": "commit", "namespace": "n", "keys": [], "copy_seconds": float("inf")},  # metric poisoning
         {"op": "release", "lease_ids": ["a"], "loaded_blocks": 2**64 - 1},
+        {"op": "reserve", "namespace": "n", "keys": [b"k" * 16] * (p.MAX_KEYS + 1)},  # too many keys
     ],
     ids=[
         "block_bytes_1",
@@ -112,6 +113,7 @@ def wait_for(cond: object, timeout: float = 5.0) -> bool:
         "repeated_namespace",
         "inf_seconds",
         "huge_load",
+        "too_many_keys",
     ],
 )
 def test_out_of_bounds_values_are_refused_and_stats_keep_working(agent: AgentProcess, payload: dict) -> None:
