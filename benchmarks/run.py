@@ -1,6 +1,6 @@
 """``make bench``: every benchmark prints a ratio against a baseline measured in the same run.
 
-    python -m benchmarks.run [ttft] [rpc] [copy] [index] [stall]      (default: all)
+    python -m benchmarks.run [ttft] [rpc] [copy] [index] [stall] [sched]      (default: all)
 
 Results go to stdout and ``benchmarks/out/results.json``; record them in RESULTS.md with the
 machine and date.
@@ -219,12 +219,17 @@ def bench_stall(results: dict[str, Any], tmp: Path) -> None:
     trust.bench_stall(results, tmp, report)
 
 
+def bench_sched(results: dict[str, Any], tmp: Path) -> None:
+    trust.bench_sched(results, tmp, report)
+
+
 BENCHES = {
     "ttft": bench_ttft,
     "rpc": bench_rpc,
     "copy": bench_copy,
     "index": bench_index,
     "stall": bench_stall,
+    "sched": bench_sched,
 }
 
 

@@ -203,3 +203,79 @@ def bench_stall(results: dict[str, Any], tmp: Path, report: Any) -> None:
         report(results, "stall_blocked_healthz_p99_vs_idle", pct(blk_h, 0.99) / pct(idle_h, 0.99), "x")
         for c in (probe, filler, saver):
             c.close()
+
+
+def bench_sched(results: dict[str, Any], tmp: Path, report: Any) -> None:
+    """The connector's per-step scheduler cost while 256 requests of 10k tokens decode (block
+    16), against the same steps with saving off (the scheduler role's floor), same run. Every
+    16th step all 256 requests fill a block at once: the worst step."""
+    from types import SimpleNamespace
+
+    from kvfabric.connector.config import ConnectorConfig
+    from kvfabric.connector.scheduler import SchedulerSide
+
+    n_req, ctx, bs, steps = 256, 10_000, 16, 64
+    print(f"Scheduler per-step cost: {n_req} requests of {ctx} tokens decoding, block {bs}, {steps} steps")
+    with AgentProcess(tmp / "sched-agent", "64MiB", extra_args=["--arena-size", "4MiB"]) as agent:
+
+        def run(save: bool) -> list[float]:
+            cfg = ConnectorConfig(socket_path=str(agent.socket_path), save=save, load=False)
+            s = SchedulerSide(cfg, ["ns"], bs, "bench")
+            reqs = []
+            for r in range(n_req):
+                tokens = [(r * 7 + i) % 4000 for i in range(ctx)]
+                req = SimpleNamespace(
+                    request_id=f"r{r}",
+                    prompt_token_ids=list(tokens),
+                    all_token_ids=tokens,
+                    cache_salt=None,
+                    lora_request=None,
+                )
+                s.get_num_new_matched_tokens(req, 0)
+                reqs.append(req)
+            # All requests already computed their prompts (their saves planned once, untimed).
+            first = SimpleNamespace(
+                scheduled_new_reqs=[
+                    SimpleNamespace(
+                        req_id=q.request_id, block_ids=(list(range(ctx // bs + 1)),), num_computed_tokens=0
+                    )
+                    for q in reqs
+                ],
+                num_scheduled_tokens={q.request_id: ctx for q in reqs},
+                scheduled_cached_reqs=SimpleNamespace(
+                    req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]
+                ),
+                preempted_req_ids=set(),
+            )
+            s.build_connector_meta(first)
+            times = []
+            for step in range(steps):
+                computed = ctx + step
+                for q in reqs:
+                    q.all_token_ids.append(step % 4000)
+                fills = (computed + 1) % bs == 0
+                out = SimpleNamespace(
+                    scheduled_new_reqs=[],
+                    num_scheduled_tokens={q.request_id: 1 for q in reqs},
+                    scheduled_cached_reqs=SimpleNamespace(
+                        req_ids=[q.request_id for q in reqs],
+                        new_block_ids=[([computed // bs + 1],) if fills else None for _ in reqs],
+                        resumed_req_ids=set(),
+                        num_computed_tokens=[computed] * n_req,
+                    ),
+                    preempted_req_ids=set(),
+                )
+                t = time.perf_counter()
+                s.build_connector_meta(out)
+                times.append(time.perf_counter() - t)
+            s.shutdown()
+            return times
+
+        base, ours = run(save=False), run(save=True)
+    added = [o - b for o, b in zip(ours, base, strict=True)]
+    report(results, "sched_step_ms_saving_off_mean", statistics.mean(base) * 1e3, "ms")
+    report(results, "sched_step_ms_mean", statistics.mean(ours) * 1e3, "ms")
+    report(results, "sched_step_added_ms_mean", statistics.mean(added) * 1e3, "ms", "target < 1")
+    report(
+        results, "sched_step_added_ms_max", max(added) * 1e3, "ms", "(the step where all 256 fill a block)"
+    )

@@ -84,3 +84,23 @@ def test_keys_do_not_depend_on_pythonhashseed() -> None:
         for seed in ("0", "1", "random")
     }
     assert len(outs) == 1
+
+
+def test_extending_a_chain_reads_only_the_new_blocks_and_equals_the_whole_chain() -> None:
+    seed = request_seed(["salt"])
+    tokens = list(range(1000, 1000 + 16 * 40 + 5))
+    extras = {3: b"img", 20: b"img2"}
+    whole = chain_keys(tokens, 16, seed, extras=extras)
+    assert len(whole) == 40
+    part = chain_keys(tokens, 16, seed, start_block=10, parent=whole[9], extras=extras, end_block=25)
+    assert part == whole[10:25]
+    assert chain_keys(tokens, 16, seed, start_block=40, parent=whole[39]) == []
+
+    class Counting(list):  # records which tokens are read
+        def __getitem__(self, item):  # type: ignore[no-untyped-def]
+            self.read = item
+            return super().__getitem__(item)
+
+    counted = Counting(tokens)
+    chain_keys(counted, 16, seed, start_block=39, parent=whole[38], end_block=40)
+    assert counted.read == slice(39 * 16, 40 * 16)  # one block, not the context

@@ -92,22 +92,29 @@ def chain_keys(
     start_block: int = 0,
     parent: bytes | None = None,
     extras: dict[int, bytes] | None = None,
+    end_block: int | None = None,
 ) -> list[bytes]:
     """Keys of the full blocks of ``token_ids`` (a trailing partial block gets none).
 
     Key ``i`` covers tokens ``[0, (i+1) * block_size)``. To extend a chain computed earlier,
-    pass ``start_block`` and the key of block ``start_block - 1`` as ``parent``. ``extras[i]``:
-    bytes that must also match for block ``i`` (multimodal items, :func:`mm_block_extras`).
+    pass ``start_block`` and the key of block ``start_block - 1`` as ``parent``; ``end_block``
+    stops before that block. Only the tokens of blocks ``start_block..end_block`` are read, so
+    extending a long context by a block costs one block, not the context. ``extras[i]``: bytes
+    that must also match for block ``i`` (multimodal items, :func:`mm_block_extras`).
     """
-    tokens = np.asarray(token_ids, dtype="<i8")
-    n_full = len(tokens) // block_size
+    n_full = len(token_ids) // block_size
+    if end_block is not None:
+        n_full = min(n_full, end_block)
     prev = seed if start_block == 0 else parent
     if prev is None:
         raise ValueError("parent is required when start_block > 0")
+    if n_full <= start_block:
+        return []
+    tokens = np.asarray(token_ids[start_block * block_size : n_full * block_size], dtype="<i8")
     keys: list[bytes] = []
-    for b in range(start_block, n_full):
+    for j, b in enumerate(range(start_block, n_full)):
         h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
-        h.update(tokens[b * block_size : (b + 1) * block_size].tobytes())
+        h.update(tokens[j * block_size : (j + 1) * block_size].tobytes())
         if extras and (extra := extras.get(b)):
             h.update(b"\xffextra" + extra)  # no token run of int64s can spell this tag and length
         prev = h.digest()

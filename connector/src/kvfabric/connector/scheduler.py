@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -98,7 +99,7 @@ class SchedulerSide:
 
     # -- lookups -------------------------------------------------------------------------------------
 
-    def _state(self, request: Request, prompt: list[int]) -> _RequestState:
+    def _state(self, request: Request, prompt: Sequence[int]) -> _RequestState:
         st = self.requests.get(request.request_id)
         if st is None:
             seed = request_seed(self._salt(request))
@@ -141,7 +142,7 @@ class SchedulerSide:
         prompt = request.prompt_token_ids
         if prompt is None:
             return 0, False
-        st = self._state(request, list(prompt))
+        st = self._state(request, prompt)
         if st.uncacheable or getattr(request, "skip_reading_prefix_cache", False):
             # vLLM 0.26's scheduler asks us even for requests that must compute every prompt
             # token (prompt logprobs, pooling): no external hits for those.
@@ -261,13 +262,14 @@ class SchedulerSide:
         tokens = st.request.all_token_ids
         n_full = min(computed, len(tokens)) // self.block_size
         if n_full > len(st.keys):
-            st.keys += chain_keys(
-                tokens[: n_full * self.block_size],
+            st.keys += chain_keys(  # reads only the new blocks' tokens, not the whole context
+                tokens,
                 self.block_size,
                 st.seed,
                 start_block=len(st.keys),
                 parent=st.keys[-1] if st.keys else None,
                 extras=st.extras,
+                end_block=n_full,
             )
 
     def request_finished(self, request: Request) -> bool:
