@@ -388,3 +388,37 @@ def test_a_cpu_worker_lets_go_of_a_dead_agents_pool_and_maps_the_next_one(agent:
         assert time.monotonic() < deadline
     w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r3", (4,), (b"m" * 16,), None)]))
     assert w.copier.attached and w.pool_id not in (None, old_pool) and w.stats.saved_blocks == 3
+
+
+def test_a_layered_load_whose_copies_never_end_is_given_up_at_its_deadline(tmp_path: Path) -> None:
+    """The agent is alive (its session open) but the layer's event never fires (a hung CUDA
+    context on the agent side): the forward must not wait forever. Stand-in events and client."""
+    from kvfabric.connector.worker import _LayeredLoad
+
+    class Never:
+        def query(self) -> bool:
+            return False
+
+    class Client:
+        closed = False
+
+        def peer_closed(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    w = WorkerSide(ConnectorConfig(socket_path=str(tmp_path / "none.sock")), SPEC, "t")
+    kv = _cuda_kv()
+    w.cuda = CudaKV(**{**kv.__dict__, "events": (Never(), Never())})  # type: ignore[arg-type]
+    w._layer_index = {"layer.0": 0, "layer.1": 1}
+    client = Client()
+    w.client = client  # type: ignore[assignment]
+    load = LoadIntent("r", "lease", "pool", (1, 2), ((5, 6),))
+    started = time.perf_counter()
+    w._layered = _LayeredLoad([load], started, set(), deadline=started + 0.2)
+    w.wait_for_layer_load("layer.0")
+    took = time.perf_counter() - started
+    assert client.closed and w._layered is None
+    assert w.get_block_ids_with_load_errors() == {1, 2}
+    assert took < 5, took  # the deadline (0.2 s) plus the bounded grace for late copies (1 s)

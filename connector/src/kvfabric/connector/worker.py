@@ -59,6 +59,9 @@ class _LayeredLoad:
     intents: list[LoadIntent]
     started: float
     waited: set[int]  # layers whose event the forward's stream waits on
+    #: past this (perf_counter) the copies are given up even if the agent looks alive: a hung
+    #: agent-side copy must not hang the engine
+    deadline: float = float("inf")
 
 
 @dataclass
@@ -90,6 +93,7 @@ class WorkerSide:
         self._layer_index: dict[str, int] = {}  # layer name -> its event, for layered loads
         self._layered_ok = False  # the agent opened our layer events (see GpuKVReply.layered)
         self._layered: _LayeredLoad | None = None
+        self._gpu_block_bytes = 0
         self.stats = WorkerStats()
         self._reported = asdict(self.stats)
         self.client = AgentClient.from_config(
@@ -142,6 +146,7 @@ class WorkerSide:
                 log.warning("the agent is older than layered loads; loads will not be layered (upgrade it)")
             reply = client._roundtrip(self.cuda.request(self.namespace, events), p.GpuKVReply)
             self.kv_id = reply.kv_id
+            self._gpu_block_bytes = reply.block_bytes
             self._layered_ok = reply.layered and events
             if events and not reply.layered:
                 log.warning("the agent cannot use our layer events; loads will not be layered")
@@ -294,7 +299,10 @@ class WorkerSide:
             log.warning("load failed", extra={"reqs": [i.req_id for i in intents], "error": str(exc)})
             self._fail_loads(intents)
             return
-        self._layered = _LayeredLoad(intents, started, set())
+        blocks = sum(len(i.block_ids) for i in intents)
+        # The agent's deadline plus the copy at a pessimistic 1 GB/s (50 GB/s is usual).
+        budget = self.config.timeout_ms / 1000 + blocks * self._gpu_block_bytes / 1e9
+        self._layered = _LayeredLoad(intents, started, set(), deadline=started + budget)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Before a layer's attention: waits until that layer's copies ended, then orders the
@@ -310,22 +318,28 @@ class WorkerSide:
         index = 0 if len(events) == 1 else self._layer_index.get(layer_name)
         if index is None or index in load.waited:
             return
-        if not self._copies_ended(events[index]):
+        if not self._copies_ended(events[index], load.deadline):
             self._abandon_layered(load)
             return
         torch.cuda.current_stream().wait_event(events[index])
         load.waited.add(index)
 
-    def _copies_ended(self, event: torch.cuda.Event) -> bool:
+    def _copies_ended(self, event: torch.cuda.Event, deadline: float = float("inf")) -> bool:
         """Waits for ``event``; False if the agent's session closed first (the agent died: its
-        copies stopped with it, and the event may never fire)."""
+        copies stopped with it, and the event may never fire) or the deadline passed (the agent
+        is alive but its copies do not end: a hung CUDA context)."""
         next_check = time.perf_counter() + _LIVENESS_CHECK_S
         try:
             while not event.query():
-                if time.perf_counter() >= next_check:
+                now = time.perf_counter()
+                if now >= next_check:
                     if self.client.peer_closed():
                         return False
-                    next_check = time.perf_counter() + _LIVENESS_CHECK_S
+                    if now >= deadline:
+                        log.error("a layered load passed its deadline; giving it up")
+                        self.client.close()  # the agent drops our session and stops copying for it
+                        return False
+                    next_check = now + _LIVENESS_CHECK_S
                 time.sleep(0)
         except RuntimeError:  # a CUDA error on the event: treat as the agent gone
             return False
@@ -353,7 +367,7 @@ class WorkerSide:
         load = self._layered
         if load is None or self.cuda is None:
             return
-        if not self._copies_ended(self.cuda.events[-1]):
+        if not self._copies_ended(self.cuda.events[-1], load.deadline):
             self._abandon_layered(load)
             return
         self._layered = None
