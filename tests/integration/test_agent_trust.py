@@ -412,3 +412,23 @@ def test_an_agent_whose_pool_does_not_fit_yet_waits_answering_busy(tmp_path: Pat
         proc.kill()
         proc.wait()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_partial_large_frames_of_many_sessions_are_bounded_together(tmp_path: Path) -> None:
+    """H2: sessions (past their hello) each sending most of a large frame held the agent's
+    memory, 2.4 GiB for 40 of them. Bodies in flight are capped for all connections together,
+    and a body that does not arrive in time closes its connection."""
+    args = ["--arena-size", "4MiB", "--max-buffered-bytes", "48MiB", "--write-timeout-s", "2"]
+    with AgentProcess(tmp_path / "agent", "64MiB", extra_args=args) as agent:
+        first, second = raw(agent.socket_path), raw(agent.socket_path)
+        for s in (first, second):
+            hello(s)
+        first.sendall(p.HEADER.pack(40 << 20) + b"\0" * (1 << 20))  # 40 MiB announced, 1 sent
+        assert wait_for(lambda: agent.stats()["frames_buffered_bytes"] == 40 << 20)
+        second.sendall(p.HEADER.pack(40 << 20) + b"\0" * 1024)
+        reply = read_reply(second)
+        assert isinstance(reply, p.ErrorReply) and reply.code == p.E_BUSY
+        first.settimeout(10)
+        reply = read_reply(first)  # closed once its body is late
+        assert isinstance(reply, p.ErrorReply) and reply.code == p.E_BAD_FRAME and "in time" in reply.message
+        assert client(agent.socket_path).stats()["sessions"] == 1  # the agent serves on

@@ -138,6 +138,7 @@ class Agent:
         self._socket_inodes: dict[Path, int] = {}
         self._writers: set[asyncio.StreamWriter] = set()
         self._tenant_sessions: dict[str, int] = {}
+        self._buffered = 0  # bytes of frame bodies being received, all connections
         self._lock_fd: int | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -338,6 +339,9 @@ class Agent:
     # -- sessions ----------------------------------------------------------------------------------
 
     async def _read_frame(self, reader: asyncio.StreamReader, limit: int) -> bytes:
+        """One frame's body. Bodies being received count against ``--max-buffered-bytes`` for
+        all connections together (many sessions each sending part of a large frame would
+        otherwise hold gigabytes), and must arrive within ``--write-timeout-s`` of their header."""
         header = await reader.readexactly(p.HEADER.size)
         (length,) = p.HEADER.unpack(header)
         if length > limit:
@@ -347,7 +351,19 @@ class Agent:
                 + (" before hello" if limit == p.PRE_HELLO_MAX_FRAME_BYTES else ""),
                 fatal=True,
             )
-        return await reader.readexactly(length)
+        if self._buffered + length > self.settings.max_buffered_bytes:
+            raise _ProtocolError(
+                p.E_BUSY, f"frames of {self._buffered} bytes are being received; retry", fatal=True
+            )
+        self._buffered += length
+        try:
+            return await asyncio.wait_for(reader.readexactly(length), self.settings.write_timeout_s)
+        except TimeoutError:
+            raise _ProtocolError(
+                p.E_BAD_FRAME, "the frame's body did not arrive in time", fatal=True
+            ) from None
+        finally:
+            self._buffered -= length
 
     async def _send(self, conn: _Connection, reply: p._Reply) -> None:
         conn.writer.write(p.encode(reply))
@@ -415,6 +431,8 @@ class Agent:
                         reply = self._dispatch(request, session)
                     frame = p.encode(reply)  # inside the barrier: an unencodable reply is an error
                 except _ProtocolError as exc:
+                    if fd_to_pass is not None:
+                        os.close(fd_to_pass)
                     self.metrics.errors.labels(exc.code).inc()
                     conn.warn("bad request", code=exc.code, reason=str(exc), op=op)
                     await self._send(conn, p.ErrorReply(code=exc.code, message=str(exc)))
@@ -422,6 +440,8 @@ class Agent:
                         return
                     continue
                 except Exception:  # a bug must cost one request, not the agent
+                    if fd_to_pass is not None:
+                        os.close(fd_to_pass)
                     self.metrics.errors.labels(p.E_INTERNAL).inc()
                     log.exception("request failed", extra={"op": op, "peer_pid": conn.pid})
                     await self._send(
@@ -740,6 +760,7 @@ class Agent:
             namespaces=len(self.index.namespaces),
             sessions=len(self.sessions),
             connections=len(self._writers),
+            frames_buffered_bytes=self._buffered,
             tenancy=self.settings.tenancy,
             tenants=len([t for t, n in self._tenant_sessions.items() if n]),
             leases_active=len(self.index.leases),

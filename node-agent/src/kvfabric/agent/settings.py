@@ -113,6 +113,13 @@ class AgentSettings(BaseSettings):
         ge=4096,
         description="Largest request frame accepted; bigger ones close the connection.",
     )
+    max_buffered_bytes: ByteSize = Field(
+        default=256 * 1024**2,
+        ge=4096,
+        description="Bytes of request frames being received at once, all connections together; a "
+        "frame that would pass it closes its connection ('busy'), so partial frames cannot hold "
+        "the agent's memory.",
+    )
     max_sessions: int = Field(
         default=1024, ge=1, description="Concurrent engine sessions before new ones are refused."
     )
