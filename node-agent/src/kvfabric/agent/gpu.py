@@ -157,7 +157,7 @@ class PinnedPool:
         self.register_seconds = time.perf_counter() - started
         return self.register_seconds
 
-    def pin(self) -> tuple[float, float, float]:
+    def pin(self, stop: threading.Event | None = None) -> tuple[float, float, float]:
         """Populates and registers the pool chunk by chunk, each thread registering a chunk as
         soon as it has populated it, so registration overlaps the first touch of other chunks
         (one after the other they added up: 10.4 + 4.2 s for 64 GiB on an H200 host). Returns
@@ -172,6 +172,8 @@ class PinnedPool:
         started = time.perf_counter()
 
         def one(c: tuple[int, int]) -> None:
+            if stop is not None and stop.is_set():
+                return  # the agent is stopping
             t0 = time.perf_counter()
             populate(self.address + c[0], c[1], 1, c[1])
             t1 = time.perf_counter()

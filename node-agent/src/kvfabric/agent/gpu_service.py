@@ -83,7 +83,10 @@ class GpuService:
             from kvfabric.agent.gpu import PinnedPool, host_address
 
             pinned = PinnedPool(host_address(self.segment.map), self.segment.size, threads=self.pin_threads)
-            populate, register, wall = pinned.pin()
+            populate, register, wall = pinned.pin(stop=self.segment.stopping)
+            if self.segment.stopping.is_set():
+                pinned.unregister()
+                return
             self.segment.prefaulted_bytes = self.segment.size
             self.pinned = pinned
             self.pin_seconds = wall

@@ -16,6 +16,7 @@ import fcntl
 import logging
 import mmap
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -35,7 +36,9 @@ def chunks_of(size: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(chunk, size - a)) for a in range(0, size, chunk)]
 
 
-def populate(address: int, size: int, threads: int, chunk: int = 1 << 30) -> float:
+def populate(
+    address: int, size: int, threads: int, chunk: int = 1 << 30, stop: threading.Event | None = None
+) -> float:
     """Faults every page of ``[address, address + size)`` in (tmpfs allocates and zeroes a page
     at its first touch), one thread per chunk. Through ctypes, so the threads really run in
     parallel: CPython's ``mmap.madvise`` holds the GIL. Returns seconds; raises OSError."""
@@ -45,6 +48,8 @@ def populate(address: int, size: int, threads: int, chunk: int = 1 << 30) -> flo
     started = time.perf_counter()
 
     def one(c: tuple[int, int]) -> None:
+        if stop is not None and stop.is_set():
+            return  # the agent is stopping: the mapping is about to go
         if libc.madvise(address + c[0], c[1], MADV_POPULATE_WRITE) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"populating the pool failed: {os.strerror(err)}")
@@ -89,6 +94,9 @@ class Segment:
         self.size = size
         self.pool_id = uuid.uuid4().hex
         self.prefaulted_bytes = 0
+        #: set when the agent stops: background populating and pinning end at their next chunk,
+        #: before the mapping is unmapped under them
+        self.stopping = threading.Event()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._refuse_if_in_use(path)
         with contextlib.suppress(FileNotFoundError):
@@ -144,7 +152,7 @@ class Segment:
         """Populates every page in the background, so engines' first saves into the pool run at
         copy speed. Best effort: an old kernel without MADV_POPULATE_WRITE faults lazily."""
         try:
-            populate(address_of(self.map), self.size, threads, chunk=256 << 20)
+            populate(address_of(self.map), self.size, threads, chunk=256 << 20, stop=self.stopping)
             self.prefaulted_bytes = self.size
         except (OSError, ValueError) as exc:
             log.info("pool not prefaulted", extra={"reason": str(exc)})

@@ -139,6 +139,7 @@ class Agent:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tenant_sessions: dict[str, int] = {}
         self._buffered = 0  # bytes of frame bodies being received, all connections
+        self._background: list[threading.Thread] = []  # pinning or prefaulting the pool
         self._lock_fd: int | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -165,9 +166,13 @@ class Agent:
         if self.settings.cuda:
             assert self.segment is not None
             self.gpu = GpuService(self.segment, self.settings.pin_threads, on_fatal=self._on_gpu_fatal)
-            threading.Thread(target=self.gpu.pin, name="kvfabric-pin", daemon=True).start()
+            self._background.append(threading.Thread(target=self.gpu.pin, name="kvfabric-pin", daemon=True))
         elif self.segment is not None and self.settings.prefault:
-            threading.Thread(target=self.segment.prefault, name="kvfabric-prefault", daemon=True).start()
+            self._background.append(
+                threading.Thread(target=self.segment.prefault, name="kvfabric-prefault", daemon=True)
+            )
+        for t in self._background:
+            t.start()
         self._housekeeping = asyncio.create_task(self._housekeep())
         gc.freeze()  # start-up objects never need a collection pass again
         self.started_at = time.time()
@@ -316,8 +321,14 @@ class Agent:
         for path in list(self._socket_inodes):
             self._unlink_own(path)
         self._socket_inodes.clear()
-        # Joining copy threads can take a while: not on the loop.
-        await asyncio.get_running_loop().run_in_executor(None, self._gpu_copies.shutdown, True)
+        # Joining threads can take a while: not on the loop. Pinning and prefaulting stop at
+        # their next chunk and are joined before the pool is unmapped under them.
+        loop = asyncio.get_running_loop()
+        if self.segment is not None:
+            self.segment.stopping.set()
+        for t in self._background:
+            await loop.run_in_executor(None, t.join, 60.0)
+        await loop.run_in_executor(None, self._gpu_copies.shutdown, True)
         if self.gpu is not None:
             self.gpu.close()
             self.gpu = None
