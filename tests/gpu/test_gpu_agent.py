@@ -308,3 +308,43 @@ def test_crafted_registrations_and_unowned_slots_are_refused_and_other_kv_is_unt
         finally:
             proc.kill()
             proc.join(10)
+
+
+def test_sigterm_during_pinning_stops_cleanly(tmp_path: Path) -> None:
+    """A SIGTERM while the pool is still being pinned: the pinning threads stop at their next
+    chunk and are joined before the pool is unmapped (it used to be unmapped under
+    cudaHostRegister). The agent exits 0, quickly, and leaves no pool file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    agent = AgentProcess(tmp_path / "agent", "48GiB", extra_args=["--cuda", "--pin-threads", "4"])
+    args = [sys.executable, "-m", "kvfabric.agent.main", "--pool-size", "48GiB", "--http-port", "0"]
+    args += [
+        "--pool-path",
+        str(agent.pool_path),
+        "--socket",
+        str(agent.socket_path),
+        "--cuda",
+        "--pin-threads",
+        "4",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not agent.socket_path.exists():  # bound: pinning has started
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)  # well inside a 48 GiB pin (about 1 GiB/s per thread here)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - stopped
+        print(f"stopped {took:.2f} s after SIGTERM")
+        assert proc.returncode == 0, out[-3000:]
+        assert not agent.pool_path.exists()
+        assert "pool pinned for CUDA" not in out  # it really was interrupted
+    finally:
+        proc.kill()
+        agent.cleanup()
