@@ -422,3 +422,22 @@ def test_a_layered_load_whose_copies_never_end_is_given_up_at_its_deadline(tmp_p
     assert client.closed and w._layered is None
     assert w.get_block_ids_with_load_errors() == {1, 2}
     assert took < 5, took  # the deadline (0.2 s) plus the bounded grace for late copies (1 s)
+
+
+def test_a_request_asked_again_before_allocation_is_not_leased_again(agent: AgentProcess) -> None:
+    """vLLM asks for a waiting request's external hits every step while it cannot allocate
+    blocks: the lease already held answers (the review saw 2,964 blocks leased for 68 loaded)."""
+    keys = chain_keys(list(range(80)), 16, request_seed(["", ""]))
+    w, _ = make_worker(agent)
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r0", (1, 2, 3, 4), tuple(keys[:4]), None)]))
+    s = SchedulerSide(ConnectorConfig(socket_path=str(agent.socket_path)), [SPEC.namespace()], 16, "t")
+    try:
+        req = _request("r", 80)
+        for _ in range(5):
+            assert s.get_num_new_matched_tokens(req, 0) == (64, False)
+        stats = agent.stats()
+        assert stats["leases_granted"] == 1 and stats["lookups"] == 1
+        s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([9, 10, 11, 12, 13],)), 64)
+        assert [len(i.block_ids) for i in s.build_connector_meta(_step([], set())).loads] == [4]
+    finally:
+        s.shutdown()

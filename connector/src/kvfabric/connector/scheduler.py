@@ -34,6 +34,7 @@ class _PendingLoad:
     first_block: int
     slots: list[list[int]]
     leases: list[str]
+    session: int = 0  # the agent session that holds the lease
 
 
 @dataclass
@@ -153,6 +154,18 @@ class SchedulerSide:
         st.saved_upto = max(st.saved_upto, local)
         if not self.config.load or usable <= local:
             return 0, False
+        pending = st.pending
+        hello = self.client.hello
+        if (
+            pending is not None
+            and pending.first_block == local
+            and hello
+            and hello.session_id == pending.session
+        ):
+            # Asked again before any blocks were allocated (vLLM retries a waiting request every
+            # step while the GPU cache is full): the lease we hold still covers the answer. A new
+            # lookup would re-lease the same blocks each time (thousands of leases per load).
+            return len(pending.slots[0]) * self.block_size, False
         lease_id = lease_id_for(self.engine_tag, request.request_id)
         self.stats.lookups += 1
         try:
@@ -165,7 +178,8 @@ class SchedulerSide:
         if reply.hits == 0:
             st.pending = None
             return 0, False
-        st.pending = _PendingLoad(lease_id, reply.pool_id, local, reply.slots, reply.leases)
+        session = self.client.hello.session_id if self.client.hello else 0
+        st.pending = _PendingLoad(lease_id, reply.pool_id, local, reply.slots, reply.leases, session)
         st.lease_id = lease_id
         st.leases = list(reply.leases)
         st.saved_upto = max(st.saved_upto, local + reply.hits)
