@@ -123,6 +123,33 @@ class EngineProcess:
             raise RuntimeError(reply["error"])
         return [Output(**o) for o in reply["outputs"]]
 
+    def serve(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int = 16,
+        abort: list[int] | None = None,
+        abort_after: int = 0,
+    ) -> dict[str, Any]:
+        """All prompts at once, as a server's batch: vLLM schedules them together (chunked
+        prefill, preemption under a small KV cache); the prompts ``abort`` lists are aborted
+        after ``abort_after`` engine steps. Returns ``{"outputs": {index: Output}, "aborted":
+        [...], "preemptions": n}`` for the requests that finished."""
+        assert self.proc.stdin is not None
+        cmd = {
+            "op": "serve",
+            "prompts": prompts,
+            "max_tokens": max_tokens,
+            "abort": abort or [],
+            "abort_after": abort_after,
+        }
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        reply["outputs"] = {int(k): Output(**o) for k, o in reply["outputs"].items()}
+        return reply
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -186,6 +213,11 @@ def _child(spec: dict[str, Any], out: Any) -> None:
                 ignore_eos=True,
                 detokenize=not kwargs.get("skip_tokenizer_init", False),
             )
+            if cmd["op"] == "serve":
+                reply_: dict[str, Any] = _serve(llm, cmd, params)
+                out.write(json.dumps(reply_) + "\n")
+                out.flush()
+                continue
             results = []
             for ids in cmd["prompts"]:
                 t0 = time.perf_counter()
@@ -202,6 +234,37 @@ def _child(spec: dict[str, Any], out: Any) -> None:
             reply = {"error": repr(exc)}
         out.write(json.dumps(reply) + "\n")
         out.flush()
+
+
+def _serve(llm: Any, cmd: dict[str, Any], params: Any) -> dict[str, Any]:
+    """A batch through the engine's own loop (what a server does), with aborts mid-run."""
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    for i, ids in enumerate(cmd["prompts"]):
+        engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
+    done: dict[str, Any] = {}
+    steps = 0
+    aborted = [str(i) for i in cmd["abort"]]
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished and o.request_id not in aborted:
+                done[o.request_id] = {
+                    "tokens": list(o.outputs[0].token_ids),
+                    "cached_tokens": o.num_cached_tokens or 0,
+                    "seconds": 0.0,
+                }
+        steps += 1
+        if steps == cmd["abort_after"] and aborted:
+            engine.abort_request(aborted)
+    preemptions = 0
+    try:
+        for m in llm.get_metrics():
+            if m.name == "vllm:num_preemptions":
+                preemptions = int(getattr(m, "value", 0))
+    except Exception:  # metrics off or renamed: report none
+        preemptions = -1
+    return {"outputs": done, "aborted": [int(a) for a in aborted], "preemptions": preemptions, "steps": steps}
 
 
 if __name__ == "__main__":

@@ -301,3 +301,48 @@ def test_a_checkpoint_replaced_at_its_path_gets_no_hits_and_one_at_two_paths_sha
     (b,) = start(engines, mount, tmp_path, cfg, "b-at-mount").generate([PROMPTS["P"]], MAX_TOKENS)
     assert b.cached_tokens == 0, "the new weights loaded the old model's KV"
     assert b.tokens == b_alone.tokens
+
+
+def test_serving_like_load_keeps_every_output_identical(
+    agent: AgentProcess, engines: list[EngineProcess], model_dir: Path, tmp_path: Path
+) -> None:
+    """18 requests at once with shared prefixes, one an exact multiple of the block size;
+    chunked prefill (256-token steps), vLLM's own prefix cache on, a KV cache too small for all
+    of them (preemption), two requests aborted mid-run. Cold and warm (a restarted engine) must
+    give every finished request the output of the same batch without the connector, and the
+    agent's books must balance once every engine is gone."""
+    from e2e.conftest import tokens
+
+    prefixes = [tokens(2 * BLOCK + 17, 300 + g) for g in range(6)]
+    # Decoding 64 tokens crosses a block boundary: new blocks under a full cache (preemption).
+    prompts = [prefixes[i % 6] + tokens(197 + BLOCK * (i % 3), 400 + i) for i in range(17)]
+    prompts.append(tokens(5 * BLOCK, 499))  # an exact multiple of the block size
+    llm = {"max_num_batched_tokens": 256, "disable_log_stats": False, "max_model_len": 2048}
+    kw: dict[str, Any] = {"prefix_caching": True, "kv_cache_bytes": 10 << 20, "llm_args": llm}
+    abort = [4, 11]
+
+    def serve(name: str, cfg: dict[str, Any] | None) -> dict[str, Any]:
+        e = start(engines, model_dir, tmp_path, cfg, name, **kw)
+        result = e.serve(prompts, 64, abort=abort, abort_after=3)
+        e.close()
+        return result
+
+    base = serve("batch-no-connector", None)
+    finished = sorted(base["outputs"])
+    assert set(finished) == set(range(len(prompts))) - set(abort)
+    cfg = fast_retry(agent)
+    cold = serve("batch-cold", cfg)
+    warm = serve("batch-warm", cfg)
+    for run in (cold, warm):
+        assert sorted(run["outputs"]) == finished
+        for i in finished:
+            assert run["outputs"][i].tokens == base["outputs"][i].tokens, f"request {i}"
+    assert base["preemptions"] > 0 or cold["preemptions"] > 0, (base["preemptions"], cold["preemptions"])
+    assert sum(warm["outputs"][i].cached_tokens for i in finished) > sum(
+        cold["outputs"][i].cached_tokens for i in finished
+    )
+    stats = agent.stats()
+    assert stats["sessions"] == 0 and stats["leases_active"] == 0 and stats["blocks_reserved"] == 0
+    assert stats["loaded_blocks"] > 0 and stats["loaded_blocks"] <= stats["hit_blocks"]
+    block_bytes = stats["committed_bytes"] // max(1, stats["committed_blocks"])
+    assert stats["pool_used_bytes"] == stats["blocks_committed"] * block_bytes
