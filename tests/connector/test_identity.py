@@ -115,3 +115,24 @@ def test_setups_the_connector_cannot_serve_are_named() -> None:
     two_groups = SimpleNamespace(kv_cache_groups=[object(), object()])
     assert "KV-cache groups" in (unsupported_setup(cfg(), two_groups) or "")
     assert unsupported_setup(cfg(), SimpleNamespace(kv_cache_groups=[object()])) is None
+
+
+def test_identity_is_the_same_in_every_process(tmp_path: Path) -> None:
+    """The scheduler and every worker compute it separately: nothing process-specific (an
+    ``hf_overrides`` function's address, an object's default repr) may enter it."""
+    write_safetensors(tmp_path / "model.safetensors", b"x" * 1000)
+
+    def overrides(cfg: object) -> object:
+        return cfg
+
+    class Opaque:
+        pass
+
+    cfg = vllm_config(tmp_path, {"hidden_size": 8, "extra": Opaque()})
+    cfg.model_config.hf_overrides = overrides
+    first = model_identity(cfg)
+    # Other objects of the same kind (as another process has them, at other addresses).
+    cfg.model_config.hf_config = {"hidden_size": 8, "extra": Opaque()}
+    cfg.model_config.hf_overrides = lambda c: c
+    cfg.model_config.hf_overrides.__qualname__ = overrides.__qualname__
+    assert model_identity(cfg) == first

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -97,7 +98,10 @@ def _canonical(value: Any) -> Any:
     to_dict = getattr(value, "to_dict", None)
     if callable(to_dict):
         return _canonical(to_dict())
-    return repr(value)
+    if callable(value):  # e.g. an hf_overrides function: its name, not its address
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    # Every process (scheduler, each worker) must compute the same identity: no addresses.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 #: Config entries that name where a model came from, not what it computes.
