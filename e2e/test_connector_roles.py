@@ -441,3 +441,40 @@ def test_a_request_asked_again_before_allocation_is_not_leased_again(agent: Agen
         assert [len(i.block_ids) for i in s.build_connector_meta(_step([], set())).loads] == [4]
     finally:
         s.shutdown()
+
+
+def test_the_scheduler_stops_offering_hits_its_workers_cannot_load(
+    agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that cannot load (disabled, unmapped) reports only failed loads: after a few
+    such reports the scheduler offers no hits for a while instead of turning each into a wasted
+    forward plus a recompute; a report with a working load resets it."""
+    from kvfabric.connector import scheduler as sched_mod
+
+    keys = chain_keys(list(range(80)), 16, request_seed(["", ""]))
+    w, _ = make_worker(agent)
+    w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r0", (1, 2, 3, 4), tuple(keys[:4]), None)]))
+    s = SchedulerSide(ConnectorConfig(socket_path=str(agent.socket_path)), [SPEC.namespace()], 16, "t")
+    try:
+        for _ in range(sched_mod._FAILED_LOAD_REPORTS):
+            s.update_connector_output(loaded_blocks=0, load_errors=4)
+        lookups = agent.stats()["lookups"]
+        assert s.get_num_new_matched_tokens(_request("later", 80), 0) == (0, False)
+        assert agent.stats()["lookups"] == lookups  # not even asked
+        monkeypatch.setattr(sched_mod.time, "monotonic", lambda: 1e12)  # the pause is over
+        assert s.get_num_new_matched_tokens(_request("after", 80), 0) == (64, False)
+        s.update_connector_output(loaded_blocks=4, load_errors=0)  # the streak and backoff reset
+        assert s._failed_reports == 0 and s._load_backoff_s == 0.0
+    finally:
+        s.shutdown()
+
+
+def test_worker_stats_of_a_disabled_worker_show_only_failed_loads(agent: AgentProcess) -> None:
+    """What feeds the scheduler's pause: a worker that could not set itself up counts every
+    planned load as failed, and its stats say so."""
+    w = WorkerSide(ConnectorConfig(socket_path=str(agent.socket_path)), SPEC, "t")
+    _WORKERS.append(w)
+    w.register_kv_caches({"layer.0": torch.zeros(4, 3, 3)})  # a layout it refuses: disabled
+    w.start_load_kv(KVFabricMetadata(loads=[LoadIntent("r", "L", "p", (1, 2), ((0, 1),))]))
+    delta = w.take_stats()
+    assert delta["load_errors"] == 2 and delta["loaded_blocks"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 #: Steps after which the scheduler ends a finished request's leases a worker may have been
 #: handed (a worker copies in the step that carries the intent; async scheduling runs one ahead).
 _RELEASE_AFTER_STEPS = 2
+#: Reports in a row in which the workers' loads all failed (none loaded) before the scheduler
+#: stops finding hits for a while (a worker that cannot load turns each hit into wasted work).
+_FAILED_LOAD_REPORTS = 3
+_LOAD_BACKOFF_S = (10.0, 300.0)  # first pause, longest pause
 
 
 @dataclass
@@ -94,6 +99,9 @@ class SchedulerSide:
         #: under: released a few steps later (the workers' own release usually came first).
         self._deferred: list[tuple[int, list[str]]] = []
         self._step = 0
+        self._failed_reports = 0
+        self._loads_off_until = 0.0
+        self._load_backoff_s = 0.0
         self.stats = SchedulerStats()
         if not self.client.connect():  # early, so the agent lists this engine; failure is fine
             log.warning("agent not reachable yet; serving without it", extra={"socket": config.socket_path})
@@ -152,7 +160,7 @@ class SchedulerSide:
         # vLLM must compute at least one prompt token itself, so a full-prompt hit stops short.
         usable = min(len(st.keys), (len(prompt) - 1) // self.block_size)
         st.saved_upto = max(st.saved_upto, local)
-        if not self.config.load or usable <= local:
+        if not self.config.load or usable <= local or time.monotonic() < self._loads_off_until:
             return 0, False
         pending = st.pending
         hello = self.client.hello
@@ -284,6 +292,28 @@ class SchedulerSide:
                 parent=st.keys[-1] if st.keys else None,
                 extras=st.extras,
                 end_block=n_full,
+            )
+
+    def update_connector_output(self, loaded_blocks: int, load_errors: int) -> None:
+        """The workers' load counts since their last report (their stats, which vLLM hands to
+        the scheduler): when several reports in a row show failed loads and none that worked, the
+        workers cannot load (disabled, pool not mapped, agent gone for them), and hits are not
+        offered for a while, doubling each time. One working load resets it."""
+        if loaded_blocks:
+            self._failed_reports = 0
+            self._load_backoff_s = 0.0
+            return
+        if not load_errors:
+            return
+        self._failed_reports += 1
+        if self._failed_reports >= _FAILED_LOAD_REPORTS:
+            first, longest = _LOAD_BACKOFF_S
+            self._load_backoff_s = min(longest, max(first, 2 * self._load_backoff_s))
+            self._loads_off_until = time.monotonic() + self._load_backoff_s
+            self._failed_reports = 0
+            log.warning(
+                "the workers could not load any of the last hits; not offering hits for %.0f s",
+                self._load_backoff_s,
             )
 
     def request_finished(self, request: Request) -> bool:

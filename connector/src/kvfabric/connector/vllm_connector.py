@@ -181,6 +181,13 @@ class KVFabricConnector(KVConnectorBase_V1):
         assert self._scheduler is not None
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        assert self._scheduler is not None
+        super().update_connector_output(connector_output)
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        data = stats.data if isinstance(stats, KVFabricStats) else {}
+        self._scheduler.update_connector_output(data.get("loaded_blocks", 0), data.get("load_errors", 0))
+
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
