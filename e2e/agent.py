@@ -17,6 +17,17 @@ from pathlib import Path
 from typing import Any
 
 
+def read_reply(s: socket.socket) -> Any:
+    """One reply frame from a raw agent socket, decoded; None when the agent closed it."""
+    from kvfabric.connector import protocol as p
+
+    header = s.recv(4, socket.MSG_WAITALL)
+    if len(header) < 4:
+        return None
+    (n,) = p.HEADER.unpack(header)
+    return p.reply_decoder.decode(s.recv(n, socket.MSG_WAITALL))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

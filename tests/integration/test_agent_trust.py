@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from e2e.agent import AgentProcess
+from e2e.agent import AgentProcess, read_reply
 from kvfabric.connector import protocol as p
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.errors import AgentRejected
@@ -43,14 +43,6 @@ def raw(path: Path | str) -> socket.socket:
     s.settimeout(5)
     s.connect(str(path))
     return s
-
-
-def read_reply(s: socket.socket) -> p._Reply | None:
-    header = s.recv(4, socket.MSG_WAITALL)
-    if len(header) < 4:
-        return None
-    (n,) = p.HEADER.unpack(header)
-    return p.reply_decoder.decode(s.recv(n, socket.MSG_WAITALL))
 
 
 def send_raw(s: socket.socket, obj: object) -> p._Reply | None:
