@@ -346,3 +346,34 @@ def test_serving_like_load_keeps_every_output_identical(
     assert stats["loaded_blocks"] > 0 and stats["loaded_blocks"] <= stats["hit_blocks"]
     block_bytes = stats["committed_bytes"] // max(1, stats["committed_blocks"])
     assert stats["pool_used_bytes"] == stats["blocks_committed"] * block_bytes
+
+
+def test_blocks_found_in_vllms_own_prefix_cache_are_saved_when_the_agent_lacks_them(
+    agent: AgentProcess,
+    engines: list[EngineProcess],
+    model_dir: Path,
+    tmp_path: Path,
+    baseline: dict[str, list[int]],
+) -> None:
+    """An engine computed a prompt, then its agent restarted (the pool is gone). The engine's
+    own prefix cache still has the prompt: when it serves it again, the connector saves those
+    blocks from vLLM's copy, so another engine gets hits (before, they were assumed saved)."""
+    cfg = fast_retry(agent)
+    e1 = start(engines, model_dir, tmp_path, cfg, "holder", prefix_caching=True)
+    (first,) = e1.generate([PROMPTS["P"]], MAX_TOKENS)
+    assert first.tokens == baseline["P"]
+    agent.kill()
+    agent.start()  # a new, empty pool
+    deadline = time.monotonic() + 30
+    again = None
+    while time.monotonic() < deadline:  # until the engine's workers have reconnected and saved
+        (again,) = e1.generate([PROMPTS["P"]], MAX_TOKENS)
+        if agent.stats()["committed_blocks"] >= usable_blocks("P"):
+            break
+    assert again is not None and again.tokens == baseline["P"]
+    assert again.cached_tokens >= usable_blocks("P") * BLOCK  # vLLM's own cache served it
+    assert agent.stats()["committed_blocks"] >= usable_blocks("P")
+    e1.close()
+    e2 = start(engines, model_dir, tmp_path, cfg, "newcomer")
+    (warm,) = e2.generate([PROMPTS["P"]], MAX_TOKENS)
+    assert warm.cached_tokens == usable_blocks("P") * BLOCK and warm.tokens == baseline["P"]

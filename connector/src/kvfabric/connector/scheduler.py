@@ -65,6 +65,8 @@ class _RequestState:
     extras: dict[int, bytes] = field(default_factory=dict)
     #: Never looked up nor saved: its KV does not follow from token ids we can key (embeddings).
     uncacheable: bool = False
+    #: The agent was asked whether it holds the blocks vLLM had cached locally.
+    checked_local: bool = False
 
 
 @dataclass
@@ -159,7 +161,7 @@ class SchedulerSide:
         local = num_computed_tokens // self.block_size
         # vLLM must compute at least one prompt token itself, so a full-prompt hit stops short.
         usable = min(len(st.keys), (len(prompt) - 1) // self.block_size)
-        st.saved_upto = max(st.saved_upto, local)
+        st.saved_upto = max(st.saved_upto, self._held_by_agent(st, local))
         if not self.config.load or usable <= local or time.monotonic() < self._loads_off_until:
             return 0, False
         pending = st.pending
@@ -190,9 +192,22 @@ class SchedulerSide:
         st.pending = _PendingLoad(lease_id, reply.pool_id, local, reply.slots, reply.leases, session)
         st.lease_id = lease_id
         st.leases = list(reply.leases)
-        st.saved_upto = max(st.saved_upto, local + reply.hits)
+        if st.saved_upto >= local:  # else the gap below ``local`` is saved first
+            st.saved_upto = max(st.saved_upto, local + reply.hits)
         self.stats.hit_tokens += reply.hits * self.block_size
         return reply.hits * self.block_size, False
+
+    def _held_by_agent(self, st: _RequestState, local: int) -> int:
+        """How many of the ``local`` blocks vLLM found in its own prefix cache the agent holds
+        too (asked once per request, no lease). The rest are saved from vLLM's copy: after an
+        agent restart, or a save that was skipped, its prefixes become hits again for others."""
+        if local == 0 or st.checked_local or not self.config.save:
+            return local
+        st.checked_local = True
+        try:
+            return self.client.lookup(self.namespaces, st.keys[:local], self.block_size).hits
+        except AgentError:
+            return local  # unknown: do not flood a failing agent with saves
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
