@@ -424,3 +424,24 @@ def test_partial_large_frames_of_many_sessions_are_bounded_together(tmp_path: Pa
         reply = read_reply(first)  # closed once its body is late
         assert isinstance(reply, p.ErrorReply) and reply.code == p.E_BAD_FRAME and "in time" in reply.message
         assert client(agent.socket_path).stats()["sessions"] == 1  # the agent serves on
+
+
+def test_one_peer_cannot_take_every_session(tmp_path: Path) -> None:
+    """Sessions per peer (its uid in a shared pool, its tenant when isolated) are capped below
+    --max-sessions, so one engine's runaway reconnects leave room for the others."""
+    args = ["--arena-size", "4MiB", "--max-sessions-per-tenant", "3"]
+    with AgentProcess(tmp_path / "agent", "64MiB", extra_args=args) as agent:
+        held = [raw(agent.socket_path) for _ in range(3)]
+        for s in held:
+            hello(s)
+        extra = raw(agent.socket_path)
+        extra.sendall(p.encode(p.Hello(protocol_version=p.PROTOCOL_VERSION, client="one-too-many")))
+        reply = read_reply(extra)
+        assert (
+            isinstance(reply, p.ErrorReply)
+            and reply.code == p.E_QUOTA
+            and f"uid {os.getuid()}" in reply.message
+        )
+        held.pop().close()
+        assert wait_for(lambda: agent.stats()["sessions"] == 2)
+        assert client(agent.socket_path).connect()  # room again

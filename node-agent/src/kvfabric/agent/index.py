@@ -170,10 +170,6 @@ class KeyTable:
         self._parts[p] = new
         self._used[p] = live
 
-    @property
-    def nbytes(self) -> int:
-        return sum(len(part) * 8 for part in self._parts)
-
 
 @dataclass
 class Namespace:

@@ -516,6 +516,14 @@ class Agent:
             raise _ProtocolError(p.E_BAD_REQUEST, "peer credentials unavailable", fatal=True)
         return tenant_of_uid(conn.peer.uid)
 
+    @staticmethod
+    def _peer_key(session: Session) -> str:
+        """Whose sessions count together against --max-sessions-per-tenant: the tenant, or in
+        a shared pool the peer's uid (one misbehaving engine cannot take every session)."""
+        if session.tenant:
+            return f"tenant {session.tenant!r}"
+        return f"peer uid {session.peer.uid}" if session.peer else "peer unknown"
+
     def _open_session(self, hello: p.Hello, conn: _Connection) -> Session:
         if hello.protocol_version != p.PROTOCOL_VERSION:
             raise _ProtocolError(
@@ -528,11 +536,12 @@ class Agent:
         if len(self.sessions) >= self.settings.max_sessions:
             raise _ProtocolError(p.E_BUSY, "too many sessions", fatal=True)
         tenant = self._tenant_of(conn)
-        if self._tenant_sessions.get(tenant, 0) >= self.settings.max_sessions_per_tenant:
-            raise _ProtocolError(p.E_QUOTA, f"tenant {tenant!r} has too many sessions", fatal=True)
         session = Session(session_id=next(self._ids), client=hello.client, peer=conn.peer, tenant=tenant)
+        who = self._peer_key(session)
+        if self._tenant_sessions.get(who, 0) >= self.settings.max_sessions_per_tenant:
+            raise _ProtocolError(p.E_QUOTA, f"{who} has too many sessions", fatal=True)
         self.sessions[session.session_id] = session
-        self._tenant_sessions[tenant] = self._tenant_sessions.get(tenant, 0) + 1
+        self._tenant_sessions[who] = self._tenant_sessions.get(who, 0) + 1
         self.metrics.sessions_opened.inc()
         log.info(
             "session opened",
@@ -666,7 +675,7 @@ class Agent:
 
     def _close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
-        self._tenant_sessions[session.tenant] -= 1
+        self._tenant_sessions[self._peer_key(session)] -= 1
         if self.gpu is not None:
             # Copies of this session have completed (_handle awaits each one before reading on).
             # Closing IPC mappings can block in the driver: not on the event loop. An executor
@@ -773,7 +782,7 @@ class Agent:
             connections=len(self._writers),
             frames_buffered_bytes=self._buffered,
             tenancy=self.settings.tenancy,
-            tenants=len([t for t, n in self._tenant_sessions.items() if n]),
+            tenants=len({s.tenant for s in self.sessions.values() if s.tenant}),
             leases_active=len(self.index.leases),
             uptime_s=round(time.time() - self.started_at, 3) if self.started_at else 0.0,
             cuda=int(self.gpu is not None),

@@ -124,7 +124,9 @@ class AgentSettings(BaseSettings):
         default=1024, ge=1, description="Concurrent engine sessions before new ones are refused."
     )
     max_sessions_per_tenant: int = Field(
-        default=256, ge=1, description="Concurrent sessions of one tenant (with isolated tenancy)."
+        default=256,
+        ge=1,
+        description="Concurrent sessions of one tenant (isolated tenancy), or of one peer uid (shared).",
     )
     start_wait_s: float = Field(
         default=60.0,
