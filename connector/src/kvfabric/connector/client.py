@@ -182,12 +182,29 @@ class AgentClient:
             got += k
         return bytes(buf)
 
-    def _roundtrip(self, request: p._Request, expect: type[R]) -> R:
+    def _recv_header(self, sock: socket.socket, fds: list[int] | None) -> bytes:
+        """A reply's length header; with ``fds``, also collects descriptors sent with it."""
+        if fds is None:
+            return self._recv_exact(sock, p.HEADER.size)
+        header = b""
+        while len(header) < p.HEADER.size:
+            data, ancdata, _, _ = sock.recvmsg(p.HEADER.size - len(header), socket.CMSG_SPACE(4))
+            if not data:
+                raise ConnectionError("agent closed the connection")
+            header += data
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(
+                        int.from_bytes(payload[i : i + 4], "little") for i in range(0, len(payload) - 3, 4)
+                    )
+        return header
+
+    def _roundtrip(self, request: p._Request, expect: type[R], fds: list[int] | None = None) -> R:
         sock = self._sock
         assert sock is not None
         try:
             sock.sendall(p.encode(request))
-            (length,) = p.HEADER.unpack(self._recv_exact(sock, p.HEADER.size))
+            (length,) = p.HEADER.unpack(self._recv_header(sock, fds))
             if length > self.max_frame_bytes:
                 raise ConnectionError(f"reply frame of {length} bytes exceeds limit")
             reply = p.reply_decoder.decode(self._recv_exact(sock, length))
@@ -200,38 +217,17 @@ class AgentClient:
         return reply
 
     def _roundtrip_fd(self, request: p._Request, expect: type[R]) -> tuple[R, int]:
-        """Like :meth:`_roundtrip`, for a reply whose frame carries a file descriptor."""
-        sock = self._sock
-        assert sock is not None
+        """Like :meth:`_roundtrip`, for a reply whose frame carries one file descriptor (the
+        caller owns it; any other received is closed)."""
         fds: list[int] = []
         try:
-            sock.sendall(p.encode(request))
-            header = b""
-            while len(header) < p.HEADER.size:
-                data, ancdata, _, _ = sock.recvmsg(p.HEADER.size - len(header), socket.CMSG_SPACE(4))
-                if not data:
-                    raise ConnectionError("agent closed the connection")
-                header += data
-                for level, kind, payload in ancdata:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        fds.extend(
-                            int.from_bytes(payload[i : i + 4], "little")
-                            for i in range(0, len(payload) - 3, 4)
-                        )
-            (length,) = p.HEADER.unpack(header)
-            if length > self.max_frame_bytes:
-                raise ConnectionError(f"reply frame of {length} bytes exceeds limit")
-            reply = p.reply_decoder.decode(self._recv_exact(sock, length))
-        except (OSError, ConnectionError, msgspec.DecodeError) as exc:
+            reply = self._roundtrip(request, expect, fds)
+            if len(fds) != 1:
+                raise self._fail(f"{type(reply).__name__} came with {len(fds)} descriptors, not 1")
+        except BaseException:
             for fd in fds:
                 os.close(fd)
-            raise self._fail(f"{type(request).__name__}: {exc!r}") from exc
-        if isinstance(reply, p.ErrorReply) or not isinstance(reply, expect) or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            if isinstance(reply, p.ErrorReply):
-                raise AgentRejected(reply.code, reply.message)
-            raise self._fail(f"unexpected reply {type(reply).__name__} with {len(fds)} descriptors")
+            raise
         return reply, fds[0]
 
     def open_pool(self, writable: bool = True) -> tuple[p.PoolReply, int]:

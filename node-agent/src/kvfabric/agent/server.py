@@ -71,10 +71,6 @@ class Session:
     #: kv_id -> the namespace its GPU registration serves (copies may touch only its slots)
     gpu_namespaces: dict[int, Namespace] = field(default_factory=dict)
 
-    @property
-    def peer_pid(self) -> int | None:
-        return self.peer.pid if self.peer else None
-
 
 #: Warnings logged per connection before the rest are only counted (a fuzzing or broken client
 #: must not flood the log, which is written on the loop).
@@ -377,8 +373,12 @@ class Agent:
             self._buffered -= length
 
     async def _send(self, conn: _Connection, reply: p._Reply) -> None:
-        conn.writer.write(p.encode(reply))
-        await asyncio.wait_for(conn.writer.drain(), self.settings.write_timeout_s)
+        await self._write(conn.writer, p.encode(reply))
+
+    async def _write(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
+        """Queues a frame and waits, at most ``--write-timeout-s``, until the client took it."""
+        writer.write(frame)
+        await asyncio.wait_for(writer.drain(), self.settings.write_timeout_s)
 
     async def _handle(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tenant: str | None
@@ -461,8 +461,7 @@ class Agent:
                     continue
                 self.metrics.rpc_seconds.labels(op).observe(time.perf_counter() - started)
                 if fd_to_pass is None:
-                    writer.write(frame)
-                    await asyncio.wait_for(writer.drain(), self.settings.write_timeout_s)
+                    await self._write(writer, frame)
                 else:
                     try:
                         await self._send_with_fd(writer, frame, fd_to_pass)
