@@ -183,7 +183,7 @@ class WorkerSide:
         by_fd = not hello.pool_path and "pool_fd" in hello.features
         writable = self.config.save  # a worker that never saves maps the pool read-only
         if by_fd:  # isolated tenancy: our tenant's own file, which has no path
-            _, fd = self.client._roundtrip_fd(p.OpenPool(writable=writable), p.PoolReply)
+            _, fd = self.client.open_pool(writable)
         elif not hello.pool_path:
             raise AgentRejected("pool", "the agent offers no pool this connector can map")
         else:
