@@ -37,13 +37,15 @@ def test_one_checkpoint_at_two_paths_is_one_model_and_two_at_one_path_are_two(tm
     a = tmp_path / "mnt" / "model"
     a.mkdir(parents=True)
     write_safetensors(a / "model.safetensors", bytes(range(256)) * 4096)
-    first = model_identity(vllm_config(a, {"hidden_size": 8, "_name_or_path": str(a)}))
+    nested = {"text_config": {"hidden_size": 8, "_name_or_path": str(a)}, "_name_or_path": str(a)}
+    first = model_identity(vllm_config(a, nested))
     b = tmp_path / "elsewhere"
     shutil.copytree(a, b)
-    assert model_identity(vllm_config(b, {"hidden_size": 8, "_name_or_path": str(b)})) == first
+    moved = {"text_config": {"hidden_size": 8, "_name_or_path": str(b)}, "_name_or_path": str(b)}
+    assert model_identity(vllm_config(b, moved)) == first  # paths at any depth do not count
     # Replaced in place (a model update at the same mount): same size, other bytes.
     write_safetensors(a / "model.safetensors", bytes(range(255, -1, -1)) * 4096)
-    assert model_identity(vllm_config(a)) != first
+    assert model_identity(vllm_config(a, nested)) != first
     # Same bytes, another tensor name (header): another model.
     write_safetensors(b / "model.safetensors", bytes(range(256)) * 4096, name="v")
     assert checkpoint_fingerprint(b) != checkpoint_fingerprint(tmp_path / "mnt" / "model")

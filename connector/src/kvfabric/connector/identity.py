@@ -87,10 +87,20 @@ def _local_dir(model: str, revision: str | None) -> Path | None:
         return None
 
 
+#: Config entries that name where a model came from, not what it computes (at any depth: a
+#: vision-language config nests its text model's config, ``_name_or_path`` included).
+_PROVENANCE = frozenset({"_name_or_path", "name_or_path", "_commit_hash", "transformers_version"})
+
+
 def _canonical(value: Any) -> Any:
-    """JSON-able form of configs (objects become their dicts, unknown leaves their repr)."""
+    """JSON-able form of configs (objects become their dicts, unknown leaves their repr), without
+    provenance entries."""
     if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {
+            str(k): _canonical(v)
+            for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+            if str(k) not in _PROVENANCE
+        }
     if isinstance(value, list | tuple):
         return [_canonical(v) for v in value]
     if value is None or isinstance(value, bool | int | float | str):
@@ -104,18 +114,8 @@ def _canonical(value: Any) -> Any:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
-#: Config entries that name where a model came from, not what it computes.
-_PROVENANCE = frozenset({"_name_or_path", "name_or_path", "_commit_hash", "transformers_version"})
-
-
 def config_digest(parts: Iterable[tuple[str, Any]]) -> str:
-    values = {}
-    for key, value in parts:
-        v = _canonical(value)
-        if isinstance(v, dict):
-            v = {k: x for k, x in v.items() if k not in _PROVENANCE}
-        values[key] = v
-    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps({k: _canonical(v) for k, v in parts}, sort_keys=True, separators=(",", ":"))
     return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
 
