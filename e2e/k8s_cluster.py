@@ -1,13 +1,16 @@
 """A real Kubernetes control plane on 127.0.0.1 for tests: etcd, kube-apiserver and
-kube-controller-manager (v1.20.2, built by ``scripts/k8s/build-control-plane.sh``). No kubelet:
+kube-controller-manager (v1.20.2, built by ``scripts/k8s/build-control-plane.sh``). Without a node
 pods are scheduled objects that never run; DaemonSets, garbage collection, CRD validation and
-admission webhooks are real.
+admission webhooks are real. ``ControlPlane(dir, for_node=True)`` adds what a real kubelet needs
+(kube-scheduler, service-account tokens with the CA, a token for the node); ``e2e/k8s_node.py``
+runs the node.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -19,6 +22,13 @@ from e2e.agent import free_port
 CACHE = Path(os.environ.get("KVFABRIC_K8S_CACHE", Path.home() / ".cache" / "kvfabric" / "k8s"))
 BIN = CACHE / "bin"
 TOKEN = "kvfabric-admin-token"
+NODE_TOKEN = "kvfabric-node-token"
+
+
+def node_name() -> str:
+    """The node's name: this machine's hostname (the kubelet's default; it must resolve to a
+    loopback address, see KNOWN-FACTS)."""
+    return socket.gethostname()
 
 
 def helm_env(home: Path, **extra: str) -> dict[str, str]:
@@ -29,9 +39,9 @@ def helm_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def available() -> str:
-    """Empty if the control plane can run here, else why not."""
-    missing = [b for b in ("kube-apiserver", "kube-controller-manager") if not (BIN / b).exists()]
+def available(binaries: tuple[str, ...] = ("kube-apiserver", "kube-controller-manager")) -> str:
+    """Empty if the control plane (and ``binaries``) can run here, else why not."""
+    missing = [b for b in binaries if not (BIN / b).exists()]
     if missing:
         return f"{', '.join(missing)} not built: run scripts/k8s/build-control-plane.sh"
     if shutil.which("etcd") is None:
@@ -40,8 +50,9 @@ def available() -> str:
 
 
 class ControlPlane:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, for_node: bool = False) -> None:
         self.dir = workdir
+        self.for_node = for_node
         self.procs: list[subprocess.Popen[bytes]] = []
         self.port = free_port()
         self.kubeconfig = workdir / "kubeconfig"
@@ -77,7 +88,10 @@ class ControlPlane:
                 f"default=http://127.0.0.1:{peer_port}",
             ],
         )
-        (d / "tokens.csv").write_text(f'{TOKEN},admin,admin,"system:masters"\n')
+        tokens = f'{TOKEN},admin,admin,"system:masters"\n'
+        if self.for_node:  # v1.20 has no Node authorizer binding for system:nodes under RBAC alone
+            tokens += f'{NODE_TOKEN},system:node:{node_name()},{node_name()},"system:nodes,system:masters"\n'
+        (d / "tokens.csv").write_text(tokens)
         subprocess.run(
             ["openssl", "genrsa", "-out", str(d / "sa.key"), "2048"], check=True, capture_output=True
         )
@@ -98,7 +112,10 @@ class ControlPlane:
                 f"--token-auth-file={d / 'tokens.csv'}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
-                "--disable-admission-plugins=ServiceAccount",
+                # pods that run need their service-account tokens; API-only tests do not
+                *([] if self.for_node else ["--disable-admission-plugins=ServiceAccount"]),
+                # the node is the machine's hostname (mapped to 127.0.0.1), never a routable address
+                "--kubelet-preferred-address-types=Hostname,InternalIP",
                 f"--service-account-key-file={d / 'sa.pub'}",
                 f"--service-account-signing-key-file={d / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc",
@@ -106,15 +123,7 @@ class ControlPlane:
             ],
         )
         self._wait_ready(timeout)
-        # The apiserver's self-signed serving certificate (from --cert-dir) is the CA clients trust.
-        self.kubeconfig.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters:\n- name: local\n  cluster:\n    server: {self.url}\n"
-            f"    certificate-authority: {d / 'certs' / 'apiserver.crt'}\n"
-            f"users:\n- name: admin\n  user:\n    token: {TOKEN}\n"
-            "contexts:\n- name: local\n  context:\n    cluster: local\n    user: admin\n"
-            "current-context: local\n"
-        )
+        self.kubeconfig.write_text(self.kubeconfig_text(TOKEN))
         self._spawn(
             "kube-controller-manager",
             [
@@ -125,9 +134,37 @@ class ControlPlane:
                 "--port=0",
                 "--secure-port=0",
                 f"--service-account-private-key-file={d / 'sa.key'}",
+                # the CA in every service-account token secret (in-cluster clients verify with it)
+                f"--root-ca-file={self.ca_file}",
             ],
         )
+        if self.for_node:
+            self._spawn(
+                "kube-scheduler",
+                [
+                    str(BIN / "kube-scheduler"),
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    "--port=0",
+                    "--secure-port=0",
+                ],
+            )
         return self
+
+    @property
+    def ca_file(self) -> Path:
+        """The apiserver's self-signed serving certificate (from --cert-dir): the CA clients trust."""
+        return self.dir / "certs" / "apiserver.crt"
+
+    def kubeconfig_text(self, token: str) -> str:
+        return (
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters:\n- name: local\n  cluster:\n    server: {self.url}\n"
+            f"    certificate-authority: {self.ca_file}\n"
+            f"users:\n- name: user\n  user:\n    token: {token}\n"
+            "contexts:\n- name: local\n  context:\n    cluster: local\n    user: user\n"
+            "current-context: local\n"
+        )
 
     def _wait_ready(self, timeout: float) -> None:
         ctx = ssl.create_default_context()

@@ -1,11 +1,22 @@
-"""What a KVCachePool turns into (pure builders; the real control plane tests come with issue 3)."""
+"""What a KVCachePool turns into (pure builders; e2e/test_k8s_kubelet.py runs them on a real node)."""
 
 import pytest
 
 from kvfabric.agent.settings import AgentSettings
-from kvfabric.operator.manifests import POOL_PATH, SOCKET_PATH, children, configmap, daemonset, spec_hash
+from kvfabric.operator.manifests import (
+    AGENT_UID,
+    MAX_POOL_NAME,
+    POOL_PATH,
+    SOCKET_PATH,
+    children,
+    configmap,
+    daemonset,
+    invalid_name,
+    spec_hash,
+)
 from kvfabric.operator.spec import KVCachePoolSpec
 
+IMAGE = "kvfabric/agent:9.9.9"
 SPEC = KVCachePoolSpec.model_validate(
     {
         "nodeSelector": {"gpu": "h100"},
@@ -37,7 +48,7 @@ def test_per_namespace_tenancy_runs_the_agent_isolated_with_tenant_sockets(
 
 
 def test_daemonset_places_agents_and_shares_host_dirs_per_pool() -> None:
-    ds = daemonset("ml", "pool-a", "uid-1", SPEC)
+    ds = daemonset("ml", "pool-a", "uid-1", SPEC, IMAGE)
     pod = ds["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "h100"}
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
@@ -45,7 +56,8 @@ def test_daemonset_places_agents_and_shares_host_dirs_per_pool() -> None:
     assert paths == {"run": "/run/kvfabric/ml.pool-a", "shm": "/dev/shm/kvfabric/ml.pool-a"}
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["memory"] == str((8 << 30) + (512 << 20))
-    assert "capabilities" not in container["securityContext"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["image"] == IMAGE
     assert ds["metadata"]["ownerReferences"][0] == {
         "apiVersion": "kvfabric.io/v1alpha1",
         "kind": "KVCachePool",
@@ -58,8 +70,8 @@ def test_daemonset_places_agents_and_shares_host_dirs_per_pool() -> None:
 
 def test_rdma_adds_only_ipc_lock() -> None:
     spec = SPEC.model_copy(update={"rdma": SPEC.rdma.model_copy(update={"enabled": True})})
-    (container,) = daemonset("ml", "p", "u", spec)["spec"]["template"]["spec"]["containers"]
-    assert container["securityContext"]["capabilities"] == {"add": ["IPC_LOCK"]}
+    (container,) = daemonset("ml", "p", "u", spec, IMAGE)["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
 
 
 def test_a_spec_change_rolls_the_agents() -> None:
@@ -69,18 +81,72 @@ def test_a_spec_change_rolls_the_agents() -> None:
 
 
 def test_children_are_owned_and_named_per_pool() -> None:
-    kinds = [(c["kind"], c["metadata"]["name"]) for c in children("ml", "p", "u", SPEC)]
+    kinds = [(c["kind"], c["metadata"]["name"]) for c in children("ml", "p", "u", SPEC, IMAGE)]
     assert kinds == [
         ("ConfigMap", "kvfabric-p-agent"),
         ("DaemonSet", "kvfabric-p-agent"),
         ("Service", "kvfabric-p-agents"),
     ]
-    assert all(c["metadata"]["ownerReferences"][0]["uid"] == "u" for c in children("ml", "p", "u", SPEC))
+    assert all(
+        c["metadata"]["ownerReferences"][0]["uid"] == "u" for c in children("ml", "p", "u", SPEC, IMAGE)
+    )
 
 
 def test_host_ipc_shares_the_nodes_ipc_namespace_for_gpu_pools_only() -> None:
     gpu = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "cuda": True, "hostIPC": True})
-    assert daemonset("ml", "p", "u", gpu)["spec"]["template"]["spec"]["hostIPC"] is True
-    assert "hostIPC" not in daemonset("ml", "p", "u", SPEC)["spec"]["template"]["spec"]
+    assert daemonset("ml", "p", "u", gpu, IMAGE)["spec"]["template"]["spec"]["hostIPC"] is True
+    assert "hostIPC" not in daemonset("ml", "p", "u", SPEC, IMAGE)["spec"]["template"]["spec"]
     with pytest.raises(ValueError, match="cuda: true"):
         KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "hostIPC": True})
+
+
+def test_agent_runs_as_its_user_on_host_dirs_an_init_container_gives_it() -> None:
+    pod = daemonset("ml", "p", "u", SPEC, IMAGE)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    script = init["command"][-1]
+    assert f"chown {AGENT_UID}:{AGENT_UID} /kvfabric/run /kvfabric/shm" in script
+    assert script.index("chmod") < script.index("chown")  # chmod needs ownership, which chown gives away
+    assert {m["mountPath"] for m in init["volumeMounts"]} == {"/kvfabric/run", "/kvfabric/shm"}
+    (agent,) = pod["containers"]
+    ctx = agent["securityContext"]
+    assert (ctx["runAsUser"], ctx["runAsGroup"], ctx["runAsNonRoot"]) == (AGENT_UID, AGENT_UID, True)
+    assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def test_startup_probe_waits_for_the_pool_in_proportion_to_its_size() -> None:
+    def budget(size: str) -> int:
+        spec = KVCachePoolSpec.model_validate({"memory": {"size": size}})
+        probe = daemonset("ml", "p", "u", spec, IMAGE)["spec"]["template"]["spec"]["containers"][0][
+            "startupProbe"
+        ]
+        return int(probe["periodSeconds"] * probe["failureThreshold"])
+
+    assert budget("1Gi") >= 60
+    assert budget("500Gi") >= 1000 + 60  # a 500 GiB pool at 1 GiB / 2 s is not killed while pinning
+    assert budget("500Gi") > budget("8Gi")
+
+
+def test_pinned_image_wins_and_cuda_pools_get_the_gpu_runtime() -> None:
+    pinned = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "image": "mine/agent:1"})
+    assert (
+        daemonset("ml", "p", "u", pinned, IMAGE)["spec"]["template"]["spec"]["containers"][0]["image"]
+        == "mine/agent:1"
+    )
+    gpu = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "cuda": True})
+    pod = daemonset("ml", "p", "u", gpu, IMAGE)["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]
+    assert env["CUPY_CACHE_DIR"].startswith("/kvfabric/cache")  # writable although the root is not
+    own = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "cuda": True, "runtimeClassName": "gpu"})
+    assert daemonset("ml", "p", "u", own, IMAGE)["spec"]["template"]["spec"]["runtimeClassName"] == "gpu"
+    assert "runtimeClassName" not in daemonset("ml", "p", "u", SPEC, IMAGE)["spec"]["template"]["spec"]
+
+
+def test_pool_names_that_would_make_invalid_children_are_refused() -> None:
+    assert invalid_name("a" * MAX_POOL_NAME) == ""
+    assert "longer than" in invalid_name("a" * (MAX_POOL_NAME + 1))
+    assert "DNS label" in invalid_name("team.a")
+    assert "DNS label" in invalid_name("7b-pool")
+    assert len(f"kvfabric-{'a' * MAX_POOL_NAME}-agents") == 63

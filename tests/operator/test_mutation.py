@@ -76,10 +76,75 @@ def test_container_annotation_and_unsupported_pods() -> None:
 
 
 def test_existing_kv_transfer_config_is_kept() -> None:
+    ours = '{"kv_connector":"KVFabricConnector","kv_role":"kv_both","kv_connector_extra_config":{}}'
     p = pod({"kvfabric.io/pool": "d"})
-    p["spec"]["containers"][0]["args"].append("--kv-transfer-config={}")
-    out, _ = mutate(p, "ml", SPEC)
-    assert out["spec"]["containers"][0]["args"] == ["--model", "m", "--kv-transfer-config={}"]
+    p["spec"]["containers"][0]["args"].append(f"--kv-transfer-config={ours}")
+    out, why = mutate(p, "ml", SPEC)
+    assert why == "" and out["spec"]["containers"][0]["args"] == [
+        "--model",
+        "m",
+        f"--kv-transfer-config={ours}",
+    ]
+    assert "volumeMounts" in out["spec"]["containers"][0]  # the rest is injected
+    # another connector's line, in command: the pod is left as written, and says why
+    nixl = pod({"kvfabric.io/pool": "d"})
+    nixl["spec"]["containers"][0]["command"] = [
+        "vllm",
+        "serve",
+        "--kv-transfer-config",
+        '{"kv_connector":"NixlConnector"}',
+    ]
+    out, why = mutate(nixl, "ml", SPEC)
+    assert "another connector" in why and out["spec"] == nixl["spec"]
+
+
+def test_a_shell_command_is_refused_not_half_injected() -> None:
+    p = pod({"kvfabric.io/pool": "d"})
+    p["spec"]["containers"][0]["command"] = ["/bin/sh", "-c", "vllm serve m"]
+    p["spec"]["containers"][0].pop("args")
+    out, why = mutate(p, "ml", SPEC)
+    assert "shell" in why and out["spec"] == p["spec"]
+    assert out["metadata"]["annotations"][SKIPPED_ANNOTATION] == why
+    assert INJECTED_ANNOTATION not in out["metadata"]["annotations"]
+    # a plain command (no shell) takes the line in args, which follow it
+    plain = pod({"kvfabric.io/pool": "d"})
+    plain["spec"]["containers"][0]["command"] = ["vllm", "serve"]
+    out, why = mutate(plain, "ml", SPEC)
+    assert why == "" and out["spec"]["containers"][0]["args"][-2] == "--kv-transfer-config"
+
+
+def test_colliding_volumes_or_mounts_are_refused_rather_than_made_invalid() -> None:
+    p = pod({"kvfabric.io/pool": "d"})
+    p["spec"]["volumes"] = [{"name": "kvfabric-run", "emptyDir": {}}]
+    out, why = mutate(p, "ml", SPEC)
+    assert "kvfabric-run" in why and out["spec"] == p["spec"]
+    m = pod({"kvfabric.io/pool": "d"})
+    m["spec"]["containers"][0]["volumeMounts"] = [{"name": "x", "mountPath": "/kvfabric/shm/"}]
+    out, why = mutate(m, "ml", SPEC)
+    assert "/kvfabric/shm" in why and out["spec"] == m["spec"]
+
+
+def test_engines_are_placed_where_the_pools_agents_run() -> None:
+    spec = KVCachePoolSpec.model_validate(
+        {
+            "memory": {"size": "8Gi"},
+            "nodeSelector": {"kvfabric.io/node": "true"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }
+    )
+    p = pod({"kvfabric.io/pool": "d"})
+    p["spec"]["nodeSelector"] = {"zone": "a"}
+    out, why = mutate(p, "ml", spec)
+    assert why == "" and out["spec"]["nodeSelector"] == {"zone": "a", "kvfabric.io/node": "true"}
+    assert out["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    again, _ = mutate({**out, "metadata": {"annotations": {"kvfabric.io/pool": "d"}}}, "ml", spec)
+    assert again["spec"]["tolerations"] == out["spec"]["tolerations"]  # not added twice
+    clash = pod({"kvfabric.io/pool": "d"})
+    clash["spec"]["nodeSelector"] = {"kvfabric.io/node": "false"}
+    out, why = mutate(clash, "ml", spec)
+    assert "contradicts" in why and out["spec"] == clash["spec"]
+    plain, _ = mutate(pod({"kvfabric.io/pool": "d"}), "ml", SPEC)
+    assert "nodeSelector" not in plain["spec"] and "tolerations" not in plain["spec"]
 
 
 def test_json_patch_reproduces_the_mutation() -> None:
@@ -123,7 +188,9 @@ def test_admission_review_uses_the_request_namespace_and_always_allows() -> None
     out, why = review({"request": {"uid": "u2b", "namespace": "ml", "object": p}}, lambda ns, name: None)
     assert why == "KVCachePool ml/default not found"
     assert "patch" not in review({"request": {"uid": "u3", "object": pod()}}, lookup)[0]["response"]
-    assert configuration({"url": "https://x"})["webhooks"][0]["failurePolicy"] == "Ignore"
+    hook = configuration({"url": "https://x"})["webhooks"][0]
+    assert hook["failurePolicy"] == "Ignore"
+    assert "kube-system" in hook["namespaceSelector"]["matchExpressions"][0]["values"]
     event = skip_event("ml", {"metadata": {"generateName": "vllm-abc-"}}, "why")
     assert event["involvedObject"]["name"] == "vllm-abc-" and event["type"] == "Warning"
 

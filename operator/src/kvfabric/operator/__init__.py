@@ -1,2 +1,9 @@
-"""KVFabric Kubernetes operator. So far: the ``KVCachePool`` spec model and the CRD generated
-from it (issue 3: the reconciler, webhook and chart are still to come)."""
+"""KVFabric Kubernetes operator: the ``KVCachePool`` reconciler, the pod webhook, the CRD and the
+chart's generated parts."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kvfabric-operator")
+except PackageNotFoundError:  # a source tree on sys.path without the package installed
+    __version__ = "0.1.0"

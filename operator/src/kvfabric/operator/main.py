@@ -1,99 +1,100 @@
 """``kvfabric-operator``: runs the reconciler (kopf), the pod webhook (HTTPS) and operator metrics.
 
-Settings (environment, set by the Helm chart):
-
-| variable | default | meaning |
-|---|---|---|
-| ``KVFABRIC_OPERATOR_NAMESPACES`` | all | comma-separated namespaces to watch |
-| ``KVFABRIC_WEBHOOK_PORT`` | ``9443`` | HTTPS port of the admission webhook |
-| ``KVFABRIC_WEBHOOK_HOST`` | ``kvfabric-webhook.<ns>.svc`` | name in the serving certificate |
-| ``KVFABRIC_WEBHOOK_CERT_DIR`` | (self-signed) | ``tls.crt``/``tls.key`` (e.g. from cert-manager) |
-| ``KVFABRIC_WEBHOOK_FAILURE_POLICY`` | ``Ignore`` | of the self-managed webhook configuration |
-| ``KVFABRIC_METRICS_PORT`` | ``9401`` | Prometheus metrics |
+Settings: :class:`kvfabric.operator.settings.OperatorSettings` (environment variables set by the
+Helm chart, or flags; ``kvfabric-operator --help`` lists them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 import kopf
 from prometheus_client import start_http_server
 
 from kvfabric.operator import reconcile, webhook
-from kvfabric.operator.certs import self_signed
+from kvfabric.operator.certs import ServingCert
+from kvfabric.operator.settings import OperatorSettings, load
 
 log = logging.getLogger(__name__)
 
 
-def build() -> tuple[kopf.OperatorRegistry, kopf.OperatorSettings]:
+def build(settings: OperatorSettings) -> tuple[kopf.OperatorRegistry, kopf.OperatorSettings]:
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
-    reconcile.register(registry)
+    reconcile.register(
+        registry,
+        reconcile.AgentImages(settings.agent_image, settings.agent_cuda_image),
+        settings.resync_seconds,
+    )
     return registry, kopf.OperatorSettings()
 
 
-def webhook_tls(namespace: str) -> tuple[Path, Path, bytes | None, str]:
-    """(certfile, keyfile, CA to publish or None, host): cert-manager's, else a fresh self-signed
-    one (a restart rotates it; the operator republishes the caBundle)."""
-    host = os.environ.get("KVFABRIC_WEBHOOK_HOST", f"kvfabric-webhook.{namespace}.svc")
-    cert_dir = os.environ.get("KVFABRIC_WEBHOOK_CERT_DIR")
-    if cert_dir:
-        return Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key", None, host
-    cert, key = self_signed([host, host.split(".")[0]])
-    d = Path(tempfile.mkdtemp(prefix="kvfabric-webhook-"))
-    (d / "tls.crt").write_bytes(cert)
-    (d / "tls.key").write_bytes(key)
-    return d / "tls.crt", d / "tls.key", cert, host
+async def keep_certificate(cert: ServingCert, settings: OperatorSettings) -> None:
+    """Rotates or reloads the serving certificate and keeps the chart's webhook configuration
+    trusting it (a ``helm upgrade`` that re-renders it without the caBundle is repaired too)."""
+    while True:
+        try:
+            rotated = cert.rotate_if_due()
+            bundle = cert.ca_bundle()
+            # published before it is served: the apiserver trusts old and new meanwhile
+            name = settings.webhook_configuration
+            if bundle is not None and name and await asyncio.to_thread(webhook.publish_ca_bundle, name, bundle):
+                log.info("webhook caBundle published", extra={"rotated": rotated})
+            if cert.reload():
+                log.info("webhook certificate reloaded", extra={"rotated": rotated})
+        except Exception as exc:  # the API or the files may be briefly unavailable: try again
+            log.warning("webhook certificate check failed", extra={"error": str(exc)})
+        await asyncio.sleep(settings.webhook_check_seconds)
 
 
-async def run(namespace: str) -> None:
+async def run(settings: OperatorSettings) -> None:
     from kubernetes import config as kube_config
 
     try:
         kube_config.load_incluster_config()
     except kube_config.ConfigException:
         kube_config.load_kube_config()
-    certfile, keyfile, ca, host = webhook_tls(namespace)
-    if ca is not None:  # self-managed: publish the configuration with our CA
-        service = {"name": host.split(".")[0], "namespace": namespace, "path": webhook.PATH, "port": 443}
-        webhook.ensure_configuration(
-            webhook.configuration(
-                {"service": service, "caBundle": base64.b64encode(ca).decode()},
-                os.environ.get("KVFABRIC_WEBHOOK_FAILURE_POLICY", "Ignore"),
-            )
-        )
-    hook = webhook.server(int(os.environ.get("KVFABRIC_WEBHOOK_PORT", "9443")), str(certfile), str(keyfile))
-    # kopf owns SIGTERM/SIGINT; uvicorn must not swallow them, and stops when kopf has stopped.
-    hook.capture_signals = contextlib.nullcontext
-    watched = [n for n in os.environ.get("KVFABRIC_OPERATOR_NAMESPACES", "").split(",") if n]
-    registry, settings = build()
+    cert = ServingCert(settings.webhook_hosts(), settings.webhook_cert_days, settings.webhook_cert_dir)
+    try:
+        hook = webhook.server(settings.webhook_port, str(cert.certfile), str(cert.keyfile))
+        cert.context = hook.config.ssl
+        # kopf owns SIGTERM/SIGINT; uvicorn must not swallow them, and stops when kopf has stopped.
+        hook.capture_signals = contextlib.nullcontext
+        registry, kopf_settings = build(settings)
+        watched = settings.namespaces
 
-    async def operator() -> None:
+        async def operator() -> None:
+            try:
+                await kopf.operator(
+                    registry=registry,
+                    settings=kopf_settings,
+                    standalone=True,
+                    clusterwide=not watched,
+                    namespaces=watched,
+                    liveness_endpoint=(
+                        f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+                    ),
+                )
+            finally:
+                hook.should_exit = True
+
+        keeper = asyncio.create_task(keep_certificate(cert, settings))
         try:
-            await kopf.operator(
-                registry=registry,
-                settings=settings,
-                standalone=True,
-                clusterwide=not watched,
-                namespaces=watched,
-            )
+            await asyncio.gather(hook.serve(), operator())
         finally:
-            hook.should_exit = True
+            keeper.cancel()
+    finally:
+        cert.close()  # the self-signed private key is removed on exit
 
-    await asyncio.gather(hook.serve(), operator())
 
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    settings = load(argv)  # --help exits here, before any connection
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    start_http_server(int(os.environ.get("KVFABRIC_METRICS_PORT", "9401")))
-    asyncio.run(run(os.environ.get("POD_NAMESPACE", "kvfabric")))
+    start_http_server(settings.metrics_port)
+    asyncio.run(run(settings))
     return 0
 
 

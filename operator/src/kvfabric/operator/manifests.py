@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,15 @@ SHM_DIR = "/kvfabric/shm"
 SOCKET_PATH = f"{RUN_DIR}/agent.sock"
 POOL_PATH = f"{SHM_DIR}/pool"
 METRICS_PORT = 9400
+AGENT_UID = 65532  # the agent image's user (images/agent.Dockerfile, scripts/k8s/build-images.sh)
+# The longest pool name whose children's names stay valid: "kvfabric-<name>-agents" is a Service
+# name (a DNS-1035 label, at most 63 characters) and the name is a label value (at most 63).
+MAX_POOL_NAME = 63 - len("kvfabric--agents")
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# A CPU pool is written once at start (fallocate, about 4 GB/s per core measured) and a CUDA pool
+# pinned (cudaHostRegister, slower): the startup probe allows this long per GiB, plus a minute.
+STARTUP_SECONDS_PER_GIB = 2
+GPU_RUNTIME_CLASS = "nvidia"
 Body = dict[str, Any]
 
 
@@ -45,6 +56,18 @@ def host_dirs(namespace: str, name: str) -> tuple[str, str]:
 def tenant_host_dir(namespace: str, name: str, tenant: str) -> str:
     """The host directory of one tenant's socket (``perNamespace`` tenancy)."""
     return f"{host_dirs(namespace, name)[0]}/tenants/{tenant}"
+
+
+def invalid_name(name: str) -> str:
+    """Why a pool name cannot name its children ("" when it can)."""
+    if len(name) > MAX_POOL_NAME:
+        return f"pool name {name!r} is longer than {MAX_POOL_NAME} characters (its Service would be invalid)"
+    if not _DNS_LABEL.match(name):
+        return (
+            f"pool name {name!r} must be a DNS label (lower-case letters, digits and '-', starting "
+            "with a letter, no dots): it names the agents' Service"
+        )
+    return ""
 
 
 def labels(name: str) -> dict[str, str]:
@@ -101,30 +124,88 @@ def spec_hash(spec: KVCachePoolSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Body:
+def startup_probe(spec: KVCachePoolSpec) -> Body:
+    """Liveness waits this long for the pool to be written or pinned (a 500 GiB pool is not
+    killed at 30 s and crash-looped)."""
+    gib = math.ceil(parse_bytes(spec.memory.size) / (1 << 30))
+    period = 5
+    return {
+        "httpGet": {"path": "/healthz", "port": "metrics"},
+        "periodSeconds": period,
+        "failureThreshold": math.ceil((60 + STARTUP_SECONDS_PER_GIB * gib) / period),
+    }
+
+
+def prepare_dirs(image: str) -> Body:
+    """An init container that gives the host directories to the agent's user: the kubelet
+    creates ``DirectoryOrCreate`` paths as root 0755, where a non-root agent cannot write."""
+    dirs = f"{RUN_DIR} {SHM_DIR}"
+    return {
+        "name": "prepare-dirs",
+        "image": image,
+        "command": ["sh", "-c", f"chmod 0755 {dirs} && chown {AGENT_UID}:{AGENT_UID} {dirs}"],
+        "volumeMounts": [{"name": "run", "mountPath": RUN_DIR}, {"name": "shm", "mountPath": SHM_DIR}],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+
+
+def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> Body:
+    """``agent_image``: the operator's agent image, used unless the pool pins ``spec.image``."""
     run_dir, shm_dir = host_dirs(namespace, name)
+    image = spec.image or agent_image
     pool_bytes = parse_bytes(spec.memory.size)
     memory = pool_bytes + parse_bytes(spec.resources.memory_overhead)  # the pool is charged to the agent
+    capabilities: Body = {"drop": ["ALL"]}
+    if spec.rdma.enabled:  # pinning memory for RDMA registration needs IPC_LOCK, nothing more
+        capabilities["add"] = ["IPC_LOCK"]
+    env: list[Body] = []
+    volumes: list[Body] = [
+        {"name": "run", "hostPath": {"path": run_dir, "type": "DirectoryOrCreate"}},
+        {"name": "shm", "hostPath": {"path": shm_dir, "type": "DirectoryOrCreate"}},
+    ]
+    mounts: list[Body] = [{"name": "run", "mountPath": RUN_DIR}, {"name": "shm", "mountPath": SHM_DIR}]
+    if spec.cuda:
+        # The NVIDIA runtime (its RuntimeClass) mounts the driver and the devices these name;
+        # CuPy compiles its kernels into a cache, which the read-only root cannot hold.
+        env += [
+            {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
+            {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "compute,utility"},
+            {"name": "CUPY_CACHE_DIR", "value": "/kvfabric/cache/cupy"},
+        ]
+        volumes.append({"name": "cache", "emptyDir": {}})
+        mounts.append({"name": "cache", "mountPath": "/kvfabric/cache"})
     container: Body = {
         "name": "agent",
-        "image": spec.image,
+        "image": image,
         "args": [],
         "envFrom": [{"configMapRef": {"name": f"kvfabric-{name}-agent"}}],
+        **({"env": env} if env else {}),
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "startupProbe": startup_probe(spec),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
         "resources": {
             "requests": {"cpu": spec.resources.cpu, "memory": str(memory)},
             "limits": {"cpu": spec.resources.cpu, "memory": str(memory)},
         },
-        "volumeMounts": [
-            {"name": "run", "mountPath": RUN_DIR},
-            {"name": "shm", "mountPath": SHM_DIR},
-        ],
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+        "volumeMounts": mounts,
+        "securityContext": {
+            "runAsUser": AGENT_UID,
+            "runAsGroup": AGENT_UID,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": capabilities,
+        },
     }
-    if spec.rdma.enabled:  # pinning memory for RDMA registration needs IPC_LOCK, nothing more
-        container["securityContext"]["capabilities"] = {"add": ["IPC_LOCK"]}
+    runtime_class = spec.runtime_class_name or (GPU_RUNTIME_CLASS if spec.cuda else None)
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -139,13 +220,13 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Bod
                 },
                 "spec": {
                     **({"hostIPC": True} if spec.host_ipc else {}),
+                    **({"runtimeClassName": runtime_class} if runtime_class else {}),
                     "nodeSelector": dict(spec.node_selector),
                     "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations],
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "initContainers": [prepare_dirs(image)],
                     "containers": [container],
-                    "volumes": [
-                        {"name": "run", "hostPath": {"path": run_dir, "type": "DirectoryOrCreate"}},
-                        {"name": "shm", "hostPath": {"path": shm_dir, "type": "DirectoryOrCreate"}},
-                    ],
+                    "volumes": volumes,
                 },
             },
         },
@@ -165,10 +246,10 @@ def service(namespace: str, name: str, uid: str) -> Body:
     }
 
 
-def children(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> list[Body]:
+def children(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> list[Body]:
     """Everything the operator applies for one pool, in apply order."""
     return [
         configmap(namespace, name, uid, spec),
-        daemonset(namespace, name, uid, spec),
+        daemonset(namespace, name, uid, spec, agent_image),
         service(namespace, name, uid),
     ]

@@ -7,9 +7,18 @@ and ``--kv-transfer-config`` with the connector line. With ``perNamespace`` tena
 instead only its own namespace's socket directory (the agent puts every session that comes
 through it in that tenant, and hands the tenant's pool file over the socket), plus
 ``KVFABRIC_TENANT``. The container is the one named by ``kvfabric.io/container``, else the one
-named ``vllm``, else the only one. Injection is recorded in ``kvfabric.io/injected`` so a
-re-admitted pod is not injected twice; a pod that cannot be injected is admitted unchanged
-except for a ``kvfabric.io/skipped`` annotation saying why.
+named ``vllm``, else the only one. The pod also gets the pool's node selector and tolerations,
+so it is scheduled only where the pool's agents run. Injection is recorded in
+``kvfabric.io/injected`` so a re-admitted pod is not injected twice; a pod that cannot be
+injected correctly is admitted unchanged except for a ``kvfabric.io/skipped`` annotation saying
+why (never half-injected, never made invalid):
+
+- its vLLM runs through a shell (``command: [sh, -c, ...]``): arguments appended there would
+  become the shell's ``$0 $1`` and be dropped;
+- it already has a ``--kv-transfer-config`` for another connector (left as the user wrote it;
+  one naming ``KVFabricConnector`` is kept and the rest is injected);
+- a volume or mount it has collides with the ones injected;
+- its own node selector contradicts the pool's.
 """
 
 from __future__ import annotations
@@ -52,6 +61,62 @@ def _pick_container(pod: Body) -> tuple[Body | None, str]:
     return None, f"{len(containers)} containers and none named 'vllm'; set {CONTAINER_ANNOTATION}"
 
 
+SHELLS = {"sh", "bash", "dash", "ash", "zsh"}
+VOLUMES = ("kvfabric-run", "kvfabric-shm")
+
+
+def _transfer_config(argv: list[str]) -> str | None:
+    """The value of ``--kv-transfer-config`` in ``argv`` (None when absent)."""
+    for i, a in enumerate(argv):
+        if a == "--kv-transfer-config":
+            return argv[i + 1] if i + 1 < len(argv) else ""
+        if a.startswith("--kv-transfer-config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _command_problem(container: Body) -> str:
+    """Why the connector line cannot be appended to the container's arguments ("" if it can)."""
+    argv = [str(c) for c in container.get("command") or []] + [str(a) for a in container.get("args") or []]
+    existing = _transfer_config(argv)
+    if existing is not None:
+        if "KVFabricConnector" in existing:
+            return ""  # the user's own line for our connector (e.g. with extra config): kept
+        return "it already sets --kv-transfer-config for another connector; left as written"
+    if argv and argv[0].rsplit("/", 1)[-1] in SHELLS and "-c" in argv[1:]:
+        return (
+            "its command runs a shell (sh -c): appended arguments would be dropped; add the "
+            "connector line to the script yourself or run vLLM without a shell"
+        )
+    return ""
+
+
+def _collision(pod: Body, container: Body) -> str:
+    names = {v.get("name") for v in pod.get("spec", {}).get("volumes") or []}
+    paths = {m.get("mountPath", "").rstrip("/") for m in container.get("volumeMounts") or []}
+    taken = sorted(n for n in VOLUMES if n in names) + sorted(p for p in (RUN_DIR, SHM_DIR) if p in paths)
+    return f"its volumes or mounts already use {', '.join(taken)}" if taken else ""
+
+
+def _place(pod_spec: Body, spec: KVCachePoolSpec) -> str:
+    """Adds the pool's node selector and tolerations; why not, if the pod's own selector disagrees."""
+    selector = pod_spec.setdefault("nodeSelector", {})
+    clash = sorted(k for k, v in spec.node_selector.items() if k in selector and selector[k] != v)
+    if clash:
+        return f"its nodeSelector contradicts the pool's on {', '.join(clash)}: it would run without an agent"
+    selector.update(spec.node_selector)
+    if not selector:
+        pod_spec.pop("nodeSelector")
+    tolerations = pod_spec.setdefault("tolerations", [])
+    for t in spec.tolerations:
+        wanted = t.model_dump(by_alias=True, exclude_none=True)
+        if wanted not in tolerations:
+            tolerations.append(wanted)
+    if not tolerations:
+        pod_spec.pop("tolerations")
+    return ""
+
+
 def pool_ref(annotation: str, namespace: str) -> tuple[str, str]:
     """(namespace, name) of the pool a pod names: ``<pool>`` in its own namespace, or
     ``<namespace>/<pool>`` (a ``perNamespace`` pool that serves several namespaces)."""
@@ -81,9 +146,12 @@ def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: 
         )
         return out, annotations[SKIPPED_ANNOTATION]
     container, why = _pick_container(out)
-    if container is None:
-        annotations[SKIPPED_ANNOTATION] = why
-        return out, why
+    why = why or _command_problem(container or {}) or _collision(out, container or {})
+    why = why or _place(out.setdefault("spec", {}), spec)
+    if container is None or why:
+        skipped = copy.deepcopy(pod)  # unchanged but for the annotation (no half injection)
+        skipped.setdefault("metadata", {}).setdefault("annotations", {})[SKIPPED_ANNOTATION] = why
+        return skipped, why
     run_dir, shm_dir = host_dirs(pool_ns, pool)
     volumes = out["spec"].setdefault("volumes", [])
     mounts = container.setdefault("volumeMounts", [])
@@ -108,9 +176,9 @@ def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: 
         env.append({"name": "KVFABRIC_TENANT", "value": namespace})
     if spec.host_ipc:  # the agent's pods share it too: CUDA IPC events need one /dev/shm
         out["spec"]["hostIPC"] = True
-    args = container.setdefault("args", [])
-    if not any(str(a).startswith("--kv-transfer-config") for a in args):
-        args += ["--kv-transfer-config", CONNECTOR_LINE]
+    argv = [str(c) for c in container.get("command") or []] + [str(a) for a in container.get("args") or []]
+    if _transfer_config(argv) is None:
+        container.setdefault("args", []).extend(["--kv-transfer-config", CONNECTOR_LINE])
     annotations[INJECTED_ANNOTATION] = ref
     annotations.pop(SKIPPED_ANNOTATION, None)
     return out, ""

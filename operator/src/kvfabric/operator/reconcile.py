@@ -5,10 +5,12 @@ module has no side effects and tests can run several operators.
 
     kopf run -m kvfabric.operator.main        # production entry point (registers into the default registry)
 
-A spec the model rejects sets ``ConfigValid=False`` with the reason and an event; nothing is
-applied and nothing is retried until the spec changes (no crash loop). Children are applied
-idempotently (create, else replace) and owned by the pool, so deleting the pool garbage-collects
-them. Pool status follows the DaemonSet's.
+A spec the model rejects, or a pool name that cannot name its children, sets
+``ConfigValid=False`` with the reason and an event; nothing is applied and nothing is retried
+until the spec changes (no crash loop). Children are applied idempotently (create, else replace)
+and owned by the pool, so deleting the pool garbage-collects them. They are re-applied every
+``resync_seconds`` and at once when the DaemonSet is deleted, so hand-made drift does not last.
+Pool status follows the DaemonSet's rollout.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import kopf
 from kubernetes import client
@@ -24,14 +26,14 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from kvfabric.operator.manifests import children
+from kvfabric.operator.manifests import children, invalid_name
 from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
 
 log = logging.getLogger(__name__)
 POOL_LABEL = "kvfabric.io/pool"
 # Operator metrics (the default registry, served by kvfabric-operator on :9401/metrics).
 RECONCILES = Counter("kvfabric_operator_reconciles", "Pool reconciliations, by result.", ["result"])
-for _result in ("applied", "invalid_spec"):
+for _result in ("applied", "invalid_spec", "resynced"):
     RECONCILES.labels(_result)
 
 
@@ -115,12 +117,21 @@ def _apply(body: dict[str, Any]) -> None:
         replace(name, ns, body)
 
 
-def pool_status(ds_status: dict[str, Any] | None, generation: int, capacity_bytes: int) -> dict[str, Any]:
-    """Pool status from its DaemonSet's status (pure; unit-tested)."""
+def pool_status(
+    ds_status: dict[str, Any] | None, generation: int, capacity_bytes: int, ds_generation: int = 0
+) -> dict[str, Any]:
+    """Pool status from its DaemonSet's status (pure; unit-tested). Agents count as ready only
+    once the DaemonSet controller has seen its latest spec and every agent runs it."""
     st = ds_status or {}
     desired = int(st.get("desiredNumberScheduled") or 0)
     ready = int(st.get("numberReady") or 0)
-    all_ready = desired > 0 and ready == desired
+    rolled = (
+        int(st.get("observedGeneration") or 0) >= ds_generation
+        and int(st.get("updatedNumberScheduled") or 0) >= desired
+    )
+    if not rolled:
+        ready = min(ready, int(st.get("updatedNumberScheduled") or 0))
+    all_ready = desired > 0 and ready == desired and rolled
     conditions = [
         _condition(
             "Ready",
@@ -145,8 +156,32 @@ def pool_status(ds_status: dict[str, Any] | None, generation: int, capacity_byte
     }
 
 
-def register(registry: kopf.OperatorRegistry) -> None:
-    """Registers the pool handlers into ``registry``."""
+class AgentImages(NamedTuple):
+    """The operator's agent images, for pools that do not pin ``spec.image``."""
+
+    cpu: str
+    cuda: str
+
+
+def validate(
+    namespace: str, name: str, uid: str, spec: Mapping[str, Any], images: AgentImages
+) -> tuple[list[dict[str, Any]], str]:
+    """(the children to apply, "") or ([], why the pool cannot be reconciled)."""
+    why = invalid_name(name)
+    if why:
+        return [], why
+    try:
+        # The spec model and the agent's own settings model (via the manifests) both decide:
+        # a size the CRD pattern allows may still be below the agent's minimum pool.
+        model = KVCachePoolSpec.model_validate(dict(spec))
+        return children(namespace, name, uid, model, images.cuda if model.cuda else images.cpu), ""
+    except ValidationError as exc:
+        return [], "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def register(registry: kopf.OperatorRegistry, images: AgentImages, resync_seconds: float = 60.0) -> None:
+    """Registers the pool handlers into ``registry``; pools that do not pin ``spec.image`` run
+    one of ``images``."""
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
@@ -162,13 +197,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
     ) -> None:
         assert namespace is not None  # a namespaced resource
         generation = int(body.metadata.get("generation") or 0)
-        try:
-            # The spec model and the agent's own settings model (via the manifests) both decide:
-            # a size the CRD pattern allows may still be below the agent's minimum pool.
-            model = KVCachePoolSpec.model_validate(dict(spec))
-            objects = children(namespace, name, uid, model)
-        except ValidationError as exc:
-            why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        objects, why = validate(namespace, name, uid, spec, images)
+        if why:
             update_status(
                 namespace,
                 name,
@@ -189,16 +219,31 @@ def register(registry: kopf.OperatorRegistry) -> None:
         RECONCILES.labels("applied").inc()
         kopf.info(body, reason="Reconciled", message=f"applied ConfigMap, DaemonSet and Service for {name}")
 
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=resync_seconds, registry=registry)
+    def resync(spec: kopf.Spec, name: str, namespace: str | None, uid: str, **_: Any) -> None:
+        """Re-applies the children (drift correction); an invalid pool stays as reported."""
+        assert namespace is not None
+        objects, why = validate(namespace, name, uid, spec, images)
+        for child in objects:
+            _apply(child)
+        if not why:
+            RECONCILES.labels("resynced").inc()
+
     @kopf.on.event("apps", "v1", "daemonsets", labels={POOL_LABEL: kopf.PRESENT}, registry=registry)
     def follow_daemonset(
         body: kopf.Body, namespace: str | None, labels: Mapping[str, str], type: str, **_: Any
     ) -> None:
-        if type == "DELETED" or namespace is None:
+        if namespace is None:
             return
         pool = labels[POOL_LABEL]
         obj = read_pool(namespace, pool)
-        if obj is None:
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
             return  # the pool is being deleted; its children follow by garbage collection
+        if type == "DELETED":  # deleted by hand: put the agents back now, not at the next resync
+            objects, _why = validate(namespace, pool, obj["metadata"]["uid"], obj["spec"], images)
+            for child in objects:
+                _apply(child)
+            return
         try:
             size = KVCachePoolSpec.model_validate(obj["spec"]).memory.size
         except ValidationError:
@@ -206,9 +251,12 @@ def register(registry: kopf.OperatorRegistry) -> None:
         from kvfabric.agent.settings import parse_bytes
 
         status = pool_status(
-            dict(body.get("status") or {}), int(obj["metadata"].get("generation") or 0), parse_bytes(size)
+            dict(body.get("status") or {}),
+            int(obj["metadata"].get("generation") or 0),
+            parse_bytes(size),
+            int(body.metadata.get("generation") or 0),
         )
         conditions = status.pop("conditions")
         update_status(namespace, pool, conditions, status)
 
-    _ = (reconcile, follow_daemonset)
+    _ = (reconcile, resync, follow_daemonset)

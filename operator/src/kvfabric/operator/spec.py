@@ -87,7 +87,19 @@ class KVCachePoolSpec(_Model):
         "CUDA IPC events of layered loads need (without it GPU engines load before the forward "
         "pass instead). A security trade-off: those pods see the node's shared memory. Needs cuda.",
     )
-    image: str = Field(default="ghcr.io/kvfabric/agent:0.1.0", min_length=1, description="Agent image.")
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Agent image. Unset: the operator's own agent image (the chart's agent.image, "
+        "by default the operator's version, so agents follow operator upgrades); set it to pin one.",
+    )
+    runtime_class_name: str | None = Field(
+        default=None,
+        alias="runtimeClassName",
+        min_length=1,
+        description="RuntimeClass of the agent pods. cuda pools default to nvidia (the NVIDIA "
+        "container runtime's class, which gives the pod the node's GPUs and driver).",
+    )
     resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="after")

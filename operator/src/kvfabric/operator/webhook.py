@@ -6,6 +6,10 @@ controllers (a Deployment's ReplicaSet) carry no namespace in their object at ad
 
 The configuration says ``failurePolicy: Ignore`` by default, so a webhook that is down never
 blocks pod creation; a pod that cannot be injected is admitted with ``kvfabric.io/skipped``.
+The chart owns the MutatingWebhookConfiguration (scoped away from kube-system and the
+operator's own namespace and pods); the operator only keeps its ``caBundle`` current
+(:func:`publish_ca_bundle`). Pool lookups run off the event loop kopf shares, with a timeout and
+a short cache, so admissions never stall the reconciler or each other.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ import asyncio
 import base64
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from kvfabric.operator.mutation import POOL_ANNOTATION, json_patch, mutate, pool_ref
@@ -31,6 +39,33 @@ log = logging.getLogger(__name__)
 PATH = "/kvfabric-inject"
 CONFIG_NAME = "kvfabric.kvfabric.io"
 Lookup = Callable[[str, str], KVCachePoolSpec | None]
+LOOKUP_TIMEOUT_S = 2.0  # well inside the configuration's timeoutSeconds
+ADMISSIONS = Counter(
+    "kvfabric_webhook_admissions", "Pod admissions the webhook answered, by result.", ["result"]
+)
+for _result in ("injected", "skipped", "untouched"):
+    ADMISSIONS.labels(_result)
+
+
+class CachedLookup:
+    """A pool lookup remembered for ``ttl`` seconds (a Deployment's replicas are admitted in a
+    burst; each asks for the same pool). Errors are not cached."""
+
+    def __init__(self, lookup: Lookup, ttl: float = 5.0) -> None:
+        self.lookup, self.ttl = lookup, ttl
+        self._seen: dict[tuple[str, str], tuple[float, KVCachePoolSpec | None]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, namespace: str, name: str) -> KVCachePoolSpec | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._seen.get((namespace, name))
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        spec = self.lookup(namespace, name)
+        with self._lock:
+            self._seen[(namespace, name)] = (now, spec)
+        return spec
 
 
 def pool_from_api(namespace: str, name: str) -> KVCachePoolSpec | None:
@@ -98,15 +133,29 @@ def _emit(event: dict[str, Any]) -> None:
         log.warning("could not record the skip event", extra={"error": str(exc)})
 
 
+def _timed_out(namespace: str, name: str) -> KVCachePoolSpec | None:
+    raise TimeoutError(f"pool lookup took longer than {LOOKUP_TIMEOUT_S}s")
+
+
 def build_app(lookup: Lookup = pool_from_api) -> FastAPI:
     app = FastAPI(title="kvfabric-webhook", docs_url=None, redoc_url=None, openapi_url=None)
+    cached = CachedLookup(lookup)
+    workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvfabric-webhook")
 
     @app.post(PATH)
     async def inject(request: Request) -> dict[str, Any]:
         body = await request.json()
-        out, why = review(body, lookup)
-        if why:
-            req = body.get("request") or {}
+        loop = asyncio.get_running_loop()
+        try:  # the API call runs off the loop kopf shares; a slow API admits the pod uninjected
+            out, why = await asyncio.wait_for(
+                loop.run_in_executor(workers, review, body, cached), LOOKUP_TIMEOUT_S
+            )
+        except TimeoutError:
+            out, why = review(body, _timed_out)
+        patched = "patch" in out["response"]
+        ADMISSIONS.labels("skipped" if why else ("injected" if patched else "untouched")).inc()
+        req = body.get("request") or {}
+        if why and not req.get("dryRun"):  # sideEffects: NoneOnDryRun
             event = skip_event(req.get("namespace") or "default", req.get("object") or {}, why)
             asyncio.get_running_loop().run_in_executor(None, _emit, event)  # not awaited: no delay
         return out
@@ -118,10 +167,29 @@ def build_app(lookup: Lookup = pool_from_api) -> FastAPI:
     return app
 
 
+# The chart's defaults (charts/kvfabric/values.yaml), for configurations made in tests.
+NAMESPACE_SELECTOR = {
+    "matchExpressions": [
+        {
+            "key": "kubernetes.io/metadata.name",
+            "operator": "NotIn",
+            "values": ["kube-system", "kube-node-lease"],
+        },
+        {"key": "kvfabric.io/webhook", "operator": "NotIn", "values": ["disabled"]},
+    ]
+}
+OBJECT_SELECTOR = {
+    "matchExpressions": [
+        {"key": "app.kubernetes.io/name", "operator": "NotIn", "values": ["kvfabric", "kvfabric-agent"]}
+    ]
+}
+
+
 def configuration(
     client_config: dict[str, Any], failure_policy: str = "Ignore", timeout_seconds: int = 5
 ) -> dict[str, Any]:
-    """The MutatingWebhookConfiguration for ``client_config`` (a URL or Service, with caBundle)."""
+    """A MutatingWebhookConfiguration for ``client_config`` (a URL or Service, with caBundle),
+    scoped as the chart scopes its own."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -134,6 +202,8 @@ def configuration(
                 "failurePolicy": failure_policy,
                 "timeoutSeconds": timeout_seconds,
                 "clientConfig": client_config,
+                "namespaceSelector": NAMESPACE_SELECTOR,
+                "objectSelector": OBJECT_SELECTOR,
                 "rules": [
                     {
                         "apiGroups": [""],
@@ -145,6 +215,27 @@ def configuration(
             }
         ],
     }
+
+
+def publish_ca_bundle(name: str, bundle: bytes) -> bool:
+    """Sets every webhook's ``caBundle`` in configuration ``name`` (the chart's) to ``bundle``;
+    False when it already was. Read-modify-write with the resourceVersion (no lost update)."""
+    api = client.AdmissionregistrationV1Api()
+    encoded = base64.b64encode(bundle).decode()
+    for _ in range(5):
+        current = api.read_mutating_webhook_configuration(name)
+        hooks = current.webhooks or []
+        if all(h.client_config.ca_bundle == encoded for h in hooks):
+            return False
+        for h in hooks:
+            h.client_config.ca_bundle = encoded
+        try:
+            api.replace_mutating_webhook_configuration(name, current)
+            return True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    raise RuntimeError(f"MutatingWebhookConfiguration {name} kept changing")
 
 
 def ensure_configuration(body: dict[str, Any]) -> None:
@@ -179,4 +270,5 @@ def server(
         access_log=False,
         lifespan="off",
     )
+    config.load()  # makes config.ssl now, so a rotation can reload the context being served
     return uvicorn.Server(config)

@@ -1,0 +1,430 @@
+"""A real Kubernetes node on this machine for tests: containerd + runc (Debian), the kubelet
+(v1.20.2, built by ``scripts/k8s/build-control-plane.sh``) and the project's images (built by
+``scripts/k8s/build-images.sh``, imported into containerd; no registry anywhere).
+
+It leaves the machine as it found it (KNOWN-FACTS, "A real kubelet", has why each setting is
+needed):
+
+- no host sysctl changed: the kubelet is built to warn about kernel tunables, the CNI bridge is
+  created here with ``isGateway: false`` (so the bridge plugin never turns on ``ip_forward``) and
+  no masquerading;
+- no iptables rule: ``makeIPTablesUtilChains: false``, no kube-proxy (pods are reached by their
+  IPs on the bridge, or run on the host network);
+- nothing leaves the machine: the bridge has no uplink and no forwarding, images are never pulled;
+- every process, mount, network namespace (under containerd's state directory, not /run/netns),
+  cgroup and directory it made is removed by :meth:`Node.stop`; :func:`machine_state` is what
+  the tests compare before and after.
+
+Only one node can run on a machine at a time (the node is named after the hostname and owns the
+``kubepods`` cgroups): a lock file makes a second one wait or skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+from e2e.k8s_cluster import CACHE, NODE_TOKEN, ControlPlane, available, node_name
+
+IMAGE_CACHE = Path(os.environ.get("KVFABRIC_IMAGE_CACHE", Path.home() / ".cache" / "kvfabric" / "images"))
+# containerd's content and snapshots survive between runs (images are imported once per change)
+CONTAINERD_ROOT = CACHE.parent / "node" / "containerd"
+LOCK = CACHE.parent / "node" / "lock"
+BRIDGE = "kvfabric0"
+SUBNET = "10.88.0.0/16"
+GATEWAY = "10.88.0.1/16"
+KUBELET_HEALTHZ = "http://127.0.0.1:20248/healthz"
+SYSCTLS = ("net/ipv4/ip_forward", "vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
+IMAGES = ("pause", "agent", "operator", "vllm-cpu")
+# Directories the runtime creates at fixed places; removed at stop only if they did not exist before.
+RUNTIME_DIRS = (Path("/run/containerd"), Path("/var/lib/cni"))
+CGROUP_NAMES = ("kubepods",)
+
+
+def node_available() -> str:
+    """Empty if a node can run here, else why not."""
+    why = available(("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"))
+    if why:
+        return why
+    if os.geteuid() != 0:
+        return "a kubelet needs root (containerd, cgroups, mounts)"
+    for tool in ("containerd", "ctr", "runc", "ip", "iptables-save"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (scripts/k8s/build-control-plane.sh installs it)"
+    if not Path("/usr/lib/cni/bridge").exists():
+        return "CNI plugins not installed (Debian package containernetworking-plugins)"
+    missing = [i for i in IMAGES if not (IMAGE_CACHE / f"{i}.tar").exists()]
+    if missing:
+        return f"images {', '.join(missing)} not built: run scripts/k8s/build-images.sh"
+    try:
+        import socket
+
+        if not socket.gethostbyname(node_name()).startswith("127."):
+            return f"the hostname {node_name()} does not resolve to a loopback address"
+    except OSError:
+        return f"the hostname {node_name()} does not resolve"
+    return ""
+
+
+def _iptables() -> str:
+    """The host's iptables rules, without counters (they change with traffic)."""
+    out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False).stdout
+    return "\n".join(
+        line.split(" [")[0] if line.startswith(":") else line
+        for line in out.splitlines()
+        if line and not line.startswith("#")
+    )
+
+
+def _mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return sorted(line.split()[4] for line in f)
+
+
+def machine_state() -> dict[str, Any]:
+    """What a node could change on the host: sysctls, iptables rules, mounts, network links and
+    namespaces, cgroups. Compared before and after a test session."""
+    sysctls = {s: Path("/proc/sys", s).read_text().strip() for s in SYSCTLS}
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
+    return {
+        "sysctls": sysctls,
+        "iptables": _iptables(),
+        "mounts": _mounts(),
+        "links": sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines()),
+        "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
+        "cgroups": sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_NAMES[0]}")),
+    }
+
+
+class Node:
+    """containerd + kubelet registered with ``cp`` (which must be ``ControlPlane(for_node=True)``)."""
+
+    def __init__(self, workdir: Path, cp: ControlPlane) -> None:
+        self.dir = workdir
+        self.cp = cp
+        self.name = node_name()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.socket = workdir / "containerd.sock"
+        self._lock: IO[str] | None = None
+        self._existed = {p: p.exists() for p in RUNTIME_DIRS}
+        self._cgroups_existed = bool(list(Path("/sys/fs/cgroup").glob(f"*/{CGROUP_NAMES[0]}")))
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 180.0) -> Node:
+        LOCK.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(LOCK, "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # one node per machine (see the module doc)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._bridge()
+        self._containerd()
+        self._import_images()
+        self._kubelet()
+        self._wait_ready(timeout)
+        return self
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=600)
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        with open(self.dir / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+
+    def _bridge(self) -> None:
+        """The pod network's bridge, made here so the CNI bridge plugin never acts as a gateway
+        (which would turn on the host's ip_forward); no uplink, so pods reach only this machine."""
+        if self._run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+            self._run("ip", "link", "del", BRIDGE)  # left by a killed run
+        self._run("ip", "link", "add", BRIDGE, "type", "bridge")
+        self._run("ip", "addr", "add", GATEWAY, "dev", BRIDGE)
+        self._run("ip", "link", "set", BRIDGE, "up")
+        conf = self.dir / "cni" / "net.d"
+        conf.mkdir(parents=True, exist_ok=True)
+        network = {
+            "cniVersion": "0.4.0",
+            "name": "kvfabric-test",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": False,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": str(self.dir / "cni" / "ipam"),
+                        "ranges": [[{"subnet": SUBNET}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                    },
+                },
+                {"type": "loopback"},
+            ],
+        }
+        (conf / "10-kvfabric.conflist").write_text(json.dumps(network))
+
+    def _containerd(self) -> None:
+        CONTAINERD_ROOT.mkdir(parents=True, exist_ok=True)
+        (self.dir / "containerd.toml").write_text(
+            f"""version = 2
+root = "{CONTAINERD_ROOT}"
+state = "{self.dir / "containerd-state"}"
+[grpc]
+  address = "{self.socket}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/kvfabric/pause:3.2"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  disable_apparmor = true
+  # no CAP_SYS_RESOURCE here: lowering oom_score_adj fails every sandbox
+  restrict_oom_score_adj = true
+  # pod netns under the state dir: another job's bind mount of /run/netns cannot pin them
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{self.dir / "cni" / "net.d"}"
+    max_conf_num = 1
+"""
+        )
+        self._spawn("containerd", ["containerd", "--config", str(self.dir / "containerd.toml")])
+        deadline = time.monotonic() + 30
+        while self.ctr("version", check=False).returncode != 0:
+            if self.procs["containerd"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"containerd did not start; see {self.dir / 'containerd.log'}")
+            time.sleep(0.2)
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self._run("ctr", "-a", str(self.socket), "-n", "k8s.io", *args, check=check)
+
+    def _import_images(self) -> None:
+        """Imports each image tarball whose build key changed since it was last imported."""
+        stamp = CONTAINERD_ROOT / "imported.json"
+        done: dict[str, str] = json.loads(stamp.read_text()) if stamp.exists() else {}
+        listed = self.ctr("images", "ls", "-q").stdout.split()
+        for image in IMAGES:
+            if not (IMAGE_CACHE / f"{image}.tar").exists():
+                continue  # node_available() says which; a test needing it skips
+            key = (IMAGE_CACHE / f"{image}.key").read_text()
+            ref = self._ref(image)
+            if done.get(image) == key and ref in listed:
+                continue
+            self.ctr("images", "import", str(IMAGE_CACHE / f"{image}.tar"))
+            done[image] = key
+            stamp.write_text(json.dumps(done))
+
+    @staticmethod
+    def _ref(image: str) -> str:
+        """The reference containerd lists for an image tarball (``docker.io/`` added as it does)."""
+        with tarfile.open(IMAGE_CACHE / f"{image}.tar") as tar:
+            member = tar.extractfile("manifest.json")
+            assert member is not None
+            tag = str(json.load(member)[0]["RepoTags"][0])
+        first = tag.split("/")[0]
+        return tag if "." in first or ":" in first else f"docker.io/{tag}"
+
+    def _kubelet(self) -> None:
+        k = self.dir / "kubelet"
+        k.mkdir(parents=True, exist_ok=True)
+        (k / "kubeconfig").write_text(self.cp.kubeconfig_text(NODE_TOKEN))
+        (k / "config.yaml").write_text(
+            """apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+port: 20250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 20248
+cgroupDriver: cgroupfs
+failSwapOn: false
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization:
+  mode: AlwaysAllow
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+podPidsLimit: -1
+maxPods: 50
+# pods resolve through 127.0.0.1 in their own network namespace: no query leaves the machine
+clusterDNS: ["127.0.0.1"]
+clusterDomain: cluster.local
+resolvConf: ""
+containerLogMaxSize: 10Mi
+makeIPTablesUtilChains: false
+"""
+        )
+        self._spawn(
+            "kubelet",
+            [
+                str(CACHE / "bin" / "kubelet"),
+                f"--config={k / 'config.yaml'}",
+                f"--kubeconfig={k / 'kubeconfig'}",
+                "--container-runtime=remote",
+                f"--container-runtime-endpoint=unix://{self.socket}",
+                "--runtime-request-timeout=5m",
+                f"--root-dir={k / 'root'}",
+                f"--cert-dir={k / 'pki'}",
+                "--v=1",
+            ],
+        )
+
+    def _wait_ready(self, timeout: float) -> None:
+        """The kubelet's own health first (a Ready node object may be left from before), then Ready."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.procs["kubelet"].poll() is not None:
+                raise RuntimeError(f"kubelet exited; see {self.dir / 'kubelet.log'}")
+            try:
+                with urllib.request.urlopen(KUBELET_HEALTHZ, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("kubelet not healthy")
+            time.sleep(0.5)
+        while True:
+            out = self.cp.kubectl(
+                "get",
+                "node",
+                self.name,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                check=False,
+            )
+            if out.stdout.strip() == "True":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {self.name} not Ready; see {self.dir / 'kubelet.log'}")
+            time.sleep(0.5)
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Removes every pod, then everything the node made on the host."""
+        try:
+            self._drain()
+        finally:
+            self._stop_processes()
+            self._unmount()
+            self._run("ip", "link", "del", BRIDGE, check=False)
+            self._remove_cgroups()
+            for path, existed in self._existed.items():
+                if not existed:
+                    shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(self.dir / "containerd-state", ignore_errors=True)
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+    def _drain(self, timeout: float = 90.0) -> None:
+        """Deletes every pod through the API (so the kubelet tears sandboxes down and CNI removes
+        their veths), then waits until containerd runs no task."""
+        if "kubelet" not in self.procs or self.procs["kubelet"].poll() is not None:
+            return
+        self.cp.kubectl(
+            "delete", "daemonsets,deployments,replicasets", "--all", "-A", "--wait=false", check=False
+        )
+        self.cp.kubectl("delete", "pods", "--all", "-A", "--grace-period=1", "--wait=false", check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            tasks = self.ctr("tasks", "ls", "-q", check=False).stdout.split()
+            pods = self.cp.kubectl("get", "pods", "-A", "-o", "name", check=False).stdout.split()
+            if not tasks and not pods:
+                return
+            time.sleep(0.5)
+
+    def _stop_processes(self) -> None:
+        for name in ("kubelet", "containerd"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            p.terminate()
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        # shims (and the containers under them) outlive containerd: kill those of our socket
+        for pid in _pids_with_arg(str(self.socket)):
+            _kill_tree(pid)
+        self.procs.clear()
+
+    def _unmount(self) -> None:
+        """Every mount under the node's directories, deepest first (overlay rootfs, pod volumes,
+        netns files, the kubelet's bind mount of its root dir)."""
+        prefixes = (str(self.dir) + "/", str(CONTAINERD_ROOT) + "/", "/run/containerd/")
+        for _ in range(3):
+            mine = [m for m in _mounts() if m.startswith(prefixes)]
+            if not mine:
+                return
+            for m in sorted(mine, key=len, reverse=True):
+                subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+
+    def _remove_cgroups(self) -> None:
+        if self._cgroups_existed:
+            return
+        for top in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_NAMES[0]}"):
+            for d in sorted(
+                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            ):
+                _rmdir(d)
+            _rmdir(top)
+
+
+def _rmdir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # busy or not empty: a process of someone else's
+        path.rmdir()
+
+
+def _pids_with_arg(arg: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arg.encode() in argv:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILLs ``pid`` and its descendants (a shim and its containers)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo += children.get(p, [])
+    for p in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
