@@ -48,7 +48,8 @@ manifests: install k8s-control-plane
 	  HELM_CACHE_HOME=$$PWD/.cache/helm HELM_CONFIG_HOME=$$PWD/.cache/helm HELM_DATA_HOME=$$PWD/.cache/helm \
 	  $${KVFABRIC_K8S_CACHE:-$$HOME/.cache/kvfabric/k8s}/bin/helm template kvfabric charts/kvfabric -n kvfabric; } > manifests/install.yaml
 
-demo: install
+# No root and no apt: only the Python packages (the venv).
+demo: $(STAMP)
 	$(BIN)/python -m e2e.demo
 
 test: install k8s-control-plane

@@ -51,9 +51,18 @@ def test_render_validates_against_current_kubernetes(values: str, tmp_path: Path
         "template", "rel", str(CHART), "-n", "kvfabric", *(["-f", values] if values else []), tmp=tmp_path
     ).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
-    builtin = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
-    path = tmp_path / "rendered.yaml"
-    path.write_text(yaml.safe_dump_all(builtin))
+    kubernetes_validate([d for d in docs if d["kind"] not in CUSTOM_KINDS], tmp_path)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ClusterRole", "Service"} <= kinds
+    webhooks = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    for w in webhooks:
+        assert all(h["failurePolicy"] == "Ignore" for h in w["webhooks"])
+
+
+def kubernetes_validate(docs: list[dict[str, object]], tmp: Path) -> None:
+    """Offline validation against the Kubernetes 1.31 schemas (strict: unknown fields fail)."""
+    path = tmp / "objects.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
     r = subprocess.run(
         [
             shutil.which("kubernetes-validate") or str(Path(sys.executable).parent / "kubernetes-validate"),
@@ -67,11 +76,42 @@ def test_render_validates_against_current_kubernetes(values: str, tmp_path: Path
         timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ClusterRole", "Service"} <= kinds
-    webhooks = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
-    for w in webhooks:
-        assert all(h["failurePolicy"] == "Ignore" for h in w["webhooks"])
+
+
+def test_what_the_operator_and_webhook_build_validates(tmp_path: Path) -> None:
+    """The agents' objects for CPU, GPU (runtime class, NVIDIA variables, CuPy cache), RDMA and
+    tenant pools, and an injected engine pod, against the Kubernetes schemas."""
+    from kvfabric.operator.manifests import children
+    from kvfabric.operator.mutation import mutate
+    from kvfabric.operator.spec import KVCachePoolSpec
+
+    specs = [
+        {"memory": {"size": "8Gi"}, "nodeSelector": {"kvfabric.io/node": "true"}},
+        {"memory": {"size": "64Gi"}, "cuda": True, "hostIPC": True, "rdma": {"enabled": True}},
+        {
+            "memory": {"size": "8Gi"},
+            "tenancy": "perNamespace",
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        },
+    ]
+    docs: list[dict[str, object]] = []
+    for i, raw in enumerate(specs):
+        spec = KVCachePoolSpec.model_validate(raw)
+        docs += children("ml", f"pool{i}", "uid", spec, "kvfabric/agent:0.1.0")
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"vllm{i}",
+                "namespace": "ml",
+                "annotations": {"kvfabric.io/pool": f"pool{i}"},
+            },
+            "spec": {"containers": [{"name": "vllm", "image": "v", "args": ["--model", "m"]}]},
+        }
+        injected, why = mutate(pod, "ml", spec)
+        assert why == ""
+        docs.append(injected)
+    kubernetes_validate(docs, tmp_path)
 
 
 def test_schema_rejects_unknown_values(tmp_path: Path) -> None:
@@ -125,6 +165,16 @@ def test_dashboard_and_alerts_use_only_real_metrics_and_parse(tmp_path: Path) ->
     # every metric named exists on a live agent's /metrics
     with AgentProcess(tmp_path / "agent", "32MiB") as agent:
         exported = set(re.findall(r"^# TYPE (kvfabric_\w+) (\w+)", agent.metrics_text(), re.M))
+    # ... or on the operator's (its own registry: the reconciler's and the webhook's metrics)
+    import prometheus_client
+
+    import kvfabric.operator.reconcile
+    import kvfabric.operator.webhook  # noqa: F401
+
+    operator_text = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
+    exported |= set(
+        re.findall(r"^# TYPE (kvfabric_operator_\w+|kvfabric_webhook_\w+) (\w+)", operator_text, re.M)
+    )
     names = {n for n, _ in exported}
     series = (
         names
@@ -152,7 +202,7 @@ def test_helm_install_and_uninstall_on_a_real_control_plane(cluster: k8s_cluster
     for kind, name in [
         ("deployment", "kvf-operator"),
         ("service", "kvf-webhook"),
-        ("configmap", "kvfabric-dashboard"),
+        ("configmap", "kvf-dashboard"),
         ("serviceaccount", "kvf-operator"),
     ]:
         cluster.kubectl("get", kind, name, "-n", "kvfabric")
@@ -166,10 +216,7 @@ def test_helm_install_and_uninstall_on_a_real_control_plane(cluster: k8s_cluster
     cluster.helm("upgrade", "kvf", str(CHART), "-n", "kvfabric", "--set", "dashboard.enabled=false")
     kept = json.loads(cluster.kubectl("get", "mutatingwebhookconfiguration", mwc, "-o", "json").stdout)
     assert kept["webhooks"][0]["clientConfig"]["caBundle"] == "Q0E="
-    assert (
-        cluster.kubectl("get", "configmap", "kvfabric-dashboard", "-n", "kvfabric", check=False).returncode
-        != 0
-    )
+    assert cluster.kubectl("get", "configmap", "kvf-dashboard", "-n", "kvfabric", check=False).returncode != 0
     cluster.helm("uninstall", "kvf", "-n", "kvfabric")
     # the upgrade policy: the CRD (and so every pool) stays; everything else goes
     cluster.kubectl("get", "crd", "kvcachepools.kvfabric.io")

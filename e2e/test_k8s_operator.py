@@ -135,7 +135,9 @@ def test_operator_reconciles_a_pool_into_owned_agents(
     kube_config.load_kube_config(config_file=str(cluster.kubeconfig))
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
-    reconcile.register(registry, reconcile.AgentImages("kvfabric/agent:t", "kvfabric/agent:t-cuda"), 2.0)
+    reconcile.register(
+        registry, reconcile.AgentImages("kvfabric/agent:t", "kvfabric/agent:t-cuda"), 2.0, ["kvfabric"]
+    )
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
     # The webhook as the operator serves it, at a URL the apiserver calls over TLS.
@@ -181,6 +183,9 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         assert cm is not None and cm["data"]["KVFABRIC_POOL_SIZE"] == str(8 << 30)
         assert get(cluster, "service", "kvfabric-default-agents", "-n", "kvfabric") is not None
         assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == "kvfabric/agent:t"
+        # no finalizer: a pool can be deleted when the operator is gone (helm uninstall keeps pools)
+        pool = get(cluster, "kvcachepool", "default", "-n", "kvfabric")
+        assert pool is not None and not pool["metadata"].get("finalizers"), pool["metadata"]
 
         # Drift: a DaemonSet deleted by hand comes back at once, an edited ConfigMap at the resync.
         cluster.kubectl("delete", "daemonset", "kvfabric-default-agent", "-n", "kvfabric", "--wait=true")

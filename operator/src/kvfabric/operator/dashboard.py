@@ -83,6 +83,19 @@ ALERTS: list[dict[str, Any]] = [
         "annotations": {"summary": "A KVFabric agent is not serving: its engines recompute."},
     },
     {
+        # A crash-looping or unschedulable agent is never scraped (not Ready: not a target), so
+        # the operator reports what the DaemonSet sees.
+        "alert": "KVFabricAgentsNotReady",
+        "expr": 'max by (pool_namespace, pool) (kvfabric_operator_agents{state="desired"})'
+        ' - max by (pool_namespace, pool) (kvfabric_operator_agents{state="ready"}) > 0',
+        "for": "10m",
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "A KVCachePool has nodes whose agent is not ready (crash loop, pending, "
+            "or stuck pinning): engines there recompute."
+        },
+    },
+    {
         "alert": "KVFabricHitRatioCollapsed",
         "expr": 'sum(rate(kvfabric_lookup_blocks_total{result="hit"}[15m])) / sum(rate(kvfabric_lookup_blocks_total[15m])) < 0.05'
         " and sum(rate(kvfabric_lookup_blocks_total[15m])) > 1",

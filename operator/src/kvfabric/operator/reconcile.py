@@ -15,6 +15,7 @@ Pool status follows the DaemonSet's rollout.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from kvfabric.operator.manifests import children, invalid_name
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 POOL_LABEL = "kvfabric.io/pool"
 # Operator metrics (the default registry, served by kvfabric-operator on :9401/metrics).
 RECONCILES = Counter("kvfabric_operator_reconciles", "Pool reconciliations, by result.", ["result"])
+AGENTS = Gauge(
+    "kvfabric_operator_agents", "Agents of a pool, from its DaemonSet.", ["pool_namespace", "pool", "state"]
+)
 for _result in ("applied", "invalid_spec", "resynced"):
     RECONCILES.labels(_result)
 
@@ -179,9 +183,49 @@ def validate(
         return [], "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
-def register(registry: kopf.OperatorRegistry, images: AgentImages, resync_seconds: float = 60.0) -> None:
+def resync_all(images: AgentImages, namespaces: list[str]) -> int:
+    """Re-applies every valid pool's children (in ``namespaces``, or all); how many pools."""
+    api = client.CustomObjectsApi()
+    if namespaces:
+        pools = [
+            p
+            for ns in namespaces
+            for p in api.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+        ]
+    else:
+        pools = list(api.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"])
+    done = 0
+    for pool in pools:
+        meta = pool["metadata"]
+        if meta.get("deletionTimestamp"):
+            continue
+        objects, why = validate(meta["namespace"], meta["name"], meta["uid"], pool.get("spec") or {}, images)
+        for child in objects:
+            _apply(child)
+        done += not why
+    RECONCILES.labels("resynced").inc(done)
+    return done
+
+
+async def _resync_forever(images: AgentImages, every: float, namespaces: list[str]) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(resync_all, images, namespaces)
+        except Exception as exc:  # the API may be briefly unreachable: the next round retries
+            log.warning("resync failed", extra={"error": str(exc)})
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    images: AgentImages,
+    resync_seconds: float = 60.0,
+    namespaces: list[str] | None = None,
+) -> None:
     """Registers the pool handlers into ``registry``; pools that do not pin ``spec.image`` run
-    one of ``images``."""
+    one of ``images``; every ``resync_seconds`` the pools of ``namespaces`` (empty: all) are
+    re-applied."""
+    namespaces = list(namespaces or [])
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
@@ -219,15 +263,18 @@ def register(registry: kopf.OperatorRegistry, images: AgentImages, resync_second
         RECONCILES.labels("applied").inc()
         kopf.info(body, reason="Reconciled", message=f"applied ConfigMap, DaemonSet and Service for {name}")
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=resync_seconds, registry=registry)
-    def resync(spec: kopf.Spec, name: str, namespace: str | None, uid: str, **_: Any) -> None:
-        """Re-applies the children (drift correction); an invalid pool stays as reported."""
-        assert namespace is not None
-        objects, why = validate(namespace, name, uid, spec, images)
-        for child in objects:
-            _apply(child)
-        if not why:
-            RECONCILES.labels("resynced").inc()
+    # Drift correction is a plain background loop, not a kopf timer: kopf puts a finalizer on
+    # every object with a timer, and a pool would then hang in deletion once the operator is gone
+    # (helm uninstall leaves the pools).
+    @kopf.on.startup(registry=registry)
+    async def start_resync(memo: kopf.Memo, **_: Any) -> None:
+        memo["resync"] = asyncio.create_task(_resync_forever(images, resync_seconds, namespaces))
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+        task = memo.get("resync")
+        if task is not None:
+            task.cancel()
 
     @kopf.on.event("apps", "v1", "daemonsets", labels={POOL_LABEL: kopf.PRESENT}, registry=registry)
     def follow_daemonset(
@@ -257,6 +304,8 @@ def register(registry: kopf.OperatorRegistry, images: AgentImages, resync_second
             int(body.metadata.get("generation") or 0),
         )
         conditions = status.pop("conditions")
+        AGENTS.labels(namespace, pool, "desired").set(status["nodesDesired"])
+        AGENTS.labels(namespace, pool, "ready").set(status["nodesReady"])
         update_status(namespace, pool, conditions, status)
 
-    _ = (reconcile, resync, follow_daemonset)
+    _ = (reconcile, start_resync, stop_resync, follow_daemonset)

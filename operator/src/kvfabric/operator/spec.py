@@ -47,7 +47,11 @@ class Nvme(_Model):
 
 
 class Rdma(_Model):
-    enabled: bool = Field(default=False, description="Pull blocks from peers over RDMA where NICs exist.")
+    enabled: bool = Field(
+        default=False,
+        description="Pull blocks from peers over RDMA where NICs exist. Reserved: only grants the "
+        "agent IPC_LOCK (to pin memory) so far.",
+    )
 
 
 class Resources(_Model):
@@ -67,10 +71,14 @@ class KVCachePoolSpec(_Model):
     )
     tolerations: list[Toleration] = Field(default_factory=list, description="Agent pod tolerations.")
     memory: Memory
-    nvme: Nvme | None = Field(default=None, description="Optional persistent NVMe tier.")
+    nvme: Nvme | None = Field(
+        default=None, description="Optional persistent NVMe tier. Reserved: accepted, not used yet."
+    )
     rdma: Rdma = Field(default_factory=Rdma)
     remote_sharing: bool = Field(
-        default=False, alias="remoteSharing", description="Agents of this pool pull blocks from each other."
+        default=False,
+        alias="remoteSharing",
+        description="Agents of this pool pull blocks from each other. Reserved: accepted, not used yet.",
     )
     tenancy: Literal["shared", "perNamespace"] = Field(
         default="shared",
