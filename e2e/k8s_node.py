@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from e2e.k8s_cluster import CACHE, NODE_TOKEN, ControlPlane, available, node_name
+from e2e.k8s_cluster import CACHE, NODE_TOKEN, ControlPlane, available, node_name, terminate
 
 IMAGE_CACHE = Path(os.environ.get("KVFABRIC_IMAGE_CACHE", Path.home() / ".cache" / "kvfabric" / "images"))
 # containerd's content and snapshots survive between runs (images are imported once per change)
@@ -362,14 +362,8 @@ makeIPTablesUtilChains: false
     def _stop_processes(self) -> None:
         for name in ("kubelet", "containerd"):
             p = self.procs.get(name)
-            if p is None or p.poll() is not None:
-                continue
-            p.terminate()
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            if p is not None:
+                terminate(p, 15)
         # shims (and the containers under them) outlive containerd: kill those of our socket
         for pid in _pids_with_arg(str(self.socket)):
             _kill_tree(pid)

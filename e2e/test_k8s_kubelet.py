@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e import tiny_model
+from e2e import prometheus, tiny_model
 from e2e.agent import free_port
 from e2e.conftest import PROMPTS
 from e2e.k8s_cluster import ControlPlane
@@ -148,28 +148,10 @@ class Engine:
 def start_prometheus(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     """A real Prometheus scraping the agents listed in ``targets.json`` (Debian's build has no
     Kubernetes service discovery: :func:`discover_agents` plays its part from the apiserver)."""
-    port = free_port()
     (tmp / "targets.json").write_text("[]")
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {"job_name": "kvfabric-agents", "file_sd_configs": [{"files": [str(tmp / "targets.json")]}]}
-        ],
-    }
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp / "prometheus.log", "wb")
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=log,
+    return prometheus.start(
+        tmp, [{"job_name": "kvfabric-agents", "file_sd_configs": [{"files": [str(tmp / "targets.json")]}]}]
     )
-    log.close()
-    return proc, port
 
 
 def discover_agents(c: Cluster, tmp: Path) -> None:
@@ -187,13 +169,6 @@ def discover_agents(c: Cluster, tmp: Path) -> None:
     part = tmp / "targets.json.new"
     part.write_text(json.dumps(targets))
     part.replace(tmp / "targets.json")
-
-
-def prom_query(port: int, expr: str) -> list[dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    body = http_json(url, timeout=10)
-    assert body["status"] == "success", body
-    return list(body["data"]["result"])
 
 
 def admitted(c: Cluster, namespace: str) -> dict[str, str]:
@@ -332,11 +307,13 @@ def test_the_readme_story_on_a_real_node(cluster: Cluster, tmp_path: Path) -> No
                 f"{title}: {expr}"
                 for title, _, targets in PANELS
                 for _, expr in targets
-                if not prom_query(prom_port, expr.replace("$__rate_interval", "5m"))
+                if not prometheus.query(prom_port, expr.replace("$__rate_interval", "5m"))
             ]
             return [e for e in empty if "copy_seconds" not in e]  # copy histograms need GPU copies
 
-        wait_for("Prometheus to scrape an agent", lambda: prom_query(prom_port, "kvfabric_agent_ready"), 90)
+        wait_for(
+            "Prometheus to scrape an agent", lambda: prometheus.query(prom_port, "kvfabric_agent_ready"), 90
+        )
         wait_for("every dashboard panel to have data", lambda: not panels_without_data(), 60)
 
         # --- drift: a deleted DaemonSet and an edited ConfigMap come back -------------------

@@ -85,10 +85,18 @@ def render() -> str:
         "",
         "- ConfigMap `kvfabric-<pool>-agent`: the agent's `KVFABRIC_*` settings, rendered from the "
         "agent's own settings model.",
-        "- DaemonSet `kvfabric-<pool>-agent`: one agent per selected node; the pod template carries "
-        "`kvfabric.io/spec-hash`, so a spec change rolls the agents.",
+        "- DaemonSet `kvfabric-<pool>-agent`: one agent per selected node, running as uid 65532 "
+        "(capabilities dropped; `IPC_LOCK` with `rdma`), after an init container that gives it the "
+        "host directories (`CAP_CHOWN` only); a startup probe sized to the pool; `cuda` pools get "
+        "the `nvidia` RuntimeClass (or `runtimeClassName`), `NVIDIA_VISIBLE_DEVICES=all` and the "
+        "operator's CUDA agent image. The pod template carries `kvfabric.io/spec-hash`, so a spec "
+        "change rolls the agents.",
         "- Service `kvfabric-<pool>-agents`: headless, port `metrics` (9400), for peer discovery and "
         "scraping.",
+        "",
+        "The operator re-applies these every `resyncSeconds` (chart value, 60) and a deleted "
+        "DaemonSet at once: edits by hand do not last. A pool name longer than 47 characters, or "
+        "not a DNS label (a dot), is refused with `ConfigValid=False`.",
         "",
         f"Host directories per pool: `{run_dir}` (socket) at `{RUN_DIR}`, `{shm_dir}` (pool file) "
         f"at `{SHM_DIR}`, in the agent and in every injected engine pod.",
@@ -103,11 +111,16 @@ def render() -> str:
         "(`/run/kvfabric/<pool namespace>.<pool>/tenants/<pod namespace>`);",
         f"- `KVFABRIC_SOCKET_PATH={SOCKET_PATH}`, and `KVFABRIC_TENANT=<pod namespace>` when "
         "`tenancy: perNamespace`;",
-        f"- `--kv-transfer-config '{CONNECTOR_LINE}'` unless the container already sets one;",
+        f"- `--kv-transfer-config '{CONNECTOR_LINE}'` unless the container already sets one for "
+        "`KVFabricConnector` (kept as written);",
+        "- the pool's `nodeSelector` and `tolerations`, so the pod runs only where an agent does;",
         f"- annotation `{INJECTED_ANNOTATION}: <pool>` (a re-admitted pod is not injected twice).",
         "",
-        f"A pod whose pool does not exist or cannot be read (API unreachable, invalid spec), or whose "
-        f"container cannot be chosen, is admitted unchanged "
+        f"A pod whose pool does not exist or cannot be read (API unreachable, invalid spec, a lookup "
+        f"slower than 2 s), whose container cannot be chosen, whose vLLM runs through a shell "
+        f"(`sh -c`), which sets `--kv-transfer-config` for another connector, whose volumes or mounts "
+        f"collide with the injected ones, or whose node selector contradicts the pool's, is admitted "
+        f"unchanged "
         f"except for `{SKIPPED_ANNOTATION}: <why>`, and a Warning event `KVFabricNotInjected` is "
         "recorded on it.",
         "",
