@@ -1,6 +1,6 @@
 """``make bench``: every benchmark prints a ratio against a baseline measured in the same run.
 
-    python -m benchmarks.run [ttft] [rpc] [copy] [index] [stall] [sched]      (default: all)
+    python -m benchmarks.run [ttft] [rpc] [copy] [index] [stall] [sched] [nvme]   (default: all)
 
 Results go to stdout and ``benchmarks/out/results.json``; record them in RESULTS.md with the
 machine and date.
@@ -23,7 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import trust  # noqa: E402
+from benchmarks import nvme, trust  # noqa: E402
 from e2e import tiny_model  # noqa: E402
 from e2e.agent import AgentProcess  # noqa: E402
 from e2e.engine import EngineProcess  # noqa: E402
@@ -223,6 +223,10 @@ def bench_sched(results: dict[str, Any], tmp: Path) -> None:
     trust.bench_sched(results, tmp, report)
 
 
+def bench_nvme(results: dict[str, Any], tmp: Path) -> None:
+    nvme.bench_tier(results, tmp, report)
+
+
 BENCHES = {
     "ttft": bench_ttft,
     "rpc": bench_rpc,
@@ -230,6 +234,7 @@ BENCHES = {
     "index": bench_index,
     "stall": bench_stall,
     "sched": bench_sched,
+    "nvme": bench_nvme,
 }
 
 

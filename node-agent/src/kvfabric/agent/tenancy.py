@@ -14,7 +14,6 @@ Engines get the file as a descriptor over their socket; it has no path anyone co
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -22,10 +21,10 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from kvfabric.agent.files import punch_hole
+
 log = logging.getLogger(__name__)
 
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
 #: Tenant names: what a Kubernetes namespace may be called, plus ``uid-<n>``.
 TENANT_RE = re.compile(r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")
 
@@ -55,12 +54,6 @@ def tenant_of_uid(uid: int) -> str:
     return f"uid-{uid}"
 
 
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-    return libc
-
-
 class TenantPools:
     """One sparse pool file per tenant; ``arena_bytes`` maps an arena index to its byte range."""
 
@@ -68,7 +61,6 @@ class TenantPools:
         self.pool_bytes = pool_bytes
         self.arena_bytes = arena_bytes
         self._fds: dict[str, int] = {}
-        self._libc = _libc()
 
     def fd(self, tenant: str) -> int:
         """The tenant's pool file (created at its first use)."""
@@ -97,10 +89,10 @@ class TenantPools:
         fd = self._fds.get(tenant)
         if fd is None:
             return
-        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        if self._libc.fallocate(fd, mode, arena * self.arena_bytes, self.arena_bytes) != 0:
-            err = ctypes.get_errno()
-            log.warning("cannot free a tenant's arena", extra={"tenant": tenant, "error": os.strerror(err)})
+        try:
+            punch_hole(fd, arena * self.arena_bytes, self.arena_bytes)
+        except OSError as exc:
+            log.warning("cannot free a tenant's arena", extra={"tenant": tenant, "error": exc.strerror})
 
     def allocated_bytes(self, tenant: str) -> int:
         fd = self._fds.get(tenant)

@@ -1,0 +1,105 @@
+"""The NVMe tier's storage against the disk it sits on.
+
+    python -m benchmarks.run nvme      # write/read GB/s vs dd with direct I/O; open time at scale
+
+Baselines measured in the same run on the same filesystem: ``dd`` with ``oflag=direct`` /
+``iflag=direct`` for throughput (target >= 0.8x), and reading every slot header with ``dd``
+(the least an index rebuild by scan can read) for the time to open a full tier, after a clean
+shutdown (from the index checkpoint) and after a crash (every header read).
+``KVFABRIC_BENCH_TIER_BLOCKS`` sets the open-time tier's size (default 1,000,000 blocks).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvfabric.agent.nvme import CHECKPOINT, HEADER_BYTES, NvmeTier
+
+Report = Callable[..., None]
+
+
+def _timed(args: list[str]) -> float:
+    """Seconds a ``dd`` run took, start to exit."""
+    start = time.perf_counter()
+    subprocess.run(["dd", *args], capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def bench_tier(results: dict[str, Any], tmp: Path, report: Report) -> None:
+    block, count = 2 << 20, 512  # 1 GiB in 2 MiB blocks (a 16-token block of an 8B model is 2 MiB)
+    total = block * count
+    print(f"NVMe tier: {count} blocks of {block >> 20} MiB ({total >> 30} GiB), direct I/O, on {tmp}")
+    dd_file = tmp / "dd.bin"
+    dd_write = _timed(["if=/dev/zero", f"of={dd_file}", f"bs={block}", f"count={count}", "oflag=direct"])
+    dd_read = _timed([f"if={dd_file}", "of=/dev/null", f"bs={block}", "iflag=direct"])
+    dd_file.unlink()
+    tier = NvmeTier(tmp / "tier", 2 * total)
+    pool = mmap.mmap(-1, block)  # the agent's pool is page-aligned shared memory
+    pool[:] = os.urandom(block)
+    data = memoryview(pool)
+    start = time.perf_counter()
+    for i in range(count):
+        assert tier.put("", "bench", i.to_bytes(16, "little"), data)
+    ours_write = time.perf_counter() - start
+    into = mmap.mmap(-1, block)
+    out = memoryview(into)
+    start = time.perf_counter()
+    for i in range(count):
+        assert tier.get("", "bench", i.to_bytes(16, "little"), out)
+    ours_read = time.perf_counter() - start
+    assert tier.direct, "the benchmark's filesystem refused direct I/O"
+    tier.close()
+    data.release()
+    out.release()
+    pool.close()
+    into.close()
+
+    def gbs(seconds: float) -> float:
+        return total / seconds / 1e9
+
+    report(results, "nvme_dd_write_gbs", gbs(dd_write), "GB/s")
+    report(results, "nvme_tier_write_gbs", gbs(ours_write), "GB/s")
+    report(results, "ratio_nvme_write_vs_dd", dd_write / ours_write, "x", "target >= 0.8")
+    report(results, "nvme_dd_read_gbs", gbs(dd_read), "GB/s")
+    report(results, "nvme_tier_read_gbs", gbs(ours_read), "GB/s", "checksum verified")
+    report(results, "ratio_nvme_read_vs_dd", dd_read / ours_read, "x", "target >= 0.8")
+
+    n = int(os.environ.get("KVFABRIC_BENCH_TIER_BLOCKS", "1000000"))
+    small = 4096
+    print(f"NVMe tier open: {n} blocks of {small} bytes (slots of {HEADER_BYTES + small} bytes)")
+    capacity = n * (HEADER_BYTES + small)
+    tier = NvmeTier(tmp / "full", capacity)
+    one = memoryview(os.urandom(small))
+    start = time.perf_counter()
+    for i in range(n):
+        tier.put("", "full", i.to_bytes(16, "little"), one)
+    filled = time.perf_counter() - start
+    tier.close()  # a clean shutdown: writes the index checkpoint
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    tier = NvmeTier(tmp / "full", capacity)  # a restart after a clean shutdown
+    clean = time.perf_counter() - start
+    assert len(tier) == n, (len(tier), n)
+    tier.close()
+    (tmp / "full" / CHECKPOINT).unlink()  # what a crash leaves: every slab is scanned
+    start = time.perf_counter()
+    tier = NvmeTier(tmp / "full", capacity)
+    crashed = time.perf_counter() - start
+    assert len(tier) == n, (len(tier), n)
+    tier.close()
+    headers = tmp / "headers.bin"
+    _timed(["if=/dev/zero", f"of={headers}", f"bs={HEADER_BYTES}", f"count={n}", "oflag=direct"])
+    dd_scan = _timed([f"if={headers}", "of=/dev/null", f"bs={HEADER_BYTES}", "iflag=direct"])
+    headers.unlink()
+    report(results, "nvme_fill_blocks_per_s", n / filled, "blk/s", f"{n} puts of {small} bytes")
+    report(results, "nvme_open_after_clean_shutdown_s", clean, "s", f"{n} blocks, from the checkpoint")
+    report(results, "nvme_open_after_crash_s", crashed, "s", f"{n} blocks, every header read")
+    report(results, "nvme_header_read_dd_s", dd_scan, "s", f"dd: {n} direct reads of {HEADER_BYTES} bytes")
+    report(results, "ratio_nvme_crash_open_vs_dd_header_read", dd_scan / crashed, "x")
+    report(results, "ratio_nvme_clean_open_vs_dd_header_read", dd_scan / clean, "x")
