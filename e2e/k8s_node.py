@@ -46,8 +46,14 @@ GATEWAY = "10.88.0.1/16"
 KUBELET_HEALTHZ = "http://127.0.0.1:20248/healthz"
 SYSCTLS = ("net/ipv4/ip_forward", "vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 IMAGES = ("pause", "agent", "operator", "vllm-cpu")
-# Directories the runtime creates at fixed places; removed at stop only if they did not exist before.
-RUNTIME_DIRS = (Path("/run/containerd"), Path("/var/lib/cni"))
+# Directories made at fixed places (by the runtime, and by the kubelet for the agents' and engines'
+# hostPath volumes); removed at stop only if they did not exist before.
+RUNTIME_DIRS = (
+    Path("/run/containerd"),
+    Path("/var/lib/cni"),
+    Path("/run/kvfabric"),
+    Path("/dev/shm/kvfabric"),
+)
 CGROUP_NAMES = ("kubepods",)
 
 
@@ -103,6 +109,7 @@ def machine_state() -> dict[str, Any]:
     """What a node could change on the host: sysctls, iptables rules, mounts, network links and
     namespaces, cgroups. Compared before and after a test session."""
     sysctls = {s: Path("/proc/sys", s).read_text().strip() for s in SYSCTLS}
+    shm = sorted(os.listdir("/dev/shm"))
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
     return {
         "sysctls": sysctls,
@@ -111,6 +118,8 @@ def machine_state() -> dict[str, Any]:
         "links": sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines()),
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
         "cgroups": sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_NAMES[0]}")),
+        "dev_shm": shm,
+        "dirs": sorted(str(p) for p in RUNTIME_DIRS if p.exists()),
     }
 
 
