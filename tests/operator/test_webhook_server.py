@@ -101,3 +101,12 @@ def test_lookups_of_one_pool_are_cached(served: tuple[str, Lookups]) -> None:
         response, injected = admit(url, "default", f"p{i}")
         assert response["allowed"] and injected == "default"
     assert lookups.calls.count(("ml", "default")) == 1
+
+
+def test_a_missing_pool_is_not_remembered() -> None:
+    """A pool created with its Deployment: a lookup before it existed must not hide it."""
+    pools: dict[str, KVCachePoolSpec] = {}
+    cached = webhook.CachedLookup(lambda ns, name: pools.get(name), ttl=60)
+    assert cached("ml", "p") is None
+    pools["p"] = SPEC
+    assert cached("ml", "p") is SPEC

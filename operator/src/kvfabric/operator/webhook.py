@@ -49,7 +49,8 @@ for _result in ("injected", "skipped", "untouched"):
 
 class CachedLookup:
     """A pool lookup remembered for ``ttl`` seconds (a Deployment's replicas are admitted in a
-    burst; each asks for the same pool). Errors are not cached."""
+    burst; each asks for the same pool). Only pools found are remembered: a pool created with
+    its Deployment is seen by the first pod admitted after it exists; errors are not cached."""
 
     def __init__(self, lookup: Lookup, ttl: float = 5.0) -> None:
         self.lookup, self.ttl = lookup, ttl
@@ -63,8 +64,9 @@ class CachedLookup:
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
         spec = self.lookup(namespace, name)
-        with self._lock:
-            self._seen[(namespace, name)] = (now, spec)
+        if spec is not None:
+            with self._lock:
+                self._seen[(namespace, name)] = (now, spec)
         return spec
 
 
