@@ -108,7 +108,7 @@ def test_what_the_operator_and_webhook_build_validates(tmp_path: Path) -> None:
             },
             "spec": {"containers": [{"name": "vllm", "image": "v", "args": ["--model", "m"]}]},
         }
-        injected, why = mutate(pod, "ml", spec)
+        injected, why = mutate(pod, "ml", spec, agent_image="kvfabric/agent:0.1.0")
         assert why == ""
         docs.append(injected)
     kubernetes_validate(docs, tmp_path)

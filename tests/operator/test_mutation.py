@@ -54,6 +54,22 @@ def test_per_namespace_tenancy_mounts_only_the_pods_own_tenant_socket() -> None:
     # its own tenant's socket directory of the pool in "infra", and no shared memory
     assert paths == ["/run/kvfabric/infra.shared/tenants/team-a"]
     assert [m["mountPath"] for m in out["spec"]["containers"][0]["volumeMounts"]] == ["/kvfabric/run"]
+    assert "initContainers" not in out["spec"]  # without the operator's agent image: none
+    # the tenant directory is the kubelet's (root) when the engine comes first: an init container
+    # with CAP_CHOWN only gives it to the agent's user
+    with_init, _ = mutate(
+        pod({"kvfabric.io/pool": "infra/shared"}), "team-a", spec, agent_image="kvfabric/agent:1"
+    )
+    (init,) = with_init["spec"]["initContainers"]
+    assert init["image"] == "kvfabric/agent:1" and init["command"] == [
+        "chown",
+        "65532:65532",
+        "/kvfabric/run",
+    ]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert init["volumeMounts"] == [{"name": "kvfabric-run", "mountPath": "/kvfabric/run"}]
+    shared, _ = mutate(pod({"kvfabric.io/pool": "d"}), "ml", SPEC, agent_image="kvfabric/agent:1")
+    assert "initContainers" not in shared["spec"]  # shared pools: the agent's own init container did it
     other, _ = mutate(pod({"kvfabric.io/pool": "infra/shared"}), "team-b", spec)
     assert [v["hostPath"]["path"] for v in other["spec"]["volumes"]] == [
         "/run/kvfabric/infra.shared/tenants/team-b"

@@ -110,7 +110,8 @@ def render() -> str:
         f"only `{RUN_DIR}`, from the host directory of the pod namespace's own socket "
         "(`/run/kvfabric/<pool namespace>.<pool>/tenants/<pod namespace>`);",
         f"- `KVFABRIC_SOCKET_PATH={SOCKET_PATH}`, and `KVFABRIC_TENANT=<pod namespace>` when "
-        "`tenancy: perNamespace`;",
+        "`tenancy: perNamespace`, with an init container (the agent image, `CAP_CHOWN` only) that "
+        "gives the tenant's socket directory to the agent's user;",
         f"- `--kv-transfer-config '{CONNECTOR_LINE}'` unless the container already sets one for "
         "`KVFabricConnector` (kept as written);",
         "- the pool's `nodeSelector` and `tolerations`, so the pod runs only where an agent does;",

@@ -73,7 +73,9 @@ async def run(settings: OperatorSettings) -> None:
         kube_config.load_kube_config()
     cert = ServingCert(settings.webhook_hosts(), settings.webhook_cert_days, settings.webhook_cert_dir)
     try:
-        hook = webhook.server(settings.webhook_port, str(cert.certfile), str(cert.keyfile))
+        hook = webhook.server(
+            settings.webhook_port, str(cert.certfile), str(cert.keyfile), agent_image=settings.agent_image
+        )
         cert.context = hook.config.ssl
         # kopf owns SIGTERM/SIGINT; uvicorn must not swallow them, and stops when kopf has stopped.
         hook.capture_signals = contextlib.nullcontext

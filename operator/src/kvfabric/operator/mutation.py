@@ -27,7 +27,14 @@ import copy
 import json
 from typing import Any
 
-from kvfabric.operator.manifests import RUN_DIR, SHM_DIR, SOCKET_PATH, host_dirs, tenant_host_dir
+from kvfabric.operator.manifests import (
+    AGENT_UID,
+    RUN_DIR,
+    SHM_DIR,
+    SOCKET_PATH,
+    host_dirs,
+    tenant_host_dir,
+)
 from kvfabric.operator.spec import KVCachePoolSpec
 
 POOL_ANNOTATION = "kvfabric.io/pool"
@@ -124,9 +131,35 @@ def pool_ref(annotation: str, namespace: str) -> tuple[str, str]:
     return (ns or namespace), name
 
 
-def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: str = "") -> tuple[Body, str]:
+TENANT_DIR_INIT = "kvfabric-tenant-dir"
+
+
+def tenant_dir_init(image: str) -> Body:
+    """An init container giving the pod's tenant socket directory to the agent's user: the
+    kubelet creates it root-owned when the engine pod comes first, and the non-root agent could
+    not serve a socket in it."""
+    return {
+        "name": TENANT_DIR_INIT,
+        "image": image,
+        "command": ["chown", f"{AGENT_UID}:{AGENT_UID}", RUN_DIR],
+        "volumeMounts": [{"name": "kvfabric-run", "mountPath": RUN_DIR}],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+
+
+def mutate(
+    pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: str = "", agent_image: str = ""
+) -> tuple[Body, str]:
     """Returns (the pod to admit, why it was skipped or ""). Never raises for a bad pod.
-    ``spec`` None: the pool does not exist, or ``unreadable`` says why it could not be read."""
+    ``spec`` None: the pool does not exist, or ``unreadable`` says why it could not be read.
+    ``agent_image``: the operator's agent image (for ``perNamespace`` pools' init container)."""
     out = copy.deepcopy(pod)
     annotations = out.setdefault("metadata", {}).setdefault("annotations", {})
     ref = annotations.get(POOL_ANNOTATION)
@@ -161,6 +194,9 @@ def mutate(pod: Body, namespace: str, spec: KVCachePoolSpec | None, unreadable: 
             {"name": "kvfabric-run", "hostPath": {"path": tenant_dir, "type": "DirectoryOrCreate"}}
         )
         mounts.append({"name": "kvfabric-run", "mountPath": RUN_DIR})
+        image = spec.image or agent_image
+        if image:
+            out["spec"].setdefault("initContainers", []).insert(0, tenant_dir_init(image))
     else:
         volumes += [
             {"name": "kvfabric-run", "hostPath": {"path": run_dir, "type": "DirectoryOrCreate"}},

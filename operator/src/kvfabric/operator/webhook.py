@@ -81,7 +81,7 @@ def pool_from_api(namespace: str, name: str) -> KVCachePoolSpec | None:
         raise ValueError(f"its spec is invalid ({exc.error_count()} errors)") from None
 
 
-def review(body: dict[str, Any], lookup: Lookup) -> tuple[dict[str, Any], str]:
+def review(body: dict[str, Any], lookup: Lookup, agent_image: str = "") -> tuple[dict[str, Any], str]:
     """AdmissionReview in; (AdmissionReview out, why the pod was skipped or ""). Always allowed;
     pure apart from ``lookup``."""
     request = body.get("request") or {}
@@ -97,7 +97,7 @@ def review(body: dict[str, Any], lookup: Lookup) -> tuple[dict[str, Any], str]:
         except Exception as exc:  # API unreachable, invalid spec: admit uninjected, say why
             log.warning("pool lookup failed", extra={"namespace": namespace, "pool": pool, "error": str(exc)})
             spec, unreadable = None, str(exc) or type(exc).__name__
-        new, why = mutate(pod, namespace, spec, unreadable)
+        new, why = mutate(pod, namespace, spec, unreadable, agent_image)
         if why:
             log.warning("pod not injected", extra={"namespace": namespace, "pool": pool, "reason": why})
         ops = json_patch(pod, new)
@@ -139,7 +139,7 @@ def _timed_out(namespace: str, name: str) -> KVCachePoolSpec | None:
     raise TimeoutError(f"pool lookup took longer than {LOOKUP_TIMEOUT_S}s")
 
 
-def build_app(lookup: Lookup = pool_from_api) -> FastAPI:
+def build_app(lookup: Lookup = pool_from_api, agent_image: str = "") -> FastAPI:
     app = FastAPI(title="kvfabric-webhook", docs_url=None, redoc_url=None, openapi_url=None)
     cached = CachedLookup(lookup)
     workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvfabric-webhook")
@@ -150,10 +150,10 @@ def build_app(lookup: Lookup = pool_from_api) -> FastAPI:
         loop = asyncio.get_running_loop()
         try:  # the API call runs off the loop kopf shares; a slow API admits the pod uninjected
             out, why = await asyncio.wait_for(
-                loop.run_in_executor(workers, review, body, cached), LOOKUP_TIMEOUT_S
+                loop.run_in_executor(workers, review, body, cached, agent_image), LOOKUP_TIMEOUT_S
             )
         except TimeoutError:
-            out, why = review(body, _timed_out)
+            out, why = review(body, _timed_out, agent_image)
         patched = "patch" in out["response"]
         ADMISSIONS.labels("skipped" if why else ("injected" if patched else "untouched")).inc()
         req = body.get("request") or {}
@@ -241,13 +241,19 @@ def publish_ca_bundle(name: str, bundle: bytes) -> bool:
 
 
 def server(
-    port: int, certfile: str, keyfile: str, host: str = "0.0.0.0", lookup: Lookup = pool_from_api
+    port: int,
+    certfile: str,
+    keyfile: str,
+    host: str = "0.0.0.0",
+    lookup: Lookup = pool_from_api,
+    agent_image: str = "",
 ) -> Any:
-    """A uvicorn server for the webhook over TLS (``await s.serve()``, or ``s.run()`` in a thread)."""
+    """A uvicorn server for the webhook over TLS (``await s.serve()``, or ``s.run()`` in a thread);
+    ``agent_image``: the operator's agent image (``perNamespace`` engines' init container)."""
     import uvicorn
 
     config = uvicorn.Config(
-        build_app(lookup),
+        build_app(lookup, agent_image),
         host=host,
         port=port,
         ssl_certfile=certfile,
