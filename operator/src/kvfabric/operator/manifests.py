@@ -136,15 +136,15 @@ def startup_probe(spec: KVCachePoolSpec) -> Body:
     }
 
 
-def prepare_dirs(image: str) -> Body:
-    """An init container that gives the host directories to the agent's user: the kubelet
-    creates ``DirectoryOrCreate`` paths as root 0755, where a non-root agent cannot write."""
-    # chown only (CAP_CHOWN): idempotent for a restarted agent, whose directories it already owns
+def chown_init(name: str, image: str, mounts: list[Body]) -> Body:
+    """An init container that gives host directories (mounted at ``mounts``) to the agent's
+    user: the kubelet creates ``DirectoryOrCreate`` paths as root 0755, where a non-root agent
+    cannot write. chown only (``CAP_CHOWN``): idempotent for directories it already owns."""
     return {
-        "name": "prepare-dirs",
+        "name": name,
         "image": image,
-        "command": ["chown", f"{AGENT_UID}:{AGENT_UID}", RUN_DIR, SHM_DIR],
-        "volumeMounts": [{"name": "run", "mountPath": RUN_DIR}, {"name": "shm", "mountPath": SHM_DIR}],
+        "command": ["chown", f"{AGENT_UID}:{AGENT_UID}", *(m["mountPath"] for m in mounts)],
+        "volumeMounts": mounts,
         "securityContext": {
             "runAsUser": 0,
             "runAsNonRoot": False,
@@ -154,6 +154,13 @@ def prepare_dirs(image: str) -> Body:
         },
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
     }
+
+
+def prepare_dirs(image: str) -> Body:
+    """The agent pod's init container for its socket and shm directories."""
+    return chown_init(
+        "prepare-dirs", image, [{"name": "run", "mountPath": RUN_DIR}, {"name": "shm", "mountPath": SHM_DIR}]
+    )
 
 
 def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> Body:

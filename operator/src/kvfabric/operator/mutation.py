@@ -28,10 +28,10 @@ import json
 from typing import Any
 
 from kvfabric.operator.manifests import (
-    AGENT_UID,
     RUN_DIR,
     SHM_DIR,
     SOCKET_PATH,
+    chown_init,
     host_dirs,
     tenant_host_dir,
 )
@@ -135,23 +135,9 @@ TENANT_DIR_INIT = "kvfabric-tenant-dir"
 
 
 def tenant_dir_init(image: str) -> Body:
-    """An init container giving the pod's tenant socket directory to the agent's user: the
-    kubelet creates it root-owned when the engine pod comes first, and the non-root agent could
-    not serve a socket in it."""
-    return {
-        "name": TENANT_DIR_INIT,
-        "image": image,
-        "command": ["chown", f"{AGENT_UID}:{AGENT_UID}", RUN_DIR],
-        "volumeMounts": [{"name": "kvfabric-run", "mountPath": RUN_DIR}],
-        "securityContext": {
-            "runAsUser": 0,
-            "runAsNonRoot": False,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
-        },
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-    }
+    """Gives the pod's tenant socket directory to the agent's user: the kubelet creates it
+    root-owned when the engine pod comes first, and the non-root agent could not serve in it."""
+    return chown_init(TENANT_DIR_INIT, image, [{"name": "kvfabric-run", "mountPath": RUN_DIR}])
 
 
 def mutate(
