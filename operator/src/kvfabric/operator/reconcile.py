@@ -200,8 +200,12 @@ def resync_all(images: AgentImages, namespaces: list[str]) -> int:
         if meta.get("deletionTimestamp"):
             continue
         objects, why = validate(meta["namespace"], meta["name"], meta["uid"], pool.get("spec") or {}, images)
-        for child in objects:
-            _apply(child)
+        try:
+            for child in objects:
+                _apply(child)
+        except kopf.TemporaryError as exc:  # one pool's failure does not stop the others'
+            log.warning("resync of a pool failed", extra={"pool": meta["name"], "error": str(exc)})
+            continue
         done += not why
     RECONCILES.labels("resynced").inc(done)
     return done
