@@ -198,7 +198,7 @@ state = "{self.dir / "containerd-state"}"
 [grpc]
   address = "{self.socket}"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "docker.io/kvfabric/pause:3.2"
+  sandbox_image = "kvfabric/pause:3.2"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_selinux = false
@@ -237,22 +237,20 @@ state = "{self.dir / "containerd-state"}"
         listed = self.ctr("images", "ls", "-q").stdout.split()
         for image in IMAGES:
             key = (IMAGE_CACHE / f"{image}.key").read_text()
-            ref = self._ref(image)
-            if done.get(image) == key and ref in listed:
+            tag = self._tag(image)
+            if done.get(image) == key and any(r == tag or r.endswith("/" + tag) for r in listed):
                 continue
             self.ctr("images", "import", str(IMAGE_CACHE / f"{image}.tar"))
             done[image] = key
             stamp.write_text(json.dumps(done))
 
     @staticmethod
-    def _ref(image: str) -> str:
-        """The reference containerd lists for an image tarball (``docker.io/`` added as it does)."""
+    def _tag(image: str) -> str:
+        """The reference an image tarball carries (containerd lists it with its default domain)."""
         with tarfile.open(IMAGE_CACHE / f"{image}.tar") as tar:
             member = tar.extractfile("manifest.json")
             assert member is not None
-            tag = str(json.load(member)[0]["RepoTags"][0])
-        first = tag.split("/")[0]
-        return tag if "." in first or ":" in first else f"docker.io/{tag}"
+            return str(json.load(member)[0]["RepoTags"][0])
 
     def _kubelet(self) -> None:
         k = self.dir / "kubelet"
