@@ -222,8 +222,7 @@ class NvmeTier:
                     continue
                 self._load_slab(path, tenant, checkpoint.get(str(path.relative_to(self.dir))))
         # least recently stored first: the first evicted after a restart
-        for key, _ in sorted(self._index.items(), key=lambda kv: kv[1].stored_at):
-            self._index.move_to_end(key)
+        self._index = OrderedDict(sorted(self._index.items(), key=lambda kv: kv[1].stored_at))
         log.info(
             "nvme tier opened",
             extra={
@@ -293,16 +292,14 @@ class NvmeTier:
 
     def _write_checkpoint(self) -> None:
         """The index of every slab, for the next open (called with no write in flight)."""
-        by_slab: dict[str, list[tuple[int, float, bytes]]] = {}
+        by_slab: dict[int, list[tuple[int, float, bytes]]] = {}
         for (_, _, key), entry in self._index.items():
-            by_slab.setdefault(str(entry.slab.path.relative_to(self.dir)), []).append(
-                (entry.slot, entry.stored_at, key)
-            )
+            by_slab.setdefault(id(entry.slab), []).append((entry.slot, entry.stored_at, key))
         parts = [struct.pack("<I", len(self._slabs))]
         for slab in self._slabs.values():
             name = str(slab.path.relative_to(self.dir)).encode()
             st = os.fstat(slab.fd)
-            entries = by_slab.get(name.decode(), [])
+            entries = by_slab.get(id(slab), [])
             parts.append(
                 struct.pack("<H", len(name))
                 + name
@@ -342,13 +339,13 @@ class NvmeTier:
         finally:
             buf.close()
         slab = _Slab(path, fd, tenant, ns, payload, slot_bytes)
-        size = os.fstat(fd).st_size
-        slab.slots = max(0, (size - HEADER_BYTES) // slot_bytes)
-        if size != HEADER_BYTES + slab.slots * slot_bytes:  # a torn append: drop the partial slot
+        st = os.fstat(fd)
+        slab.slots = max(0, (st.st_size - HEADER_BYTES) // slot_bytes)
+        if st.st_size != HEADER_BYTES + slab.slots * slot_bytes:  # a torn append: drop the partial slot
             os.ftruncate(fd, HEADER_BYTES + slab.slots * slot_bytes)
             self.counters.damaged_blocks += 1
+            saved = None  # changed since any checkpoint
         self._slabs[(tenant, ns, payload)] = slab
-        st = os.fstat(fd)
         if saved is not None and (saved[0], saved[1]) == (st.st_size, st.st_mtime_ns):
             used = set()
             for slot, stored_at, key in saved[2]:  # unchanged since a clean shutdown
@@ -379,8 +376,7 @@ class NvmeTier:
                 ident = (tenant, ns, header.key)
                 old = self._index.get(ident)
                 if old is not None:  # the same block twice: keep the newer copy
-                    loser = old if old.stored_at < header.stored_at else None
-                    if loser is None:
+                    if old.stored_at >= header.stored_at:
                         self._free_slot(slab, slot)
                         continue
                     self._drop(ident)
@@ -519,30 +515,27 @@ class NvmeTier:
         d = self.dir / (f"tenant-{tenant}" if tenant else "shared")
         name = hashlib.blake2b(f"{namespace}\0{payload}".encode(), digest_size=12).hexdigest()
         path = d / f"{name}.slab"
-        try:
-            d.mkdir(mode=0o700, exist_ok=True)
-            fd, direct = open_direct(str(path), os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        except OSError as exc:
-            self.counters.write_errors += 1
-            log.warning("nvme tier: cannot create a slab", extra={"error": exc.strerror or str(exc)})
-            return None
-        self._direct(direct)
         ns, tn = namespace.encode(), tenant.encode()
-        head = mmap.mmap(-1, HEADER_BYTES)
         slot_bytes = HEADER_BYTES + align_up(payload)
+        head = mmap.mmap(-1, HEADER_BYTES)
         head[: _SLAB.size + len(ns) + len(tn)] = (
             _SLAB.pack(SLAB_MAGIC, FORMAT_VERSION, len(ns), len(tn), payload, slot_bytes) + ns + tn
         )
+        fd = -1
         try:
+            d.mkdir(mode=0o700, exist_ok=True)
+            fd, direct = open_direct(str(path), os.O_RDWR | os.O_CREAT | os.O_EXCL)
             os.pwritev(fd, [head], 0)
         except OSError as exc:
-            os.close(fd)
-            path.unlink(missing_ok=True)
+            if fd >= 0:  # created but its header not written: not a slab
+                os.close(fd)
+                path.unlink(missing_ok=True)
             self.counters.write_errors += 1
             log.warning("nvme tier: cannot create a slab", extra={"error": exc.strerror or str(exc)})
             return None
         finally:
             head.close()
+        self._direct(direct)
         slab = _Slab(path, fd, tenant, namespace, payload, slot_bytes)
         self._slabs[(tenant, namespace, payload)] = slab
         return slab

@@ -82,9 +82,13 @@ def _transfer_config(argv: list[str]) -> str | None:
     return None
 
 
+def _argv(container: Body) -> list[str]:
+    return [str(c) for c in container.get("command") or []] + [str(a) for a in container.get("args") or []]
+
+
 def _command_problem(container: Body) -> str:
     """Why the connector line cannot be appended to the container's arguments ("" if it can)."""
-    argv = [str(c) for c in container.get("command") or []] + [str(a) for a in container.get("args") or []]
+    argv = _argv(container)
     existing = _transfer_config(argv)
     if existing is not None:
         if "KVFabricConnector" in existing:
@@ -198,8 +202,7 @@ def mutate(
         env.append({"name": "KVFABRIC_TENANT", "value": namespace})
     if spec.host_ipc:  # the agent's pods share it too: CUDA IPC events need one /dev/shm
         out["spec"]["hostIPC"] = True
-    argv = [str(c) for c in container.get("command") or []] + [str(a) for a in container.get("args") or []]
-    if _transfer_config(argv) is None:
+    if _transfer_config(_argv(container)) is None:
         container.setdefault("args", []).extend(["--kv-transfer-config", CONNECTOR_LINE])
     annotations[INJECTED_ANNOTATION] = ref
     annotations.pop(SKIPPED_ANNOTATION, None)
