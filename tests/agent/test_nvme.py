@@ -335,7 +335,9 @@ def test_a_clean_shutdown_checkpoint_is_used_and_never_trusted_over_the_data(tmp
     assert read(tier, ks[1]) == payload(ks[1])
     tier.close()
     (tmp_path / nvme.CHECKPOINT).write_bytes(b"KVFCKPT1" + b"\xff" * 64)  # a damaged checkpoint
+    (tmp_path / nvme.CHECKPOINT_PART).write_bytes(b"half")  # one a killed agent did not finish
     tier = NvmeTier(tmp_path, 64 << 20)
     assert tier.counters.damaged_blocks == 1 and len(tier) == 2  # ignored: the slab is scanned
+    assert tier.counters.foreign_files == 0 and not (tmp_path / nvme.CHECKPOINT_PART).exists()
     assert read(tier, ks[2]) == payload(ks[2])
     tier.close()

@@ -55,6 +55,7 @@ _BLOCK = struct.Struct("<8sHHHHQdQ")
 _SLAB = struct.Struct("<8sHHHQQ")  # magic, version, namespace length, tenant length, payload, slot
 MAX_NAME = 1024  # namespace names and keys are far shorter; bounds what a header can claim
 CHECKPOINT = "index.ckpt"
+CHECKPOINT_PART = CHECKPOINT + ".new"
 CKPT_MAGIC = b"KVFCKPT1"
 _CKPT = struct.Struct("<8sIQQ")  # magic, version, body length, XXH3-64 of the body
 _CKPT_SLAB = struct.Struct("<QQI")  # size, mtime_ns, entries
@@ -255,6 +256,7 @@ class NvmeTier:
         """{slab path: (size, mtime_ns, [(slot, stored_at, key)])} from a clean shutdown, removed
         once read; {} when there is none or it does not verify."""
         path = self.dir / CHECKPOINT
+        (self.dir / CHECKPOINT_PART).unlink(missing_ok=True)  # a write the agent did not finish
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -307,7 +309,7 @@ class NvmeTier:
             )
             parts.extend(_CKPT_ENTRY.pack(slot, at, len(key)) + key for slot, at, key in entries)
         body = b"".join(parts)
-        part = self.dir / (CHECKPOINT + ".new")
+        part = self.dir / CHECKPOINT_PART
         with open(part, "wb") as f:
             f.write(_CKPT.pack(CKPT_MAGIC, FORMAT_VERSION, len(body), xxhash.xxh3_64_intdigest(body)) + body)
             f.flush()
