@@ -263,9 +263,20 @@ class AgentClient:
         keys: list[bytes],
         block_tokens: int,
         lease_id: str | None = None,
+        promote: bool = False,
     ) -> p.LookupReply:
+        """``promote``: ask the agent to bring blocks of its NVMe tier into the pool (sent only
+        to agents that list the feature; older ones would refuse the field)."""
+        hello = self.hello
+        promote = promote and hello is not None and "promote" in hello.features
         return self.call(
-            p.Lookup(namespaces=namespaces, keys=keys, block_tokens=block_tokens, lease_id=lease_id),
+            p.Lookup(
+                namespaces=namespaces,
+                keys=keys,
+                block_tokens=block_tokens,
+                lease_id=lease_id,
+                promote=promote,
+            ),
             p.LookupReply,
         )
 

@@ -37,6 +37,14 @@ class ConnectorConfig(BaseModel):
         default=200, ge=1, description="First wait before reconnecting to a failed agent."
     )
     backoff_max_ms: int = Field(default=5000, ge=1, description="Longest wait between reconnect attempts.")
+    promote_wait_ms: int = Field(
+        default=500,
+        ge=0,
+        le=60_000,
+        description="How long a request waits, at most, for blocks the agent reads from its NVMe "
+        "tier into the pool (vLLM schedules other requests meanwhile); past it the request goes on "
+        "with the hits already in the pool and computes the rest. 0: never wait.",
+    )
     load: bool = Field(default=True, description="Load hits from the pool.")
     save: bool = Field(default=True, description="Save newly computed full blocks to the pool.")
     save_generated: bool = Field(

@@ -60,7 +60,8 @@ BlockTokens = Annotated[int, msgspec.Meta(gt=0, le=MAX_BLOCK_TOKENS)]
 #: ``layered_loads``: ``RegisterGpuKV.layer_events`` and ``GpuCopy.layered``.
 #: ``lease_generations``: ``LookupReply.leases`` (release those exact ids).
 #: ``pool_fd``: :class:`OpenPool` (the pool is passed as a file descriptor, not a path).
-FEATURES = ("layered_loads", "lease_generations", "pool_fd")
+#: ``promote``: ``Lookup.promote`` and ``LookupReply.promoting`` (the NVMe tier).
+FEATURES = ("layered_loads", "lease_generations", "pool_fd", "promote")
 
 
 class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True, frozen=True):
@@ -91,12 +92,17 @@ class Lookup(_Request, frozen=True, tag="lookup"):
     their slots are returned. One lease per namespace lets each TP rank release its own.
     Namespaces must be distinct. A lease id another live session holds is refused; the same
     session looking up again under its id replaces its earlier lease (a new generation).
+
+    With ``promote`` (agents listing ``promote`` in their features), keys after the hits that
+    the agent's NVMe tier holds start moving into the pool; the reply's ``promoting`` says how
+    many, and a later lookup finds them as hits.
     """
 
     namespaces: Annotated[list[Namespace], msgspec.Meta(min_length=1, max_length=1024)]
     keys: Keys
     block_tokens: BlockTokens
     lease_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    promote: bool = False
 
 
 class Reserve(_Request, frozen=True, tag="reserve"):
@@ -241,6 +247,8 @@ class LookupReply(_Reply, frozen=True, tag="lookup"):
     #: ``leases[i]``: the id that ends exactly this lease of ``namespaces[i]`` (with its
     #: generation); empty from an agent without ``lease_generations`` or without a lease.
     leases: list[str] = []
+    #: blocks after the hits being read from the NVMe tier into the pool (``promote``)
+    promoting: int = 0
 
 
 class ReserveReply(_Reply, frozen=True, tag="reserve"):

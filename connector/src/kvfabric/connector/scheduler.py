@@ -67,6 +67,8 @@ class _RequestState:
     uncacheable: bool = False
     #: The agent was asked whether it holds the blocks vLLM had cached locally.
     checked_local: bool = False
+    #: Until when (monotonic) the request waits for blocks the agent promotes from NVMe.
+    promote_until: float | None = None
 
 
 @dataclass
@@ -77,6 +79,7 @@ class SchedulerStats:
     loads_planned: int = 0
     blocks_to_load: int = 0
     blocks_to_save: int = 0
+    promote_waits: int = 0
 
 
 class SchedulerSide:
@@ -149,7 +152,9 @@ class SchedulerSide:
             cached = self._loras[(name, path)] = f"lora:{name}|{path}|{fingerprint or ''}"
         return cached
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         prompt = request.prompt_token_ids
         if prompt is None:
             return 0, False
@@ -178,13 +183,27 @@ class SchedulerSide:
             return len(pending.slots[0]) * self.block_size, False
         lease_id = lease_id_for(self.engine_tag, request.request_id)
         self.stats.lookups += 1
+        now = time.monotonic()
+        wait = st.promote_until is None or now < st.promote_until
         try:
-            reply = self.client.lookup(self.namespaces, st.keys[local:usable], self.block_size, lease_id)
+            reply = self.client.lookup(
+                self.namespaces, st.keys[local:usable], self.block_size, lease_id, promote=wait
+            )
         except AgentError as exc:
             self.stats.lookup_failures += 1
             log.debug("lookup failed, recomputing", extra={"req": request.request_id, "error": str(exc)})
             st.pending = None
             return 0, False
+        if reply.promoting and wait and self.config.promote_wait_ms:
+            # Blocks are on their way from the agent's NVMe tier: ask again in a later step
+            # (vLLM defers only this request). The lease of the hits so far is replaced then.
+            if st.promote_until is None:
+                st.promote_until = now + self.config.promote_wait_ms / 1000
+            st.pending = None
+            st.lease_id = lease_id
+            st.leases = list(reply.leases)
+            self.stats.promote_waits += 1
+            return None, False
         if reply.hits == 0:
             st.pending = None
             return 0, False

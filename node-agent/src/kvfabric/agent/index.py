@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -180,6 +180,9 @@ class Namespace:
     table: KeyTable
     arena_bytes: int
     description: str = ""
+    #: its slots live in the shared segment GPU engines copy through (else, with isolated
+    #: tenancy, in its tenant's own pool file)
+    gpu: bool = False
     count: int = 0  # resident blocks
     #: eviction candidates: (tick, slot, generation); stale items are skipped on pop
     heap: list[tuple[int, int, int]] = field(default_factory=list)
@@ -398,6 +401,9 @@ class BlockIndex:
         # Blocks by state, kept up to date as they change: a scrape must not walk millions of
         # entries on the event loop.
         self._live = {"committed": 0, "reserved": 0, "leased": 0}
+        #: called with (namespace, slot, key, session) for each block a commit makes visible
+        #: (the NVMe tier's write-behind)
+        self.on_commit: Callable[[Namespace, int, bytes, int], None] | None = None
 
     # -- namespaces ------------------------------------------------------------------------------
 
@@ -569,6 +575,30 @@ class BlockIndex:
                 self._unlease(ns, c, i, slot)
                 self._maybe_candidate(ns, c, i, slot)
 
+    def hold(self, ns: Namespace, slot: int) -> int:
+        """Pins a committed block against eviction as a lease does (the agent reads it: a
+        write to the NVMe tier); returns its generation, for :meth:`unhold`."""
+        c, i = ns.cols(slot)
+        self._lease(ns, c, i, slot)
+        return c.meta[6 * i + 5]
+
+    def unhold(self, ns: Namespace, slot: int, generation: int) -> None:
+        """Ends a :meth:`hold` (a no-op when the block is no longer that occupant)."""
+        held = ns.cols_if_held(slot)
+        if held is not None and held[0].meta[6 * held[1] + 5] == generation and held[0].flags[2 * held[1]]:
+            c, i = held
+            self._unlease(ns, c, i, slot)
+            self._maybe_candidate(ns, c, i, slot)
+
+    def committed_slot(self, ns: Namespace, key: bytes) -> int:
+        """The slot of ``key`` (normalized) when it is committed in ``ns``, else -1."""
+        slot = ns.find(key)
+        if slot >= 0:
+            c, i = ns.cols(slot)
+            if c.flags[2 * i] == _COMMITTED:
+                return slot
+        return -1
+
     def leased_slots_ok(self, ns: Namespace, slots: Iterable[int]) -> bool:
         """Whether every slot is under a live lease in ``ns`` (a GPU load may read only those)."""
         for slot in slots:
@@ -680,6 +710,8 @@ class BlockIndex:
                 c.tick[i] = self._tick
                 self._maybe_candidate(ns, c, i, slot)
                 done += 1
+                if self.on_commit is not None:
+                    self.on_commit(ns, slot, bytes(c.keys[KEY_BYTES * i : KEY_BYTES * (i + 1)]), session)
             for key in abort:
                 slot = ns.find(normalize_key(key))
                 if slot >= 0 and slot in mine:

@@ -27,6 +27,7 @@ from kvfabric.connector.protocol import (
 
 if TYPE_CHECKING:
     from kvfabric.agent.index import BlockIndex
+    from kvfabric.agent.tiering import TierService
 
 ERROR_KINDS = (
     E_BAD_FRAME,
@@ -47,6 +48,7 @@ class _IndexCollector(Collector):
     def __init__(self, index: BlockIndex, sessions: Callable[[], int]) -> None:
         self._index = index
         self._sessions = sessions
+        self.tiers: TierService | None = None
 
     def collect(self) -> Iterator[Metric]:
         idx = self._index
@@ -63,6 +65,9 @@ class _IndexCollector(Collector):
         )
         blocks.add_metric(["memory", "hit"], c.hit_blocks)
         blocks.add_metric(["memory", "miss"], c.miss_blocks)
+        if self.tiers is not None:  # a pool miss the tier held is an NVMe hit
+            blocks.add_metric(["nvme", "hit"], self.tiers.stats.promoted_blocks)
+            blocks.add_metric(["nvme", "miss"], self.tiers.stats.lookup_misses)
         yield blocks
         tokens = CounterMetricFamily(
             "kvfabric_lookup_tokens", "Tokens asked for in lookups, by result.", labels=["tier", "result"]
@@ -106,10 +111,80 @@ class _IndexCollector(Collector):
         yield sess
 
 
+class _TierCollector(Collector):
+    """The NVMe tier's counts, read from the tier at scrape time (``kvfabric_nvme_*``)."""
+
+    _COUNTERS = (
+        ("written_blocks", "kvfabric_nvme_written_blocks", "Blocks written to the NVMe tier."),
+        ("written_bytes", "kvfabric_nvme_written_bytes", "Bytes written to the NVMe tier."),
+        ("promoted_blocks", "kvfabric_nvme_read_blocks", "Blocks read from the NVMe tier into the pool."),
+        ("promoted_bytes", "kvfabric_nvme_read_bytes", "Bytes read from the NVMe tier into the pool."),
+        (
+            "damaged_blocks",
+            "kvfabric_nvme_damaged_blocks",
+            "Blocks found damaged (checksum, header, length) and dropped, never served.",
+        ),
+        ("evictions", "kvfabric_nvme_evictions", "Blocks evicted from the NVMe tier to stay in capacity."),
+        (
+            "foreign_files",
+            "kvfabric_nvme_foreign_files",
+            "Files in the tier directory that are not the tier's (left alone), counted at open.",
+        ),
+    )
+
+    def __init__(self, tiers: TierService) -> None:
+        self._tiers = tiers
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._tiers.summary()
+        for key, name, doc in self._COUNTERS:
+            fam = CounterMetricFamily(name, doc)
+            fam.add_metric([], int(s.get(f"nvme_{key}", 0)))
+            yield fam
+        dropped = CounterMetricFamily(
+            "kvfabric_nvme_dropped_writes", "Writes to the NVMe tier not done, by reason.", labels=["reason"]
+        )
+        dropped.add_metric(["queue_full"], int(s["nvme_writes_dropped_queue_full"]))
+        dropped.add_metric(["error"], int(s["nvme_writes_failed"]))
+        yield dropped
+        skipped = CounterMetricFamily(
+            "kvfabric_nvme_skipped_reads",
+            "Reads of the NVMe tier not done or not served, by reason.",
+            labels=["reason"],
+        )
+        skipped.add_metric(["late"], int(s["nvme_reads_skipped_late"]))
+        skipped.add_metric(["queue_full"], int(s["nvme_reads_skipped_queue_full"]))
+        skipped.add_metric(["failed"], int(s["nvme_promote_failed"]))
+        yield skipped
+        errors = CounterMetricFamily(
+            "kvfabric_nvme_io_errors", "Disk errors of the NVMe tier.", labels=["op"]
+        )
+        errors.add_metric(["read"], int(s.get("nvme_read_errors", 0)))
+        errors.add_metric(["write"], int(s.get("nvme_write_errors", 0)))
+        yield errors
+        for key, name, doc in (
+            ("ready", "kvfabric_nvme_ready", "1 when the NVMe tier is open and serving."),
+            ("capacity_bytes", "kvfabric_nvme_capacity_bytes", "Bytes of disk the NVMe tier may fill."),
+            ("used_bytes", "kvfabric_nvme_used_bytes", "Bytes of the NVMe tier holding blocks."),
+            ("blocks", "kvfabric_nvme_blocks", "Blocks on the NVMe tier."),
+            ("direct_io", "kvfabric_nvme_direct_io", "1 when the tier's filesystem takes direct I/O."),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(s[f"nvme_{key}"]))
+            yield g
+        queue = GaugeMetricFamily(
+            "kvfabric_nvme_queue_blocks", "Blocks waiting for the NVMe tier's threads.", labels=["op"]
+        )
+        queue.add_metric(["write"], int(s["nvme_writes_queued"]))
+        queue.add_metric(["read"], int(s["nvme_reads_queued"]))
+        yield queue
+
+
 class AgentMetrics:
     def __init__(self, index: BlockIndex, sessions: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_IndexCollector(index, sessions))
+        self._index_collector = _IndexCollector(index, sessions)
+        self.registry.register(self._index_collector)
         self.rpc_seconds = Histogram(
             "kvfabric_rpc_seconds",
             "Time the agent spent handling one request, by operation.",
@@ -143,4 +218,18 @@ class AgentMetrics:
             self.rpc_seconds.labels(op)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
+        self.nvme_seconds = Histogram(
+            "kvfabric_nvme_io_seconds",
+            "Time one block's read or write of the NVMe tier took, checksum included.",
+            ["op"],
+            buckets=_COPY_BUCKETS,
+            registry=self.registry,
+        )
         self.up = Gauge("kvfabric_agent_ready", "1 when the agent serves requests.", registry=self.registry)
+
+    def watch_tier(self, tiers: TierService) -> None:
+        """Exposes the NVMe tier's metrics (agents started with ``--nvme-path``)."""
+        self.registry.register(_TierCollector(tiers))
+        self._index_collector.tiers = tiers
+        for op in ("read", "write"):
+            self.nvme_seconds.labels(op)

@@ -396,6 +396,12 @@ class NvmeTier:
     def __len__(self) -> int:
         return len(self._index)
 
+    def holds(self, tenant: str, namespace: str, key: bytes, payload_bytes: int) -> bool:
+        """Whether a block of this size is stored under this identity (not yet verified)."""
+        with self._lock:
+            entry = self._index.get((tenant, namespace, key))
+            return entry is not None and entry.slab.payload_bytes == payload_bytes
+
     @property
     def used_bytes(self) -> int:
         return self._used

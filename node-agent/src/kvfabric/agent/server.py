@@ -20,6 +20,7 @@ import fcntl
 import gc
 import itertools
 import logging
+import mmap
 import os
 import socket
 import stat
@@ -33,11 +34,12 @@ from pathlib import Path
 import msgspec
 
 from kvfabric.agent.gpu_service import GpuError, GpuService
-from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded
+from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded, scoped
 from kvfabric.agent.metrics import AgentMetrics
 from kvfabric.agent.pool import PoolDoesNotFit, PoolError, Segment, SlotAllocator
 from kvfabric.agent.settings import AgentSettings
 from kvfabric.agent.tenancy import TENANT_RE, PeerCredentials, TenantPools, peer_credentials, tenant_of_uid
+from kvfabric.agent.tiering import TierService
 from kvfabric.connector import protocol as p
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,19 @@ class Agent:
         self.fatal_event = asyncio.Event()
         self.gpu: GpuService | None = None
         self._gpu_copies = ThreadPoolExecutor(4, "kvfabric-gpu-copy")
+        self.tiers: TierService | None = None
+        if settings.nvme_path is not None and settings.nvme_size is not None:
+            self.tiers = TierService(
+                settings.nvme_path,
+                settings.nvme_size,
+                self.index,
+                self._pool_memory,
+                threads=settings.nvme_threads,
+                queue_blocks=settings.nvme_queue_blocks,
+                read_deadline_s=settings.nvme_read_deadline_ms / 1000,
+                observe=lambda op, s: self.metrics.nvme_seconds.labels(op).observe(s),
+            )
+            self.metrics.watch_tier(self.tiers)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -169,6 +184,8 @@ class Agent:
             )
         for t in self._background:
             t.start()
+        if self.tiers is not None:
+            self.tiers.start(self._loop)
         self._housekeeping = asyncio.create_task(self._housekeep())
         gc.freeze()  # start-up objects never need a collection pass again
         self.started_at = time.time()
@@ -324,6 +341,8 @@ class Agent:
             self.segment.stopping.set()
         for t in self._background:
             await loop.run_in_executor(None, t.join, 60.0)
+        if self.tiers is not None:  # its threads use pool memory: before the pool goes
+            await loop.run_in_executor(None, self.tiers.close)
         await loop.run_in_executor(None, self._gpu_copies.shutdown, True)
         if self.gpu is not None:
             self.gpu.close()
@@ -584,6 +603,7 @@ class Agent:
                 # Not left registered: a kv_id nobody may use (its namespace was refused).
                 await loop.run_in_executor(self._gpu_copies, gpu.unregister, session.session_id, kv_id)
                 raise
+            ns.gpu = True  # its blocks live in the segment the agent copies through
             session.gpu_namespaces[kv_id] = ns
         except GpuError as exc:
             raise _ProtocolError(p.E_GPU, str(exc)) from exc
@@ -659,6 +679,14 @@ class Agent:
                 + " in the registration's namespace",
             )
 
+    def _pool_memory(self, ns: Namespace) -> mmap.mmap:
+        """The mapping that holds ``ns``'s slots: its tenant's own file (isolated tenancy, CPU
+        engines), else the shared segment."""
+        if self.tenant_pools is not None and not ns.gpu:
+            return self.tenant_pools.mapping(ns.tenant)
+        assert self.segment is not None
+        return self.segment.map
+
     def _open_pool(self, request: p.OpenPool, session: Session) -> tuple[p.PoolReply, int]:
         """The session's pool file as a descriptor: its tenant's own file with isolated
         tenancy, else the shared segment."""
@@ -720,8 +748,21 @@ class Agent:
                     request.lease_id,
                     tenant,
                 )
+                promoting = 0
+                if request.promote and self.tiers is not None and result.hits < len(request.keys):
+                    spaces = [self.index.namespaces.get(scoped(tenant, n)) for n in request.namespaces]
+                    if all(ns is not None for ns in spaces):
+                        promoting = self.tiers.promote(
+                            [ns for ns in spaces if ns is not None],
+                            request.keys[result.hits :],
+                            request.keys[result.hits - 1] if result.hits else None,
+                        )
                 return p.LookupReply(
-                    hits=result.hits, pool_id=pool_id, slots=result.slots, leases=result.leases
+                    hits=result.hits,
+                    pool_id=pool_id,
+                    slots=result.slots,
+                    leases=result.leases,
+                    promoting=promoting,
                 )
             if isinstance(request, p.Reserve):
                 slots = self.index.reserve(
@@ -791,4 +832,6 @@ class Agent:
             fatal=self.fatal or "",
         )
         out.update({f"blocks_{k}": v for k, v in self.index.block_counts().items()})
+        if self.tiers is not None:
+            out.update(self.tiers.summary())
         return out

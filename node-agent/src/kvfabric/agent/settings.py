@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "KVFABRIC_"
@@ -177,6 +177,40 @@ class AgentSettings(BaseSettings):
         description="Fraction of the pool one tenant may hold (isolated tenancy); under pressure "
         "the tenant holding most gives arenas up first.",
     )
+    nvme_path: Path | None = Field(
+        default=None,
+        description="Directory of the NVMe tier (a local disk; off when unset). Committed blocks are "
+        "also written there behind the engines' backs; a lookup that misses the pool finds them "
+        "there, and the agent reads them back into the pool. It survives agent restarts and host "
+        "reboots; every block is checksummed and a damaged one is dropped, never served.",
+    )
+    nvme_size: ByteSize | None = Field(
+        default=None,
+        ge=64 * 1024**2,
+        description="Bytes of disk the NVMe tier may fill (e.g. 500GiB); needed with --nvme-path. "
+        "The least recently used blocks go first.",
+    )
+    nvme_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Threads that write blocks to the NVMe tier and, as many again, read them back.",
+    )
+    nvme_queue_blocks: int = Field(
+        default=4096,
+        ge=1,
+        description="Blocks waiting to be written to the NVMe tier, and as many waiting to be read; "
+        "past it writes are dropped (counted) and lookups do not start reads, so the disk never "
+        "holds the engines back.",
+    )
+    nvme_read_deadline_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=60_000,
+        description="A read of the NVMe tier that has not started this long after the lookup that "
+        "asked for it is skipped (counted): engines stop waiting for it before then (the "
+        "connector's promote_wait_ms).",
+    )
     log_format: str = Field(default="text", description="'text' or 'json' log lines.")
     log_level: str = Field(default="INFO", description="Python logging level name.")
 
@@ -201,6 +235,12 @@ class AgentSettings(BaseSettings):
         if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return v
+
+    @model_validator(mode="after")
+    def _nvme(self) -> AgentSettings:
+        if (self.nvme_path is None) != (self.nvme_size is None):
+            raise ValueError("nvme_path and nvme_size go together (set both, or neither)")
+        return self
 
     def to_env(self) -> dict[str, str]:
         """The ``KVFABRIC_*`` variables that reproduce these settings (used by the operator)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import re
 import socket
@@ -61,6 +62,7 @@ class TenantPools:
         self.pool_bytes = pool_bytes
         self.arena_bytes = arena_bytes
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def fd(self, tenant: str) -> int:
         """The tenant's pool file (created at its first use)."""
@@ -83,6 +85,14 @@ class TenantPools:
         if writable:
             return os.dup(fd)
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def mapping(self, tenant: str) -> mmap.mmap:
+        """The tenant's pool file mapped into the agent (the NVMe tier reads and writes its
+        slots there); mapped at its first use."""
+        m = self._maps.get(tenant)
+        if m is None:
+            m = self._maps[tenant] = mmap.mmap(self.fd(tenant), self.pool_bytes, mmap.MAP_SHARED)
+        return m
 
     def punch(self, tenant: str, arena: int) -> None:
         """Frees the pages of one arena in the tenant's file (it left the tenant)."""
@@ -119,6 +129,9 @@ class TenantPools:
         return list(self._fds)
 
     def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
