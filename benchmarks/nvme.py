@@ -103,3 +103,74 @@ def bench_tier(results: dict[str, Any], tmp: Path, report: Report) -> None:
     report(results, "nvme_header_read_dd_s", dd_scan, "s", f"dd: {n} direct reads of {HEADER_BYTES} bytes")
     report(results, "ratio_nvme_crash_open_vs_dd_header_read", dd_scan / crashed, "x")
     report(results, "ratio_nvme_clean_open_vs_dd_header_read", dd_scan / clean, "x")
+
+
+def bench_ttft(
+    results: dict[str, Any], tmp: Path, report: Report, rounds: int = 2, per_round: int = 3
+) -> None:
+    """TTFT of a prompt served from the NVMe tier (the agent restarted: its pool is new, the
+    tier is not) against the same prompt recomputed (no connector) and served from the pool.
+    Tiny Llama fp32 on the CPU, 4096-token prompts (32 blocks of 512 KiB, 16 MiB each)."""
+    import random
+    import statistics
+
+    from e2e import tiny_model
+    from e2e.agent import AgentProcess
+    from e2e.engine import EngineProcess
+
+    print(
+        "NVMe TTFT: 4096-token prompts, tiny Llama fp32 on the CPU; warm from the pool, warm from the "
+        f"NVMe tier after an agent restart, recomputed; {rounds} rounds x {per_round} prompts"
+    )
+    model = tiny_model.build(tmp / "model-nvme")
+    rng = random.Random(13)
+    vocab = tiny_model.CONFIG["vocab_size"]
+    warmup = [rng.randrange(3, vocab) for _ in range(300)]
+    samples: dict[str, list[float]] = {}
+    nvme_dir = tmp / "nvme-ttft"
+
+    def agent(name: str) -> AgentProcess:
+        a = AgentProcess(
+            tmp / name,
+            "2GiB",
+            extra_args=["--nvme-path", str(nvme_dir), "--nvme-size", "4GiB", "--log-level", "WARNING"],
+        )
+        a.start()
+        a.wait_prefaulted()
+        a.wait_nvme()
+        return a
+
+    def serve(key: str, prompts: list[list[int]], a: AgentProcess | None) -> None:
+        cfg = {"socket_path": str(a.socket_path)} if a is not None else None
+        with EngineProcess(model, tmp, cfg, log_name=f"nvme-{key}") as e:
+            e.generate([[t + 1 for t in warmup]], 1)  # first-request warm-up, not measured
+            outs = [e.generate([p], 1)[0] for p in prompts]  # one at a time: TTFT, not batch time
+            samples.setdefault(key, []).extend(o.seconds for o in outs)
+            if key not in ("none", "cold"):
+                assert all(o.cached_tokens > 0 for o in outs), f"{key}: a prompt was not a hit"
+
+    for r in range(rounds):
+        prompts = [[rng.randrange(3, vocab) for _ in range(4096)] for _ in range(per_round)]
+        serve("none", prompts, None)
+        a = agent(f"agent-{r}-1")
+        try:
+            serve("cold", prompts, a)
+            a.wait_nvme_written()  # every block on disk before the pool is lost
+            serve("pool", prompts, a)
+        finally:
+            a.cleanup()
+        a = agent(f"agent-{r}-2")  # pool lost, tier kept
+        try:
+            serve("nvme", prompts, a)
+            promoted = a.stats()["nvme_promoted_blocks"]
+            assert promoted >= per_round * 31, promoted
+        finally:
+            a.cleanup()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    report(results, "nvme_ttft_recompute_ms", med["none"] * 1e3, "ms")
+    report(results, "nvme_ttft_from_pool_ms", med["pool"] * 1e3, "ms")
+    report(results, "nvme_ttft_from_nvme_ms", med["nvme"] * 1e3, "ms")
+    report(results, "ratio_nvme_over_recompute", med["nvme"] / med["none"], "x", "target < 1")
+    report(results, "ratio_nvme_over_pool", med["nvme"] / med["pool"], "x")
+    spread = {k: (min(v) * 1e3, max(v) * 1e3) for k, v in samples.items()}
+    print("  min-max ms: " + ", ".join(f"{k} {a:.0f}-{b:.0f}" for k, (a, b) in spread.items()))

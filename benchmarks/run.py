@@ -1,6 +1,7 @@
 """``make bench``: every benchmark prints a ratio against a baseline measured in the same run.
 
-    python -m benchmarks.run [ttft] [rpc] [copy] [index] [stall] [sched] [nvme]   (default: all)
+    python -m benchmarks.run [ttft] [rpc] [copy] [index] [stall] [sched] [nvme] [nvme_ttft]
+                                 [tier_policy]   (default: all)
 
 Results go to stdout and ``benchmarks/out/results.json``; record them in RESULTS.md with the
 machine and date.
@@ -23,7 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import nvme, trust  # noqa: E402
+from benchmarks import nvme, tier_policy, trust  # noqa: E402
 from e2e import tiny_model  # noqa: E402
 from e2e.agent import AgentProcess  # noqa: E402
 from e2e.engine import EngineProcess  # noqa: E402
@@ -227,6 +228,14 @@ def bench_nvme(results: dict[str, Any], tmp: Path) -> None:
     nvme.bench_tier(results, tmp, report)
 
 
+def bench_nvme_ttft(results: dict[str, Any], tmp: Path) -> None:
+    nvme.bench_ttft(results, tmp, report)
+
+
+def bench_tier_policy(results: dict[str, Any], tmp: Path) -> None:
+    tier_policy.bench_policy(results, report)
+
+
 BENCHES = {
     "ttft": bench_ttft,
     "rpc": bench_rpc,
@@ -235,6 +244,8 @@ BENCHES = {
     "stall": bench_stall,
     "sched": bench_sched,
     "nvme": bench_nvme,
+    "nvme_ttft": bench_nvme_ttft,
+    "tier_policy": bench_tier_policy,
 }
 
 

@@ -93,6 +93,28 @@ class AgentProcess:
                 raise TimeoutError("pool not prefaulted")
             time.sleep(0.05)
 
+    def wait_nvme(self, timeout: float = 120.0) -> None:
+        """Waits until the NVMe tier is open."""
+        self._wait("NVMe tier open", lambda s: s["nvme_ready"] == 1, timeout)
+
+    def wait_nvme_written(self, timeout: float = 120.0) -> None:
+        """Waits until every block an engine committed is on the NVMe tier (blocks promoted from
+        it, or that it held already, are not written again)."""
+
+        def done(s: dict[str, Any]) -> bool:
+            on_disk = s["nvme_written_blocks"] + s["nvme_write_skipped_present"]
+            engines_committed = s["committed_blocks"] - s["nvme_promoted_blocks"]
+            return s["nvme_writes_queued"] == 0 and on_disk >= engines_committed
+
+        self._wait("every committed block written to the NVMe tier", done, timeout)
+
+    def _wait(self, what: str, cond: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond(self.stats()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not after {timeout}s")
+            time.sleep(0.05)
+
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace") if self.log_path.exists() else ""
 

@@ -163,7 +163,8 @@ def test_dashboard_and_alerts_use_only_real_metrics_and_parse(tmp_path: Path) ->
     r = subprocess.run(["promtool", "check", "rules", str(rules_file)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     # every metric named exists on a live agent's /metrics
-    with AgentProcess(tmp_path / "agent", "32MiB") as agent:
+    nvme = ["--nvme-path", str(tmp_path / "nvme"), "--nvme-size", "64MiB"]  # its metrics too
+    with AgentProcess(tmp_path / "agent", "32MiB", extra_args=nvme) as agent:
         exported = set(re.findall(r"^# TYPE (kvfabric_\w+) (\w+)", agent.metrics_text(), re.M))
     # ... or on the operator's (its own registry: the reconciler's and the webhook's metrics)
     import prometheus_client

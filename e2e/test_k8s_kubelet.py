@@ -237,6 +237,7 @@ def test_the_readme_story_on_a_real_node(cluster: Cluster, tmp_path: Path) -> No
         wait_for("the namespace's service account", lambda: c.cp.kubectl("get", "sa", "default", "-n", NS))
         pool = yaml.safe_load((REPO / "manifests" / "sample-pool.yaml").read_text())
         pool["spec"]["memory"]["size"] = "1Gi"  # this machine's size; the sample says 8Gi
+        pool["spec"]["nvme"] = {"path": str(tmp_path / "nvme"), "size": "256Mi"}  # a disk tier too
         c.apply([pool])
         agent = c.ready_pod(NS, "app.kubernetes.io/name=kvfabric-agent")
         assert agent["spec"]["containers"][0]["image"] == "kvfabric/agent:0.1.0"  # the operator's version
@@ -244,7 +245,7 @@ def test_the_readme_story_on_a_real_node(cluster: Cluster, tmp_path: Path) -> No
 
         def pool_row() -> str | None:
             out = str(c.cp.kubectl("get", "kvcachepools", "-n", NS).stdout)
-            return out if re.search(r"default\s+1Gi\s+1\s+1\s+True", out) else None
+            return out if re.search(r"default\s+1Gi\s+256Mi\s+1\s+1\s+True", out) else None
 
         table = wait_for("kubectl get kvcachepools to show the pool Ready on 1/1 nodes", pool_row, timeout=60)
         assert "READY" in table.upper()
@@ -298,6 +299,10 @@ def test_the_readme_story_on_a_real_node(cluster: Cluster, tmp_path: Path) -> No
         third = Engine(c.ready_pod(NS, "app=vllm", other_than=second.name))
         assert third.complete(PROMPTS["R1"]) == served
         assert third.metric("vllm:external_prefix_cache_hits_total") > 0
+        # P went to the old agent only: the new one has it from its NVMe tier (a hostPath that
+        # outlived the agent pod), read back into its pool
+        assert third.complete(PROMPTS["P"]) == cold
+        assert metric(new_metrics, "kvfabric_nvme_read_blocks_total") >= full - 1
 
         # --- a real Prometheus has scraped the agents; the dashboard's queries have data ------
         from kvfabric.operator.dashboard import PANELS

@@ -61,8 +61,10 @@ class Engine:
         reply = self.client.lookup(["ns"], keys, 16, promote=True)
         _until(
             f"{expect} hits",
-            lambda: self.client.lookup(["ns"], keys, 16, promote=True).hits >= expect
-            and self.client.lookup(["ns"], keys, 16).hits == expect,
+            lambda: (
+                self.client.lookup(["ns"], keys, 16, promote=True).hits >= expect
+                and self.client.lookup(["ns"], keys, 16).hits == expect
+            ),
         )
         reply = self.client.lookup(["ns"], keys, 16, lease_id="L")
         out = [bytes(self.pool[s * BLOCK : (s + 1) * BLOCK]) for s in reply.slots[0]]
@@ -100,12 +102,12 @@ def test_blocks_survive_an_agent_restart_and_come_back_through_the_pool(
 ) -> None:
     nvme = tmp_path / "nvme"
     with _agent(tmp_path / "a", nvme) as a:
-        _until("tier open", lambda: a.stats()["nvme_ready"] == 1)
+        a.wait_nvme()
         _fill(a, engines, payloads)
         if restart == "sigkill":
             a.kill()
     with _agent(tmp_path / "b", nvme) as b:
-        _until("tier open", lambda: b.stats()["nvme_ready"] == 1)
+        b.wait_nvme()
         e = Engine(b)
         engines.append(e)
         first = e.client.lookup(["ns"], KEYS, 16, promote=True)
@@ -128,7 +130,7 @@ def test_a_block_damaged_between_restarts_is_never_served(
 ) -> None:
     nvme = tmp_path / "nvme"
     with _agent(tmp_path / "a", nvme) as a:
-        _until("tier open", lambda: a.stats()["nvme_ready"] == 1)
+        a.wait_nvme()
         _fill(a, engines, payloads)
     # Slot order on disk is write order; find block 3's slot by its payload.
     slab = _slab(nvme)
@@ -144,7 +146,7 @@ def test_a_block_damaged_between_restarts_is_never_served(
         else:
             f.truncate(at + BLOCK // 2)  # the slab ends inside block 3; blocks after it are gone too
     with _agent(tmp_path / "b", nvme) as b:
-        _until("tier open", lambda: b.stats()["nvme_ready"] == 1)
+        b.wait_nvme()
         e = Engine(b)
         engines.append(e)
         # Whatever was damaged, the first 3 blocks come back intact and nothing past them is a hit.
@@ -160,7 +162,7 @@ def test_writes_past_the_queue_are_dropped_and_counted(
     tmp_path: Path, payloads: list[bytes], engines: list[Engine]
 ) -> None:
     with _agent(tmp_path / "a", tmp_path / "nvme", "--nvme-queue-blocks", "1") as a:
-        _until("tier open", lambda: a.stats()["nvme_ready"] == 1)
+        a.wait_nvme()
         e = Engine(a)
         engines.append(e)
         e.save(KEYS, payloads)  # one commit: one write queued, the others find the queue full
@@ -185,3 +187,59 @@ def test_an_unusable_tier_directory_leaves_the_agent_serving_from_memory(
         assert e.load(KEYS, expect=len(KEYS)) == payloads
     assert (nvme / "someone-elses-file").read_text() == "keep me"
     assert sorted(p.name for p in nvme.iterdir()) == ["someone-elses-file"]
+
+
+def test_tenants_are_kept_apart_on_disk_and_never_promote_each_others_blocks(
+    tmp_path: Path, payloads: list[bytes]
+) -> None:
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="kvt-", dir="/tmp"))
+    for t in ("team-a", "team-b"):
+        (root / t).mkdir()
+    nvme = tmp_path / "nvme"
+    iso = ["--tenancy", "isolated", "--tenant-socket-dir", str(root)]
+    opened: list[AgentClient] = []
+
+    def tenant(t: str) -> tuple[AgentClient, mmap.mmap]:
+        sock = root / t / "agent.sock"
+        _until("tenant socket", sock.exists)
+        c = AgentClient(str(sock), t)
+        opened.append(c)
+        c.register_namespace("ns", BLOCK, 16)  # the same model, the same keys, in both tenants
+        reply, fd = c.open_pool()
+        try:
+            return c, mmap.mmap(fd, reply.pool_bytes, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+
+    try:
+        with _agent(tmp_path / "a", nvme, *iso) as a:
+            a.wait_nvme()
+            c, pool = tenant("team-a")
+            slot = c.reserve("ns", KEYS[:1], None).slots[0]
+            pool[slot * BLOCK : (slot + 1) * BLOCK] = payloads[0]
+            c.commit("ns", KEYS[:1], [], 0.0)
+            _until("written", lambda: a.stats()["nvme_written_blocks"] == 1)
+            pool.close()
+        assert [p.name for p in (nvme / "tenant-team-a").iterdir()] != []
+        assert not (nvme / "tenant-team-b").exists() and not (nvme / "shared").exists()
+        with _agent(tmp_path / "b", nvme, *iso) as b:
+            b.wait_nvme()
+            cb, pool_b = tenant("team-b")
+            assert cb.lookup(["ns"], KEYS[:1], 16, promote=True).promoting == 0  # A's block, not B's
+            ca, pool_a = tenant("team-a")
+            assert ca.lookup(["ns"], KEYS[:1], 16, promote=True).promoting == 1
+            _until("promoted", lambda: ca.lookup(["ns"], KEYS[:1], 16).hits == 1)
+            reply = ca.lookup(["ns"], KEYS[:1], 16, lease_id="L")
+            (s,) = reply.slots[0]
+            assert pool_a[s * BLOCK : (s + 1) * BLOCK] == payloads[0]  # into A's own pool file
+            assert pool_b[s * BLOCK : (s + 1) * BLOCK] == bytes(BLOCK)
+            assert cb.lookup(["ns"], KEYS[:1], 16).hits == 0
+            pool_a.close()
+            pool_b.close()
+    finally:
+        for c in opened:
+            c.close()
+        shutil.rmtree(root, ignore_errors=True)

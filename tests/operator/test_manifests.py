@@ -149,3 +149,34 @@ def test_pool_names_that_would_make_invalid_children_are_refused() -> None:
     assert "DNS label" in invalid_name("team.a")
     assert "DNS label" in invalid_name("7b-pool")
     assert len(f"kvfabric-{'a' * MAX_POOL_NAME}-agents") == 63
+
+
+def test_an_nvme_tier_gets_its_own_host_directory_per_pool_and_the_agent_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = KVCachePoolSpec.model_validate(
+        {"memory": {"size": "8Gi"}, "nvme": {"path": "/mnt/nvme0/", "size": "500Gi"}}
+    )
+    for key, value in configmap("ml", "pool-a", "uid-1", spec)["data"].items():
+        monkeypatch.setenv(key, value)
+    settings = AgentSettings()
+    assert str(settings.nvme_path) == "/kvfabric/nvme" and settings.nvme_size == 500 << 30
+    pod = daemonset("ml", "pool-a", "uid-1", spec, IMAGE)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["hostPath"] for v in pod["volumes"]}
+    assert volumes["nvme"] == {"path": "/mnt/nvme0/ml.pool-a", "type": "DirectoryOrCreate"}
+    (container,) = pod["containers"]
+    assert {"name": "nvme", "mountPath": "/kvfabric/nvme"} in container["volumeMounts"]
+    (init,) = pod["initContainers"]
+    assert "/kvfabric/nvme" in init["command"]  # the non-root agent can write it
+    plain = daemonset("ml", "pool-a", "uid-1", SPEC, IMAGE)["spec"]["template"]["spec"]
+    assert "nvme" not in {v["name"] for v in plain["volumes"]}
+    assert "KVFABRIC_NVME_PATH" not in configmap("ml", "pool-a", "uid-1", SPEC)["data"]
+    with pytest.raises(ValueError, match="pattern"):
+        KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "nvme": {"path": "rel", "size": "1Gi"}})
+
+
+def test_agent_settings_refuse_an_nvme_path_without_a_size() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="go together"):
+        AgentSettings(nvme_path="/x")

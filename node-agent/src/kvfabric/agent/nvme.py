@@ -170,7 +170,7 @@ class _Slab:
         return HEADER_BYTES + slot * self.slot_bytes
 
 
-@dataclass
+@dataclass(slots=True)  # one per block on disk: millions
 class _Entry:
     slab: _Slab
     slot: int

@@ -204,7 +204,7 @@ class AgentSettings(BaseSettings):
         "holds the engines back.",
     )
     nvme_read_deadline_ms: int = Field(
-        default=1000,
+        default=500,
         ge=1,
         le=60_000,
         description="A read of the NVMe tier that has not started this long after the lookup that "

@@ -127,8 +127,10 @@ class TierService:
         """Blocking: finishes queued writes (queued reads are skipped), then closes the tier,
         which writes its index checkpoint. Call it off the loop, before pool memory goes."""
         self._closing = True
-        if self._opener is not None:
+        if self._opener is not None and self.opened.is_set():
             self._opener.join()
+        # Still opening (a scan after a crash): not waited for. The opener closes what it
+        # opened, or the process ends under it; nothing it does then needs finishing.
         self._readers.shutdown(wait=True, cancel_futures=False)
         self._writers.shutdown(wait=True, cancel_futures=False)
         if self.tier is not None:

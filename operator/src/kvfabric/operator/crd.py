@@ -109,6 +109,7 @@ def crd() -> dict[str, Any]:
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
                         {"name": "Size", "type": "string", "jsonPath": ".spec.memory.size"},
+                        {"name": "NVMe", "type": "string", "jsonPath": ".spec.nvme.size"},
                         {"name": "Desired", "type": "integer", "jsonPath": ".status.nodesDesired"},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.nodesReady"},
                         {

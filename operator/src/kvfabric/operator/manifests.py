@@ -8,7 +8,8 @@ Host paths shared by the agent and the engines of one pool (mounted at the same 
 because the agent tells engines where its pool file is):
 
 - ``/run/kvfabric/<namespace>.<pool>`` -> ``/kvfabric/run`` (the agent's socket);
-- ``/dev/shm/kvfabric/<namespace>.<pool>`` -> ``/kvfabric/shm`` (the pool file).
+- ``/dev/shm/kvfabric/<namespace>.<pool>`` -> ``/kvfabric/shm`` (the pool file);
+- with ``spec.nvme``: ``<nvme.path>/<namespace>.<pool>`` -> ``/kvfabric/nvme`` (the agent's only).
 
 With ``tenancy: perNamespace`` the agent serves one socket per Kubernetes namespace, at
 ``/run/kvfabric/<namespace>.<pool>/tenants/<pod namespace>/agent.sock``; an engine pod mounts
@@ -32,6 +33,7 @@ RUN_DIR = "/kvfabric/run"
 SHM_DIR = "/kvfabric/shm"
 SOCKET_PATH = f"{RUN_DIR}/agent.sock"
 POOL_PATH = f"{SHM_DIR}/pool"
+NVME_DIR = "/kvfabric/nvme"
 METRICS_PORT = 9400
 AGENT_UID = 65532  # the agent image's user (images/agent.Dockerfile, scripts/k8s/build-images.sh)
 # The longest pool name whose children's names stay valid: "kvfabric-<name>-agents" is a Service
@@ -51,6 +53,11 @@ TENANTS_DIR = f"{RUN_DIR}/tenants"
 def host_dirs(namespace: str, name: str) -> tuple[str, str]:
     """(socket dir, shm dir) on the host for one pool."""
     return f"/run/kvfabric/{namespace}.{name}", f"/dev/shm/kvfabric/{namespace}.{name}"
+
+
+def nvme_host_dir(namespace: str, name: str, spec: KVCachePoolSpec) -> str | None:
+    """The host directory of the pool's NVMe tier (one per pool: two pools never share one)."""
+    return f"{spec.nvme.path.rstrip('/')}/{namespace}.{name}" if spec.nvme is not None else None
 
 
 def tenant_host_dir(namespace: str, name: str, tenant: str) -> str:
@@ -94,6 +101,8 @@ def agent_settings(spec: KVCachePoolSpec) -> AgentSettings:
         socket=Path(SOCKET_PATH),
         tenancy="isolated" if spec.tenancy == "perNamespace" else "shared",
         tenant_socket_dir=Path(TENANTS_DIR) if spec.tenancy == "perNamespace" else None,
+        nvme_path=Path(NVME_DIR) if spec.nvme is not None else None,
+        nvme_size=parse_bytes(spec.nvme.size) if spec.nvme is not None else None,
         http_host="0.0.0.0",  # the pod network: scraped through the headless Service
         http_port=METRICS_PORT,
         log_format="json",
@@ -156,11 +165,12 @@ def chown_init(name: str, image: str, mounts: list[Body]) -> Body:
     }
 
 
-def prepare_dirs(image: str) -> Body:
-    """The agent pod's init container for its socket and shm directories."""
-    return chown_init(
-        "prepare-dirs", image, [{"name": "run", "mountPath": RUN_DIR}, {"name": "shm", "mountPath": SHM_DIR}]
-    )
+def prepare_dirs(image: str, nvme: bool = False) -> Body:
+    """The agent pod's init container for its socket, shm and NVMe tier directories."""
+    mounts = [{"name": "run", "mountPath": RUN_DIR}, {"name": "shm", "mountPath": SHM_DIR}]
+    if nvme:
+        mounts.append({"name": "nvme", "mountPath": NVME_DIR})
+    return chown_init("prepare-dirs", image, mounts)
 
 
 def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> Body:
@@ -178,6 +188,10 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
         {"name": "shm", "hostPath": {"path": shm_dir, "type": "DirectoryOrCreate"}},
     ]
     mounts: list[Body] = [{"name": "run", "mountPath": RUN_DIR}, {"name": "shm", "mountPath": SHM_DIR}]
+    nvme_dir = nvme_host_dir(namespace, name, spec)
+    if nvme_dir is not None:
+        volumes.append({"name": "nvme", "hostPath": {"path": nvme_dir, "type": "DirectoryOrCreate"}})
+        mounts.append({"name": "nvme", "mountPath": NVME_DIR})
     if spec.cuda:
         # The NVIDIA runtime (its RuntimeClass) mounts the driver and the devices these name;
         # CuPy compiles its kernels into a cache, which the read-only root cannot hold.
@@ -231,7 +245,7 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
                     "nodeSelector": dict(spec.node_selector),
                     "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations],
                     "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                    "initContainers": [prepare_dirs(image)],
+                    "initContainers": [prepare_dirs(image, nvme=nvme_dir is not None)],
                     "containers": [container],
                     "volumes": volumes,
                 },

@@ -42,8 +42,17 @@ class Memory(_Model):
 
 
 class Nvme(_Model):
-    path: str = Field(min_length=1, description="Host directory of the NVMe tier.")
-    size: Quantity = Field(description="Bytes the tier may use.")
+    path: str = Field(
+        min_length=1,
+        pattern=r"^/",
+        description="Host directory (on a local NVMe disk) under which the pool's agent keeps its "
+        "tier, in <path>/<namespace>.<pool>; it survives agent restarts and node reboots.",
+    )
+    size: Quantity = Field(
+        description="Disk bytes the tier may fill on each node (the agent's --nvme-size). The "
+        "agent's memory holds the tier's index (about 350 bytes per block on disk): raise "
+        "resources.memoryOverhead for tiers of millions of blocks."
+    )
 
 
 class Rdma(_Model):
@@ -72,7 +81,9 @@ class KVCachePoolSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list, description="Agent pod tolerations.")
     memory: Memory
     nvme: Nvme | None = Field(
-        default=None, description="Optional persistent NVMe tier. Reserved: accepted, not used yet."
+        default=None,
+        description="Optional persistent tier on local disk: committed blocks are written there "
+        "too, and hits the pool no longer holds are read back into it.",
     )
     rdma: Rdma = Field(default_factory=Rdma)
     remote_sharing: bool = Field(
