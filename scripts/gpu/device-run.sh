@@ -8,6 +8,7 @@
 #   scripts/gpu/device-run.sh tests [pytest args]   # python -m pytest -m gpu tests/gpu
 #   scripts/gpu/device-run.sh copy [args]           # benchmarks/gpu_copy.py
 #   scripts/gpu/device-run.sh ours|peers [args]     # benchmarks/gpu_vllm.py (needs vLLM)
+#   scripts/gpu/device-run.sh nvme [args]           # benchmarks/gpu_nvme.py
 set -euo pipefail
 parts=/tmp/kvfabric/vllm-parts
 vllm=/tmp/kvfabric/vllm26
@@ -39,7 +40,8 @@ case "$what" in
   stage) ls "$parts"; [ -d "$vllm/vllm" ] && echo "vLLM ready" || echo "vLLM not complete yet" ;;
   tests) exec python3 -m pytest -p no:cacheprovider -q -m gpu tests/gpu "$@" ;;
   copy) exec python3 benchmarks/gpu_copy.py "$@" ;;
+  nvme) exec python3 benchmarks/gpu_nvme.py "$@" ;;
   ours) exec python3 benchmarks/gpu_vllm.py ours "$@" ;;
   peers) PYTHONPATH="$PYTHONPATH:/tmp/kvfabric/peg" exec python3 benchmarks/gpu_vllm.py peers "$@" ;;
-  *) echo "unknown command $what (stage, tests, copy, ours, peers)" >&2; exit 2 ;;
+  *) echo "unknown command $what (stage, tests, copy, nvme, ours, peers)" >&2; exit 2 ;;
 esac
