@@ -478,3 +478,48 @@ def test_worker_stats_of_a_disabled_worker_show_only_failed_loads(agent: AgentPr
     w.start_load_kv(KVFabricMetadata(loads=[LoadIntent("r", "L", "p", (1, 2), ((0, 1),))]))
     delta = w.take_stats()
     assert delta["load_errors"] == 2 and delta["loaded_blocks"] == 0
+
+
+def test_the_scheduler_waits_for_blocks_promoted_from_nvme_then_they_load_like_any_hit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an agent restart the pool is empty and the NVMe tier is not: the scheduler answers
+    "ask again" (None) while the agent reads the blocks into the pool, then the hit, which the
+    worker loads byte for byte; once a request's wait is over it goes on without them."""
+    from kvfabric.connector import scheduler as sched_mod
+
+    args = ["--arena-size", "4MiB", "--nvme-path", str(tmp_path / "nvme"), "--nvme-size", "64MiB"]
+    salted = SimpleNamespace(**{**vars(_request("b", 80)), "cache_salt": "b"})  # other keys
+    keys_a = chain_keys(list(range(80)), 16, request_seed(["", ""]))
+    keys_b = chain_keys(list(range(80)), 16, request_seed(["b", ""]))
+    with AgentProcess(tmp_path / "agent1", "64MiB", extra_args=args) as a1:
+        a1.wait_nvme()
+        w, kv = make_worker(a1)
+        w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("a", (1, 2, 3, 4), tuple(keys_a[:4]), None)]))
+        w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("b", (5, 6, 7, 8), tuple(keys_b[:4]), None)]))
+        a1.wait_nvme_written()
+    with AgentProcess(tmp_path / "agent2", "64MiB", extra_args=args) as a2:
+        a2.wait_nvme()
+        w2, kv2 = make_worker(a2)  # registers the layout, as the engine's worker does at start
+        cfg = ConnectorConfig(socket_path=str(a2.socket_path), promote_wait_ms=30_000)
+        s = SchedulerSide(cfg, [SPEC.namespace()], 16, "t")
+        try:
+            req = _request("a", 80)
+            assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # on its way from disk
+            deadline = time.monotonic() + 20
+            while (got := s.get_num_new_matched_tokens(req, 0)) == (None, False):
+                assert time.monotonic() < deadline, "the promoted blocks never became hits"
+                time.sleep(0.005)
+            assert got == (64, False) and a2.stats()["nvme_promoted_blocks"] == 4
+            s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([9, 10, 11, 12, 13],)), 64)
+            w2.start_load_kv(s.build_connector_meta(_step([], set())))
+            assert w2.get_block_ids_with_load_errors() == set()
+            for before, after in zip(kv, kv2, strict=True):
+                assert torch.equal(before[1:5], after[9:13])  # saved to agent 1, loaded from agent 2
+            # B: asked once (its blocks start moving), then its wait is over: no more "ask again"
+            assert s.get_num_new_matched_tokens(salted, 0) == (None, False)
+            monkeypatch.setattr(sched_mod.time, "monotonic", lambda: 1e12)
+            tokens, _ = s.get_num_new_matched_tokens(salted, 0)
+            assert tokens is not None and s.stats.promote_waits >= 2
+        finally:
+            s.shutdown()
