@@ -10,11 +10,16 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
          ``--compare-whole`` also warm TTFT with whole (not layered) loads. The floor: vLLM's
          own TTFT when the prefix is in its GPU cache (no copy at all), and the agent's view of
          each warm request (lookup and copy times, from its /metrics).
+  nvme   KVFabric with an NVMe tier: warm TTFT from the pool, then after an agent restart (pinned
+         pool new and empty, tier kept) from the tier, waiting for every block
+         (``promote_wait_ms`` 10 s) and with the default wait (500 ms: what is not in the pool by
+         then is recomputed); cold TTFT without a connector in the same run.
   peers  vLLM's native CPU offloading (prefix caching on; hits forced out of the GPU cache by
          other prompts) and PegaFlow (``pegaflow-llm-cu13``, prefix caching off), same prompts.
 
     python benchmarks/gpu_vllm.py ours --out DIR [--pool 64GiB]
     python benchmarks/gpu_vllm.py peers --out DIR
+    python benchmarks/gpu_vllm.py nvme --out DIR [--pool 16GiB] [--nvme-dir DIR]
 
 Each phase prints a table and writes ``DIR/<phase>.json``. Start times are measured with empty
 compile caches per engine kind (vLLM's, Inductor's under TMPDIR and Triton's, so no kind
@@ -294,6 +299,66 @@ def phase_ours(b: Bench, pool: str, compare_whole: bool) -> None:
     )
 
 
+def phase_nvme(b: Bench, pool: str, nvme_dir: Path) -> None:
+    flags = [
+        "--cuda",
+        "--nvme-path",
+        str(nvme_dir),
+        "--nvme-size",
+        "48GiB",
+        "--nvme-read-deadline-ms",
+        "10000",
+    ]
+
+    def agent(name: str) -> AgentProcess:
+        a = AgentProcess(b.tmp / name, pool, extra_args=flags).start(timeout=600)
+        a.wait_nvme(timeout=600)
+        return a
+
+    a = agent("agent-nvme-1")
+    try:
+        cfg = {"socket_path": str(a.socket_path), "timeout_ms": 10_000}
+        e = b.engine("kvfabric-nvme", "kvfabric", connector=cfg)
+        b.ttft(e, b.warmup)
+        b.record("cold_kvfabric", summary(b.ttft(e, b.timed)))
+        saved = (len(b.warmup) + len(b.timed)) * (PROMPT_TOKENS // BLOCK)
+        b.record("committed_blocks", f"{wait_committed(a, saved)} of {saved}")
+        t0 = time.perf_counter()
+        a.wait_nvme_written(timeout=600)
+        b.record("nvme_write_behind_drain_s", round(time.perf_counter() - t0, 1))
+        warm(b, a, e, "pool")
+        close(e)
+    finally:
+        a.cleanup()
+    for label, wait_ms in (("nvme_full_wait", 10_000), ("nvme_default_wait", 500)):
+        a = agent(f"agent-{label}")  # pool lost, tier kept
+        try:
+            cfg = {"socket_path": str(a.socket_path), "timeout_ms": 10_000, "promote_wait_ms": wait_ms}
+            e = b.engine(f"kvfabric-{label}", "kvfabric", connector=cfg)
+            b.ttft(e, b.warmup)
+            warm(b, a, e, label)
+            s = a.stats()
+            b.record(
+                f"tier_{label}",
+                {k: s[k] for k in ("nvme_promoted_blocks", "nvme_damaged_blocks", "nvme_reads_skipped_late")},
+            )
+            close(e)
+        finally:
+            a.cleanup()
+    e = b.engine("none", "none")
+    b.ttft(e, b.warmup)
+    b.record("cold_none", summary(b.ttft(e, b.timed)))
+    close(e)
+    r = b.results
+    b.record(
+        "ratios",
+        {
+            f"warm_{k}/cold_none (mean)": round(r[f"warm_{k}"]["mean_ms"] / r["cold_none"]["mean_ms"], 3)
+            for k in ("pool", "nvme_full_wait", "nvme_default_wait")
+        },
+    )
+
+
 def engine_timings(work: Path, out: Path) -> None:
     """The lines of each engine log that say where start-up time went."""
     keys = (
@@ -397,7 +462,10 @@ def phase_peers(b: Bench, pega_pool: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["ours", "peers"])
+    ap.add_argument("phase", choices=["ours", "peers", "nvme"])
+    ap.add_argument(
+        "--nvme-dir", type=Path, default=None, help="nvme: the tier's directory (default: under --out)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--pool", default="64GiB", help="KVFabric agent pool size")
     ap.add_argument("--pega-pool", default="16gb", help="PegaFlow server pool size (its 'gb' is GiB)")
@@ -425,6 +493,8 @@ def main() -> None:
     try:
         if args.phase == "ours":
             phase_ours(b, args.pool, args.compare_whole)
+        elif args.phase == "nvme":
+            phase_nvme(b, args.pool, args.nvme_dir or args.out / "nvme")
         else:
             phase_peers(b, args.pega_pool)
     finally:

@@ -9,6 +9,7 @@
 #   scripts/gpu/device-run.sh copy [args]           # benchmarks/gpu_copy.py
 #   scripts/gpu/device-run.sh ours|peers [args]     # benchmarks/gpu_vllm.py (needs vLLM)
 #   scripts/gpu/device-run.sh nvme [args]           # benchmarks/gpu_nvme.py
+#   scripts/gpu/device-run.sh vllm-nvme [args]      # benchmarks/gpu_vllm.py nvme (needs vLLM)
 set -euo pipefail
 parts=/tmp/kvfabric/vllm-parts
 vllm=/tmp/kvfabric/vllm26
@@ -42,6 +43,7 @@ case "$what" in
   copy) exec python3 benchmarks/gpu_copy.py "$@" ;;
   nvme) exec python3 benchmarks/gpu_nvme.py "$@" ;;
   ours) exec python3 benchmarks/gpu_vllm.py ours "$@" ;;
+  vllm-nvme) exec python3 benchmarks/gpu_vllm.py nvme "$@" ;;
   peers) PYTHONPATH="$PYTHONPATH:/tmp/kvfabric/peg" exec python3 benchmarks/gpu_vllm.py peers "$@" ;;
-  *) echo "unknown command $what (stage, tests, copy, nvme, ours, peers)" >&2; exit 2 ;;
+  *) echo "unknown command $what (stage, tests, copy, nvme, vllm-nvme, ours, peers)" >&2; exit 2 ;;
 esac

@@ -301,3 +301,34 @@ def test_metrics_pass_promtool(agent: AgentProcess) -> None:
     text = agent.metrics_text()
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_stopped_agent_costs_one_deadline_per_backoff_period_not_one_per_call(agent: AgentProcess) -> None:
+    """SIGSTOP: the agent's socket still accepts, nothing answers. A scheduler asking every few
+    milliseconds (each engine step) pays the call deadline once, then once per backoff period
+    while it tries again; every other call fails at once (the engine recomputes)."""
+    import signal
+
+    c = client(agent, timeout_s=0.2, backoff_initial_s=1.0, backoff_max_s=1.0)
+    c.register_namespace("ns", 4096, 16)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        blocked, calls, start = 0.0, 0, time.monotonic()
+        while time.monotonic() - start < 3.5:
+            t0 = time.monotonic()
+            with pytest.raises(AgentUnavailable):
+                c.lookup(["ns"], KEYS[:2], 16)
+            blocked += time.monotonic() - t0
+            calls += 1
+            time.sleep(0.005)  # an engine step
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    # 3.5 s: the first deadline, then one reconnect per 1 s period (each its 0.2 s deadline)
+    assert calls > 100 and c.failures <= 5
+    assert blocked <= 5 * 0.2 + 0.3, (blocked, c.failures, calls)
+    deadline = time.monotonic() + 5
+    while not c.connect():  # back once the agent runs again and the breaker lets it try
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert c.lookup(["ns"], KEYS[:2], 16).hits == 0

@@ -110,13 +110,20 @@ class KVFabricConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
-        self._worker.register_kv_caches(kv_caches)
+        self._worker.register_kv_caches(kv_caches, self._num_blocks())
+
+    def _num_blocks(self) -> int | None:
+        """vLLM's KV block count: a KV tensor with more rows holds each block split for the
+        attention kernel (``block_size`` larger than the kernel's)."""
+        config = getattr(self, "_kv_cache_config", None)
+        n = getattr(config, "num_blocks", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
         """vLLM >= 0.26 with :attr:`prefer_cross_layer_blocks`: one tensor whose dim 0 is the
         block (its stride order puts blocks outermost); the agent sees it as a single layer."""
         assert self._worker is not None
-        self._worker.register_kv_caches({"all_layers": kv_cache})
+        self._worker.register_kv_caches({"all_layers": kv_cache}, self._num_blocks())
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None

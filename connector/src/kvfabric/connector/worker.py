@@ -103,12 +103,14 @@ class WorkerSide:
 
     # -- setup -------------------------------------------------------------------------------------------
 
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], num_blocks: int | None = None) -> None:
+        """``num_blocks``: vLLM's block count (``kv_cache_config.num_blocks``), from which the
+        attention kernel's split of each block into rows is found (None: no split)."""
         if not (self.config.load or self.config.save):
             return  # disabled (e.g. an unsupported setup): never touches the agent
         layers = list(kv_caches.values())
         if layers and layers[0].is_cuda:
-            self._register_cuda(kv_caches)
+            self._register_cuda(kv_caches, num_blocks)
             return
         s = self.spec
         expected = (s.num_kv_heads, s.block_size, 2 * s.head_size)
@@ -123,12 +125,16 @@ class WorkerSide:
         if not self.client.connect():  # connecting registers the layout and maps the pool
             log.warning("agent not reachable yet; will retry", extra={"socket": self.config.socket_path})
 
-    def _register_cuda(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def _register_cuda(self, kv_caches: dict[str, torch.Tensor], num_blocks: int | None) -> None:
         """GPU engine: the agent copies blocks itself over CUDA IPC; nothing is pinned here."""
-        from kvfabric.connector.cuda_kv import describe
+        from kvfabric.connector.cuda_kv import describe, kernel_blocks_per_block
 
         try:
-            self.cuda = describe(kv_caches, layer_events=self.config.layered_loads)
+            first = next(iter(kv_caches.values()))
+            split = kernel_blocks_per_block(first, num_blocks) if num_blocks else 1
+            if split > 1:
+                log.info("vLLM splits each KV block for its attention kernel", extra={"kernel_blocks": split})
+            self.cuda = describe(kv_caches, layer_events=self.config.layered_loads, kernel_blocks=split)
             self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         except (ValueError, RuntimeError) as exc:
             log.error(
