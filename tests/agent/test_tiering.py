@@ -120,6 +120,7 @@ def test_promotion_needs_every_namespace_and_brings_the_right_bytes(
         assert [rig.bytes_of("rank0", k) for k in KEYS[:2]] == payloads[:2]
         assert [rig.bytes_of("rank1", k) for k in KEYS[:2]] == payloads[4:6]
         assert rig.service.stats.promoted_blocks == 4 and rig.service.stats.written_blocks == 0
+        assert rig.service.read_rate > 0 and rig.service.eta_s() == 0.0  # measured; nothing queued
         assert rig.service.promote(spaces, KEYS[:4], None) == 0  # in the pool now; the rest on no tier
     finally:
         rig.close()
@@ -159,6 +160,29 @@ def test_a_full_read_queue_stops_promotion_and_a_full_write_queue_drops_writes(
         rig.service.queue_blocks = 2
         assert rig.service.promote([rig.ns()], KEYS, None) == 2  # 3 on disk, 2 may be read at once
         assert rig.service.stats.reads_skipped_queue_full == 1
+        rig.settle()
+    finally:
+        rig.close()
+
+
+def test_the_time_promotion_takes_is_estimated_from_the_reads_so_far(
+    tmp_path: Path, payloads: list[bytes]
+) -> None:
+    rig = Rig(tmp_path / "tier")
+    rig.ns()
+    rig.save("ns", KEYS, payloads)
+    rig.settle()
+    rig.restart()
+    try:
+        ns = rig.ns()
+        assert rig.service.eta_s() == 0.0  # nothing read yet: no estimate
+        rig.service.promote([ns], KEYS[:2], None)
+        rig.settle()
+        rate = rig.service.read_rate
+        assert rate > 0
+        rig.service.promote([ns], KEYS[2:], KEYS[1])  # 6 queued: their completions wait for the loop
+        expected = 6 * BB / (rate * min(rig.service.threads, 6))
+        assert rig.service.eta_s() == pytest.approx(expected)
         rig.settle()
     finally:
         rig.close()

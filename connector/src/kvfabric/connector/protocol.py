@@ -249,6 +249,8 @@ class LookupReply(_Reply, frozen=True, tag="lookup"):
     leases: list[str] = []
     #: blocks after the hits being read from the NVMe tier into the pool (``promote``)
     promoting: int = 0
+    #: when the agent expects them all in the pool, in ms from now (0: no estimate yet)
+    promote_eta_ms: float = 0.0
 
 
 class ReserveReply(_Reply, frozen=True, tag="reserve"):

@@ -80,6 +80,7 @@ class SchedulerStats:
     blocks_to_load: int = 0
     blocks_to_save: int = 0
     promote_waits: int = 0
+    promote_too_slow: int = 0
 
 
 class SchedulerSide:
@@ -195,10 +196,16 @@ class SchedulerSide:
             st.pending = None
             return 0, False
         if reply.promoting and wait and self.config.promote_wait_ms:
-            # Blocks are on their way from the agent's NVMe tier: ask again in a later step
-            # (vLLM defers only this request). The lease of the hits so far is replaced then.
             if st.promote_until is None:
                 st.promote_until = now + self.config.promote_wait_ms / 1000
+            if reply.promote_eta_ms / 1000 > st.promote_until - now:
+                # They would come later than we may wait: recomputing is sooner. (They still
+                # land in the pool, for the requests after this one.)
+                st.promote_until = now
+                self.stats.promote_too_slow += 1
+        if reply.promoting and st.promote_until is not None and now < st.promote_until:
+            # Blocks are on their way from the agent's NVMe tier: ask again in a later step
+            # (vLLM defers only this request). The lease of the hits so far is replaced then.
             st.pending = None
             st.lease_id = lease_id
             st.leases = list(reply.leases)

@@ -748,7 +748,7 @@ class Agent:
                     request.lease_id,
                     tenant,
                 )
-                promoting = 0
+                promoting, eta = 0, 0.0
                 if request.promote and self.tiers is not None and result.hits < len(request.keys):
                     spaces = [self.index.namespaces.get(scoped(tenant, n)) for n in request.namespaces]
                     if all(ns is not None for ns in spaces):
@@ -757,12 +757,14 @@ class Agent:
                             request.keys[result.hits :],
                             request.keys[result.hits - 1] if result.hits else None,
                         )
+                        eta = self.tiers.eta_s() * 1000 if promoting else 0.0
                 return p.LookupReply(
                     hits=result.hits,
                     pool_id=pool_id,
                     slots=result.slots,
                     leases=result.leases,
                     promoting=promoting,
+                    promote_eta_ms=round(eta, 3),
                 )
             if isinstance(request, p.Reserve):
                 slots = self.index.reserve(

@@ -13,9 +13,12 @@ the hit rates of both.
 on the tier, in every namespace of the lookup (all TP ranks). Those are reserved in the pool
 under the agent's own session (:data:`PROMOTER_SESSION`), read by reader threads straight into
 their slots, verified (a damaged block is dropped and counted by the tier), then committed on
-the loop, or aborted. The lookup's reply says how many blocks are on their way; the connector
-asks again until they are committed or it stops waiting. A read still queued
-``--nvme-read-deadline-ms`` after its lookup is skipped: nobody waits for it any more.
+the loop, or aborted. The lookup's reply says how many blocks are on their way and when the
+last of them should be in (from the reads' measured rate); the connector asks again until they
+are committed, and does not wait at all when they would come later than it may wait (a slow
+disk loses to recomputing: it then recomputes, and the blocks still arrive for later requests).
+A read still queued ``--nvme-read-deadline-ms`` after its lookup is skipped: nobody waits for it
+any more.
 
 Index changes happen on the event loop only; threads touch pool memory and the disk.
 """
@@ -89,6 +92,10 @@ class TierService:
         self.opened = threading.Event()  # set once opening ended, whether or not it worked
         self.writes_queued = 0
         self.reads_queued = 0
+        self.reads_queued_bytes = 0
+        self.threads = threads
+        #: one reader thread's rate (bytes/s), a moving average of completed reads; 0: unknown
+        self.read_rate = 0.0
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._promoting: set[tuple[str, bytes]] = set()  # (scoped namespace, key) being read
@@ -217,6 +224,7 @@ class TierService:
                     break
                 self._promoting.add((scoped(ns.tenant, ns.name), key))
                 self.reads_queued += 1
+                self.reads_queued_bytes += ns.block_bytes
                 reading = True
                 self._readers.submit(self._read, tier, ns, slot, key, started)
             if not ok:
@@ -241,8 +249,11 @@ class TierService:
 
     def _read_done(self, ns: Namespace, key: bytes, outcome: str, seconds: float) -> None:
         self.reads_queued -= 1
+        self.reads_queued_bytes -= ns.block_bytes
         self._promoting.discard((scoped(ns.tenant, ns.name), key))
         if outcome == "ok":
+            rate = ns.block_bytes / max(seconds, 1e-6)
+            self.read_rate = rate if not self.read_rate else 0.8 * self.read_rate + 0.2 * rate
             self.index.commit(ns.name, [key], [], PROMOTER_SESSION, ns.tenant)
             self.stats.promoted_blocks += 1
             self.stats.promoted_bytes += ns.block_bytes
@@ -253,6 +264,12 @@ class TierService:
             self.stats.reads_skipped_late += 1
         else:
             self.stats.promote_failed += 1
+
+    def eta_s(self) -> float:
+        """Seconds until every queued read should be done, at the measured rate (0: unknown)."""
+        if not self.read_rate or not self.reads_queued:
+            return 0.0
+        return self.reads_queued_bytes / (self.read_rate * min(self.threads, self.reads_queued))
 
     # -- stats -----------------------------------------------------------------------------------
 
@@ -271,6 +288,7 @@ class TierService:
             nvme_blocks=len(tier) if tier is not None else 0,
             nvme_writes_queued=self.writes_queued,
             nvme_reads_queued=self.reads_queued,
+            nvme_read_rate_bytes_per_s=round(self.read_rate * self.threads),
         )
         return out
 
