@@ -43,7 +43,8 @@ class ConnectorConfig(BaseModel):
         le=60_000,
         description="How long a request waits, at most, for blocks the agent reads from its NVMe "
         "tier into the pool (vLLM schedules other requests meanwhile); past it the request goes on "
-        "with the hits already in the pool and computes the rest. 0: never wait.",
+        "with the hits already in the pool and computes the rest. It does not wait at all when the "
+        "agent expects the blocks later than that (a disk slower than recomputing). 0: never wait.",
     )
     load: bool = Field(default=True, description="Load hits from the pool.")
     save: bool = Field(default=True, description="Save newly computed full blocks to the pool.")
