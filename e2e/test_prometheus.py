@@ -24,7 +24,9 @@ pytestmark = [
 def test_prometheus_scrapes_the_agent_and_dashboard_queries_have_data(tmp_path: Path) -> None:
     from kvfabric.operator.dashboard import PANELS
 
-    with AgentProcess(tmp_path / "agent", "32MiB") as agent:
+    nvme = ["--nvme-path", str(tmp_path / "nvme"), "--nvme-size", "64MiB"]  # the NVMe panels too
+    with AgentProcess(tmp_path / "agent", "32MiB", extra_args=nvme) as agent:
+        agent.wait_nvme()
         c = AgentClient(str(agent.socket_path), "traffic")
         keys = [bytes([i]) * 16 for i in range(16)]
         c.register_namespace("ns", 4096, 16)
