@@ -360,12 +360,15 @@ def test_blocks_computed_on_a_failed_load_are_not_saved(agent: AgentProcess) -> 
         # Another request saving them (correctly computed) is not refused as "present".
         w1.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r1", (5, 6), tuple(keys[4:6]), keys[3])]))
         assert sched.lookup([SPEC.namespace()], keys[:6], 16).hits == 6
-        # The tainted request stays unsaved until it finishes, then is forgotten.
+        # Saves of the failed load's epoch (a step planned before vLLM saw the failure) are
+        # dropped; once the scheduler has seen it (a later epoch: recomputed blocks), they land.
         w2.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (15,), (b"n" * 16,), None)]))
         assert w2.stats.saved_blocks == 0
-        w2.get_finished({"r"})
-        w2.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (15,), (b"n" * 16,), None)]))
+        w2.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (15,), (b"n" * 16,), None, epoch=1)]))
         assert w2.stats.saved_blocks == 1
+        w2.get_finished({"r"})  # forgotten when it finishes
+        w2.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (15,), (b"m" * 16,), None)]))
+        assert w2.stats.saved_blocks == 2
     finally:
         sched.close()
 
@@ -523,3 +526,63 @@ def test_the_scheduler_waits_for_blocks_promoted_from_nvme_then_they_load_like_a
             assert tokens is not None and s.stats.promote_waits >= 2
         finally:
             s.shutdown()
+
+
+def test_after_a_failed_load_the_recomputed_blocks_end_up_in_the_pool(agent: AgentProcess) -> None:
+    """The review's poisoning scenario end to end at the role level: the load of a request's hit
+    fails (its lease is lost before the copy), the step's derived blocks are dropped, vLLM reports
+    the failed blocks and recomputes from the first; the scheduler plans the saves again in a new
+    epoch and the recomputed, correct blocks reach the pool (not a miss forever, not poison)."""
+    keys = chain_keys(list(range(96)), 16, request_seed(["", ""]))
+    w1, _ = make_worker(agent)
+    w1.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r0", (1, 2, 3, 4), tuple(keys[:4]), None)]))
+    s = SchedulerSide(ConnectorConfig(socket_path=str(agent.socket_path)), [SPEC.namespace()], 16, "t")
+    w2, _ = make_worker(agent)
+    try:
+        req = _request("r", 96)
+        assert s.get_num_new_matched_tokens(req, 0) == (64, False)
+        blocks = [9, 10, 11, 12, 13, 14, 15]
+        s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (blocks,)), 64)
+        step1 = s.build_connector_meta(_new_step("r", blocks, computed=64, scheduled=31))
+        (load,) = step1.loads
+        s.client.release(list(load.leases))  # the lease is lost before the worker copies
+        w2.start_load_kv(step1)
+        w2.wait_for_save(step1)  # blocks 4 and 5 were computed on top of the failed load
+        failed = w2.get_block_ids_with_load_errors()
+        assert failed == {9, 10, 11, 12}
+        probe = AgentClient(str(agent.socket_path), "probe")
+        try:
+            assert probe.lookup([SPEC.namespace()], keys[:6], 16).hits == 4  # no poison committed
+            # vLLM: the failed blocks are reported, the request recomputes from block 0
+            s.update_connector_output(0, len(failed), failed)
+            step2 = s.build_connector_meta(_cached_step("r", computed=0, scheduled=95))
+            assert [(i.block_ids, i.epoch) for i in step2.saves] == [(tuple(blocks[:5]), 1)]
+            w2.wait_for_save(step2)
+            assert probe.lookup([SPEC.namespace()], keys[:6], 16).hits == 5  # the recomputed block 4
+            assert w2.stats.saved_blocks == 1  # blocks 0-3 were in the pool already
+        finally:
+            probe.close()
+    finally:
+        s.shutdown()
+
+
+def _new_step(req: str, blocks: list[int], computed: int, scheduled: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=req, block_ids=(blocks,), num_computed_tokens=computed)],
+        num_scheduled_tokens={req: scheduled},
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]
+        ),
+        preempted_req_ids=set(),
+    )
+
+
+def _cached_step(req: str, computed: int, scheduled: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        scheduled_new_reqs=[],
+        num_scheduled_tokens={req: scheduled},
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[req], new_block_ids=[None], resumed_req_ids=set(), num_computed_tokens=[computed]
+        ),
+        preempted_req_ids=set(),
+    )

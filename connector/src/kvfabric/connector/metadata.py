@@ -23,6 +23,8 @@ class LoadIntent:
     block_ids: tuple[int, ...]
     slots: tuple[tuple[int, ...], ...]
     leases: tuple[str, ...] = ()
+    #: the request's epoch when planned (see :class:`SaveIntent`)
+    epoch: int = 0
 
     def lease_of(self, rank: int) -> str:
         return self.leases[rank] if rank < len(self.leases) else lease_of_rank(self.lease_id, rank)
@@ -36,6 +38,10 @@ class SaveIntent:
     block_ids: tuple[int, ...]
     keys: tuple[bytes, ...]
     parent: bytes | None
+    #: The request's epoch, one more after each failed load vLLM recomputes: a worker drops
+    #: saves of the epoch a load of which failed (computed attending to suspect blocks, in that
+    #: step or one scheduled before vLLM saw the failure) and keeps the later, recomputed ones.
+    epoch: int = 0
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -69,6 +69,8 @@ class _RequestState:
     checked_local: bool = False
     #: Until when (monotonic) the request waits for blocks the agent promotes from NVMe.
     promote_until: float | None = None
+    #: One more after each load of this request that failed (see ``SaveIntent.epoch``).
+    epoch: int = 0
 
 
 @dataclass
@@ -256,6 +258,7 @@ class SchedulerSide:
                 block_ids=tuple(ids),
                 slots=tuple(tuple(s[:n]) for s in pending.slots),
                 leases=tuple(pending.leases),
+                epoch=st.epoch,
             )
         )
         st.handed_over = True
@@ -312,6 +315,7 @@ class SchedulerSide:
                 block_ids=tuple(st.block_ids[start:full]),
                 keys=tuple(st.keys[start:full]),
                 parent=st.keys[start - 1] if start else None,
+                epoch=st.epoch,
             )
         )
         self.stats.blocks_to_save += full - start
@@ -335,11 +339,19 @@ class SchedulerSide:
                 end_block=n_full,
             )
 
-    def update_connector_output(self, loaded_blocks: int, load_errors: int) -> None:
+    def update_connector_output(
+        self, loaded_blocks: int, load_errors: int, invalid_block_ids: Collection[int] = ()
+    ) -> None:
         """The workers' load counts since their last report (their stats, which vLLM hands to
         the scheduler): when several reports in a row show failed loads and none that worked, the
         workers cannot load (disabled, pool not mapped, agent gone for them), and hits are not
-        offered for a while, doubling each time. One working load resets it."""
+        offered for a while, doubling each time. One working load resets it.
+
+        ``invalid_block_ids``: vLLM blocks whose load failed; vLLM recomputes from the first of
+        them. Each request holding one starts a new epoch and plans its saves again from there,
+        so the recomputed (correct) blocks reach the pool; the workers drop the old epoch's."""
+        if invalid_block_ids:
+            self._recompute_from(set(invalid_block_ids))
         if loaded_blocks:
             self._failed_reports = 0
             self._load_backoff_s = 0.0
@@ -356,6 +368,13 @@ class SchedulerSide:
                 "the workers could not load any of the last hits; not offering hits for %.0f s",
                 self._load_backoff_s,
             )
+
+    def _recompute_from(self, invalid: set[int]) -> None:
+        for st in self.requests.values():
+            first = next((j for j, b in enumerate(st.block_ids) if b in invalid), None)
+            if first is not None:
+                st.epoch += 1
+                st.saved_upto = min(st.saved_upto, first)
 
     def request_finished(self, request: Request) -> bool:
         """Drops the request; True if vLLM must keep its blocks until the workers' saves end."""

@@ -193,7 +193,11 @@ class KVFabricConnector(KVConnectorBase_V1):
         super().update_connector_output(connector_output)
         stats = getattr(connector_output, "kv_connector_stats", None)
         data = stats.data if isinstance(stats, KVFabricStats) else {}
-        self._scheduler.update_connector_output(data.get("loaded_blocks", 0), data.get("load_errors", 0))
+        self._scheduler.update_connector_output(
+            data.get("loaded_blocks", 0),
+            data.get("load_errors", 0),
+            getattr(connector_output, "invalid_block_ids", None) or (),
+        )
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int

@@ -89,7 +89,7 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         #: Requests a load of which failed: what the forward computed for them on top of the
         #: suspect blocks is never saved (that would poison the pool for every engine).
-        self._tainted: set[str] = set()
+        self._tainted: dict[str, int] = {}  # request -> the latest epoch a load of which failed
         self._layer_index: dict[str, int] = {}  # layer name -> its event, for layered loads
         self._layered_ok = False  # the agent opened our layer events (see GpuKVReply.layered)
         self._layered: _LayeredLoad | None = None
@@ -390,7 +390,7 @@ class WorkerSide:
     def _fail_loads(self, intents: list[LoadIntent]) -> None:
         for intent in intents:
             self._load_errors.update(intent.block_ids)
-            self._tainted.add(intent.req_id)
+            self._tainted[intent.req_id] = max(intent.epoch, self._tainted.get(intent.req_id, -1))
             self.stats.load_errors += len(intent.block_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -406,9 +406,10 @@ class WorkerSide:
             self.saves.note(meta.saves)  # delayed by the scheduler even if we cannot save them
         if self._tainted and meta.saves:
             # Blocks computed attending to a failed load's blocks: when in doubt, miss. (With
-            # async scheduling the next step may already build on them: the request stays
-            # tainted until it finishes.)
-            dropped = [i for i in meta.saves if i.req_id in self._tainted]
+            # async scheduling the next step, planned before vLLM saw the failure, builds on
+            # them too: same epoch.) Once vLLM recomputed them the scheduler plans them again
+            # in a later epoch, and those are saved.
+            dropped = [i for i in meta.saves if i.epoch <= self._tainted.get(i.req_id, -1)]
             if dropped:
                 self.stats.save_skipped_blocks += sum(len(i.keys) for i in dropped)
                 log.warning(
@@ -417,7 +418,7 @@ class WorkerSide:
                 )
                 meta = KVFabricMetadata(
                     loads=meta.loads,
-                    saves=[i for i in meta.saves if i.req_id not in self._tainted],
+                    saves=[i for i in meta.saves if i.epoch > self._tainted.get(i.req_id, -1)],
                     preempted=meta.preempted,
                 )
         if not meta.saves or not self.enabled:
@@ -454,7 +455,8 @@ class WorkerSide:
 
     def get_finished(self, finished_req_ids: set[str]) -> set[str] | None:
         """Finished requests whose blocks vLLM kept for our background saves, now free to go."""
-        self._tainted -= finished_req_ids
+        for req_id in finished_req_ids:
+            self._tainted.pop(req_id, None)
         return self.saves.finished(finished_req_ids) if self.saves is not None else None
 
     def _save_logged(self, intent: SaveIntent) -> None:
