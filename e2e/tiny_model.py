@@ -140,3 +140,52 @@ def build(out: Path, seed: int = 1234) -> Path:
 
 if __name__ == "__main__":
     print(build(Path(sys.argv[1])))
+
+
+#: A tiny DeepSeek-V2 (MLA attention): vLLM's CPU MLA kernels take only the real latent size,
+#: kv_lora_rank 512 + rope 64. Dense MLP in both layers (first_k_dense_replace); bf16 (the CPU
+#: MLA backend's weights).
+MLA_CONFIG = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_shared_experts": 1,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 2,
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 32,
+    "max_position_embeddings": 8192,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def build_mla(out: Path, seed: int = 7) -> Path:
+    """A seeded random DeepSeek-V2-shaped checkpoint (transformers builds the weights by name)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in MLA_CONFIG.items() if k not in ("architectures", "model_type")}
+    model = AutoModelForCausalLM.from_config(DeepseekV2Config(**fields))
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    build_tokenizer(out, MLA_CONFIG["vocab_size"])  # type: ignore[arg-type]
+    return out

@@ -23,6 +23,10 @@ FORMAT_VERSION = 1
 KEY_BYTES = 16
 
 
+#: Ends the ``layout`` of an MLA model (see :attr:`LayoutSpec.mla`).
+MLA_SUFFIX = "+mla"
+
+
 @dataclass(frozen=True)
 class LayoutSpec:
     """Everything that makes the KV bytes of one worker incompatible with another's."""
@@ -39,6 +43,11 @@ class LayoutSpec:
     layout: str
     tenant: str = ""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def mla(self) -> bool:
+        """An MLA model's layout: one latent vector (``kv_lora_rank + rope_dim``) per token."""
+        return self.layout.endswith(MLA_SUFFIX)
 
     def namespace(self) -> str:
         """Stable hex digest naming this layout in the agent (independent of process seeds)."""

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.identity import model_identity
-from kvfabric.connector.keys import LayoutSpec
+from kvfabric.connector.keys import MLA_SUFFIX, LayoutSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -16,22 +16,31 @@ if TYPE_CHECKING:
 CPU_LAYOUT = "cpu:[blocks,kv_heads,block_size,2*head_size]"
 
 
+#: CPU, MLA models: per layer ``[num_blocks, 1, block_size, kv_lora_rank + rope_dim]``.
+CPU_MLA_LAYOUT = "cpu:[blocks,1,block_size,latent]"
 #: CUDA: the agent copies blocks itself; a slot holds each layer's planes in the engine's byte
 #: order. The agent refuses a second engine whose tensor layout differs within one namespace.
 CUDA_LAYOUT = "cuda:agent-copy"
 
 
-def device_layout(device_type: str) -> str:
+def device_layout(device_type: str, mla: bool = False) -> str:
     if device_type == "cpu":
-        return CPU_LAYOUT
+        return CPU_MLA_LAYOUT + MLA_SUFFIX if mla else CPU_LAYOUT
     if device_type == "cuda":
-        return CUDA_LAYOUT
+        return CUDA_LAYOUT + (MLA_SUFFIX if mla else "")
     return f"{device_type}:unsupported"
 
 
 def layout_specs(vllm_config: VllmConfig, config: ConnectorConfig, device_type: str) -> list[LayoutSpec]:
-    """One :class:`LayoutSpec` per TP rank, in rank order."""
+    """One :class:`LayoutSpec` per TP rank, in rank order.
+
+    MLA models hold the same latent KV on every TP rank, yet each rank keeps its own namespace
+    (one copy per rank, not per TP group): with one shared copy, a load that failed on one rank
+    would let rank 0 save blocks computed on top of it (the ranks' all-reduce carries the bad
+    attention output into every rank's later layers) where every rank then loads them; with a
+    namespace per rank a lookup needs every rank's block, and the failed rank saved none."""
     model = vllm_config.model_config
+    mla = bool(getattr(model, "use_mla", False))
     parallel = vllm_config.parallel_config
     cache = vllm_config.cache_config
     tp = parallel.tensor_parallel_size
@@ -47,7 +56,7 @@ def layout_specs(vllm_config: VllmConfig, config: ConnectorConfig, device_type: 
             block_size=cache.block_size,
             tp_size=tp,
             tp_rank=rank,
-            layout=device_layout(device_type),
+            layout=device_layout(device_type, mla),
             tenant=config.tenant,
         )
         for rank in range(tp)

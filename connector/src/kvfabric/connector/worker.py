@@ -113,11 +113,17 @@ class WorkerSide:
             self._register_cuda(kv_caches, num_blocks)
             return
         s = self.spec
-        expected = (s.num_kv_heads, s.block_size, 2 * s.head_size)
+        latent = s.head_size if s.mla else 2 * s.head_size  # MLA: one latent vector, not K and V
+        expected = (s.num_kv_heads, s.block_size, latent)
         bad = [name for name, t in kv_caches.items() if tuple(t.shape[1:]) != expected]
         if len(layers) != s.num_layers or bad:
             log.error(
-                "KV cache layout is not the one this connector supports; KVFabric disabled",
+                "KV cache layout is not the one this connector supports (per block %s, got %s in %d "
+                "layers, expected %d); KVFabric disabled",
+                expected,
+                tuple(layers[0].shape[1:]) if layers else None,
+                len(layers),
+                s.num_layers,
                 extra={"expected": expected, "layers": len(layers), "mismatched": bad[:4]},
             )
             return
