@@ -186,6 +186,9 @@ def build_mla(out: Path, seed: int = 7) -> Path:
     fields = {k: v for k, v in MLA_CONFIG.items() if k not in ("architectures", "model_type")}
     model = AutoModelForCausalLM.from_config(DeepseekV2Config(**fields))
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    # The config in its long-standing form (rope_theta, torch_dtype), which older transformers
+    # (vLLM 0.26's) read as well as newer ones, instead of what this transformers writes.
+    (out / "config.json").write_text(json.dumps(MLA_CONFIG, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     build_tokenizer(out, MLA_CONFIG["vocab_size"])  # type: ignore[arg-type]
     return out
