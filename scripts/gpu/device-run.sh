@@ -5,7 +5,7 @@
 # unpacked once every part listed in .vllm26-all/SHA256SUMS has arrived.
 #
 #   scripts/gpu/device-run.sh stage                 # only stage (a call carrying one part)
-#   scripts/gpu/device-run.sh tests [pytest args]   # python -m pytest -m gpu tests/gpu
+#   scripts/gpu/device-run.sh tests [paths] [args]  # python -m pytest -m gpu (default: tests/gpu)
 #   scripts/gpu/device-run.sh copy [args]           # benchmarks/gpu_copy.py
 #   scripts/gpu/device-run.sh ours|peers [args]     # benchmarks/gpu_vllm.py (needs vLLM)
 #   scripts/gpu/device-run.sh nvme [args]           # benchmarks/gpu_nvme.py
@@ -39,7 +39,11 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 PYTH
 unset PYTORCH_CUDA_ALLOC_CONF  # vLLM refuses expandable_segments with a KV connector
 case "$what" in
   stage) ls "$parts"; [ -d "$vllm/vllm" ] && echo "vLLM ready" || echo "vLLM not complete yet" ;;
-  tests) exec python3 -m pytest -p no:cacheprovider -q -m gpu tests/gpu "$@" ;;
+  tests)  # test paths given: only those (else all of tests/gpu); other arguments go to pytest
+    paths=(); opts=()
+    for a in "$@"; do if [ -e "${a%%::*}" ]; then paths+=("$a"); else opts+=("$a"); fi; done
+    [ ${#paths[@]} -gt 0 ] || paths=(tests/gpu)
+    exec python3 -m pytest -p no:cacheprovider -q -m gpu "${opts[@]}" "${paths[@]}" ;;
   copy) exec python3 benchmarks/gpu_copy.py "$@" ;;
   nvme) exec python3 benchmarks/gpu_nvme.py "$@" ;;
   ours) exec python3 benchmarks/gpu_vllm.py ours "$@" ;;
