@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,11 +61,6 @@ class Rig:
         assert slot >= 0
         return bytes(self.pool[slot * BB : (slot + 1) * BB])
 
-    def restart(self) -> None:
-        """The pool and index are lost; the tier's directory is kept."""
-        self.close()
-        self.__init__(self.service.directory)  # type: ignore[misc]
-
     def close(self) -> None:
         self.service.close()
         self.settle_quietly()
@@ -77,29 +71,43 @@ class Rig:
         self.loop.run_until_complete(asyncio.sleep(0))
 
 
+def restart(rig: Rig, **kw: float) -> Rig:
+    """An agent restart: the pool and index are lost, the tier's directory is kept."""
+    rig.close()
+    return Rig(rig.service.directory, **kw)
+
+
+def filled(directory: Path, payloads: list[bytes], **kw: float) -> Rig:
+    """A restarted rig whose tier holds every ``KEYS`` block and whose pool holds none."""
+    rig = Rig(directory)
+    rig.ns()
+    rig.save("ns", KEYS, payloads)
+    rig.settle()
+    return restart(rig, **kw)
+
+
 @pytest.fixture
 def payloads() -> list[bytes]:
     return [os.urandom(BB) for _ in KEYS]
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path / "tier")
-    yield r
-    r.close()
-
-
-def test_committed_blocks_are_written_once_and_pinned_until_written(rig: Rig, payloads: list[bytes]) -> None:
-    rig.ns()
-    rig.save("ns", KEYS[:4], payloads[:4])
-    # the loop has not run yet: the writes' completions are not in, their blocks stay pinned
-    assert rig.service.writes_queued == 4 and rig.index.block_counts()["leased"] == 4
-    rig.settle()
-    assert rig.service.stats.written_blocks == 4 and rig.index.block_counts()["leased"] == 0
-    rig.restart()
-    rig.ns()
-    rig.save("ns", KEYS[:4], payloads[:4])  # an engine saving them again (they were not asked for)
-    assert rig.service.stats.write_skipped_present == 4 and rig.service.writes_queued == 0
+def test_committed_blocks_are_written_once_and_pinned_until_written(
+    tmp_path: Path, payloads: list[bytes]
+) -> None:
+    rig = Rig(tmp_path / "tier")
+    try:
+        rig.ns()
+        rig.save("ns", KEYS[:4], payloads[:4])
+        # the loop has not run yet: the writes' completions are not in, their blocks stay pinned
+        assert rig.service.writes_queued == 4 and rig.index.block_counts()["leased"] == 4
+        rig.settle()
+        assert rig.service.stats.written_blocks == 4 and rig.index.block_counts()["leased"] == 0
+        rig = restart(rig)
+        rig.ns()
+        rig.save("ns", KEYS[:4], payloads[:4])  # an engine saving them again (not asked for first)
+        assert rig.service.stats.write_skipped_present == 4 and rig.service.writes_queued == 0
+    finally:
+        rig.close()
 
 
 def test_promotion_needs_every_namespace_and_brings_the_right_bytes(
@@ -112,7 +120,7 @@ def test_promotion_needs_every_namespace_and_brings_the_right_bytes(
         rig.save("rank0", KEYS[:4], payloads[:4])
         rig.save("rank1", KEYS[:2], payloads[4:6])  # rank 1 holds only two of them
         rig.settle()
-        rig.restart()
+        rig = restart(rig)
         spaces = [rig.ns("rank0"), rig.ns("rank1")]
         assert rig.service.promote(spaces, KEYS[:4], None) == 2  # a hit needs every rank's block
         rig.settle()
@@ -129,12 +137,7 @@ def test_promotion_needs_every_namespace_and_brings_the_right_bytes(
 def test_reads_that_would_arrive_too_late_are_skipped_and_free_their_slots(
     tmp_path: Path, payloads: list[bytes]
 ) -> None:
-    rig = Rig(tmp_path / "tier")
-    rig.ns()
-    rig.save("ns", KEYS, payloads)
-    rig.settle()
-    rig.close()
-    rig = Rig(tmp_path / "tier", read_deadline_s=0.0)  # every read starts after its deadline
+    rig = filled(tmp_path / "tier", payloads, read_deadline_s=0.0)  # every read starts too late
     try:
         ns = rig.ns()
         assert rig.service.promote([ns], KEYS, None) == len(KEYS)
@@ -156,8 +159,7 @@ def test_a_full_read_queue_stops_promotion_and_a_full_write_queue_drops_writes(
         assert rig.service.stats.writes_dropped_queue_full == len(KEYS) - 3
         rig.settle()
         assert rig.service.stats.written_blocks == 3
-        rig.restart()
-        rig.service.queue_blocks = 2
+        rig = restart(rig, queue_blocks=2)
         assert rig.service.promote([rig.ns()], KEYS, None) == 2  # 3 on disk, 2 may be read at once
         assert rig.service.stats.reads_skipped_queue_full == 1
         rig.settle()
@@ -168,11 +170,7 @@ def test_a_full_read_queue_stops_promotion_and_a_full_write_queue_drops_writes(
 def test_the_time_promotion_takes_is_estimated_from_the_reads_so_far(
     tmp_path: Path, payloads: list[bytes]
 ) -> None:
-    rig = Rig(tmp_path / "tier")
-    rig.ns()
-    rig.save("ns", KEYS, payloads)
-    rig.settle()
-    rig.restart()
+    rig = filled(tmp_path / "tier", payloads)
     try:
         ns = rig.ns()
         assert rig.service.eta_s() == 0.0  # nothing read yet: no estimate
