@@ -37,8 +37,9 @@ def layout_specs(vllm_config: VllmConfig, config: ConnectorConfig, device_type: 
     MLA models hold the same latent KV on every TP rank, yet each rank keeps its own namespace
     (one copy per rank, not per TP group): with one shared copy, a load that failed on one rank
     would let rank 0 save blocks computed on top of it (the ranks' all-reduce carries the bad
-    attention output into every rank's later layers) where every rank then loads them; with a
-    namespace per rank a lookup needs every rank's block, and the failed rank saved none."""
+    attention output into every rank's later layers) where every rank then loads them. With a
+    namespace per rank a lookup needs every rank's block, and the failed rank saved none (until
+    it saves that prefix again: the README's known gap for tensor parallelism)."""
     model = vllm_config.model_config
     mla = bool(getattr(model, "use_mla", False))
     parallel = vllm_config.parallel_config
