@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ def read_reply(s: socket.socket) -> Any:
         return None
     (n,) = p.HEADER.unpack(header)
     return p.reply_decoder.decode(s.recv(n, socket.MSG_WAITALL))
+
+
+def wait_until(what: str, cond: Callable[[], object], timeout: float, every: float = 0.05) -> None:
+    """Polls ``cond`` until it is true; TimeoutError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout}s")
+        time.sleep(every)
 
 
 def free_port() -> int:
@@ -108,12 +118,8 @@ class AgentProcess:
 
         self._wait("every committed block written to the NVMe tier", done, timeout)
 
-    def _wait(self, what: str, cond: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond(self.stats()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not after {timeout}s")
-            time.sleep(0.05)
+    def _wait(self, what: str, cond: Callable[[dict[str, Any]], bool], timeout: float) -> None:
+        wait_until(what, lambda: cond(self.stats()), timeout)
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace") if self.log_path.exists() else ""

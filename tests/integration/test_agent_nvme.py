@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from e2e.agent import AgentProcess
+from e2e.agent import AgentProcess, wait_until
 from kvfabric.connector.client import AgentClient
 
 pytestmark = pytest.mark.integration
@@ -18,12 +17,8 @@ BLOCK = 8192
 KEYS = [bytes([i + 1]) * 16 for i in range(8)]
 
 
-def _until(what: str, cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
+def _until(what: str, cond: Callable[[], bool]) -> None:
+    wait_until(what, cond, timeout=15.0, every=0.02)
 
 
 def _agent(tmp: Path, nvme: Path, *more: str) -> AgentProcess:
