@@ -25,6 +25,7 @@ from kvfabric.connector import protocol as p
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.cuda_kv import CudaKV
+from kvfabric.connector.errors import AgentRejected
 from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed
 from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent
 from kvfabric.connector.scheduler import SchedulerSide
@@ -586,3 +587,124 @@ def _cached_step(req: str, computed: int, scheduled: int) -> SimpleNamespace:
         ),
         preempted_req_ids=set(),
     )
+
+
+# -- tensor parallelism: the scheduler commits what the ranks wrote (two-phase saves) ----------------
+
+
+def _tp_specs(layout: str) -> list[LayoutSpec]:
+    """Two ranks; MLA: one latent of 32 per token (the agent's blocks are at least 4 KiB)."""
+    from dataclasses import replace
+
+    mla = {"num_kv_heads": 1, "head_size": 32} if "+mla" in layout else {}
+    return [replace(SPEC, tp_size=2, tp_rank=r, layout=layout, **mla) for r in (0, 1)]  # type: ignore[arg-type]
+
+
+def _tp_workers(agent: AgentProcess, specs: list[LayoutSpec]) -> list[WorkerSide]:
+    cfg = ConnectorConfig(socket_path=str(agent.socket_path), backoff_initial_ms=1, backoff_max_ms=1)
+    workers = []
+    for spec in specs:
+        w = WorkerSide(cfg, spec, "t")
+        _WORKERS.append(w)
+        width = spec.head_size if spec.mla else 2 * spec.head_size
+        w.register_kv_caches({f"layer.{i}": torch.randn(16, spec.num_kv_heads, 16, width) for i in range(2)})
+        workers.append(w)
+    return workers
+
+
+def _step_outputs(workers: list[WorkerSide]) -> tuple[set[int], list[Any]]:
+    """What vLLM aggregates from the workers after a step: failed blocks and staged saves."""
+    failed: set[int] = set()
+    staged: list[Any] = []
+    for w in workers:
+        failed |= w.get_block_ids_with_load_errors()
+        meta = w.build_connector_worker_meta()
+        staged += meta.staged if meta is not None else []
+    return failed, staged
+
+
+@pytest.mark.parametrize("layout", ["cpu", "cpu+mla"])
+def test_tp_a_load_failing_on_one_rank_voids_what_every_rank_computed_on_top_of_it(
+    agent: AgentProcess, layout: str
+) -> None:
+    """The README's former TP gap: rank 1's lease is lost before its copy, rank 0 loads fine and
+    writes the block computed after the hit (whose KV the all-reduce spoiled with rank 1's bad
+    attention output). Nothing of that step becomes visible; the recomputed blocks do. A worker
+    that committed its own saves (as before two-phase saves) fails the first lookup below.
+    With MLA (``cpu+mla``) the ranks share one copy: rank 0 saves it, both ranks load it."""
+    specs = _tp_specs(layout)
+    namespaces = [s.namespace() for s in specs]
+    assert (len(set(namespaces)) == 1) == ("+mla" in layout)
+    keys = chain_keys(list(range(96)), 16, request_seed(["", ""]))
+    workers = _tp_workers(agent, specs)
+    s = SchedulerSide(ConnectorConfig(socket_path=str(agent.socket_path)), namespaces, 16, "t")
+    probe = AgentClient(str(agent.socket_path), "probe")
+    try:
+        # a first request fills blocks 0-3 on every rank: invisible until the scheduler commits
+        first = KVFabricMetadata(saves=[SaveIntent("r0", (1, 2, 3, 4), tuple(keys[:4]), None)])
+        for w in workers:
+            w.wait_for_save(first)
+        failed, staged = _step_outputs(workers)
+        assert not failed and len(staged) == (1 if "+mla" in layout else 2)
+        assert probe.lookup(namespaces[:1], keys[:4], 16).hits == 0
+        s.update_connector_output(0, 0, failed, staged)
+        assert probe.lookup(namespaces, keys[:4], 16).hits == 4
+        assert s.stats.staged_committed == 4 * len(staged)
+        committed_bytes = probe.stats()["committed_bytes"]
+
+        req = _request("r", 96)
+        assert s.get_num_new_matched_tokens(req, 0) == (64, False)
+        blocks = [9, 10, 11, 12, 13, 14, 15]
+        s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (blocks,)), 64)
+        step1 = s.build_connector_meta(_new_step("r", blocks, computed=64, scheduled=31))
+        (load,) = step1.loads
+        assert len(load.leases) == 2  # one per rank, also when they read one shared copy
+        s.client.release([load.leases[1]])  # rank 1's lease is lost before its copy
+        for w in workers:
+            w.start_load_kv(step1)
+            w.wait_for_save(step1)  # block 4, computed on top of rank 1's failed load
+        failed, staged = _step_outputs(workers)
+        assert failed == {9, 10, 11, 12}
+        assert workers[0].stats.loaded_blocks == 4 and workers[1].stats.load_errors == 4
+        assert [i.keys for i in staged] == [tuple(keys[4:5])]  # rank 0's; rank 1 dropped its own
+        s.update_connector_output(0, len(failed), failed, staged)
+        assert probe.lookup(namespaces[:1], keys[:6], 16).hits == 4  # rank 0's block 4 voided
+        assert s.stats.staged_voided == 1
+
+        step2 = s.build_connector_meta(_cached_step("r", computed=0, scheduled=95))
+        assert [(i.block_ids, i.epoch) for i in step2.saves] == [(tuple(blocks[:5]), 1)]
+        for w in workers:
+            w.wait_for_save(step2)
+        s.update_connector_output(0, 0, *_step_outputs(workers))
+        assert probe.lookup(namespaces, keys[:6], 16).hits == 5  # the recomputed block 4
+        # one copy per TP group with MLA: the pool grew by one block, not one per rank
+        grown = probe.stats()["committed_bytes"] - committed_bytes
+        assert grown == workers[0].copier.block_bytes * (1 if "+mla" in layout else 2)  # type: ignore[union-attr]
+    finally:
+        probe.close()
+        s.shutdown()
+
+
+def test_tp_delegated_commit_needs_the_owners_token(agent: AgentProcess) -> None:
+    """Only a session that knows a worker's token (its engine's scheduler, told through vLLM)
+    can make that worker's reservations visible."""
+    (w0, _) = _tp_workers(agent, _tp_specs("cpu"))
+    keys = chain_keys(list(range(32)), 16, request_seed())
+    w0.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", (1, 2), tuple(keys), None)]))
+    meta = w0.build_connector_worker_meta()
+    assert meta is not None
+    (item,) = meta.staged
+    other = AgentClient(str(agent.socket_path), "other")
+    try:
+        with pytest.raises(AgentRejected):
+            other.commit(item.namespace, list(item.keys), [], 0.0, owner=item.owner, owner_token="0" * 32)
+        assert other.lookup([item.namespace], list(item.keys), 16).hits == 0
+        assert (
+            other.commit(
+                item.namespace, list(item.keys), [], 0.0, owner=item.owner, owner_token=item.owner_token
+            ).committed
+            == 2
+        )
+        assert other.lookup([item.namespace], list(item.keys), 16).hits == 2
+    finally:
+        other.close()

@@ -1,6 +1,6 @@
 """An MLA model (a tiny DeepSeek-V2) on vLLM's CPU MLA backend: its latent KV cache
 (``[blocks, 1, block_size, 576]`` per layer on the CPU) is saved and loaded, with TP=1 and TP=2
-(one namespace per rank: see ``connector/layout.py``).
+(one copy per TP group: every rank loads what rank 0 saved; see ``LayoutSpec.stored``).
 
 That backend runs bf16 only, where a prefix hit (vLLM's own too) computes the rest of the prompt
 with other matrix shapes than a cold run and may diverge after a few tokens. So the references
@@ -56,8 +56,9 @@ def test_an_mla_cache_is_saved_and_loaded_and_warm_equals_cold(
             cold = e.generate(prompts, MAX_TOKENS)
         stats = agent.stats()
         full = sum(len(p) // BLOCK for p in prompts)
-        assert stats["committed_blocks"] >= tp * full  # every rank's latent KV: one copy per rank
-        assert stats["namespaces"] == tp
+        # one copy of the latent KV per TP group (rank 0 saves it, the scheduler commits it)
+        assert full <= stats["committed_blocks"] < 2 * full
+        assert stats["namespaces"] == 1
         with engine(mla_model, tmp_path, "mla-warm", cfg, tp) as e:
             warm = e.generate(prompts, MAX_TOKENS)
         assert [o.tokens for o in cold] == baseline

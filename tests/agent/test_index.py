@@ -366,3 +366,17 @@ def test_under_pressure_the_tenant_holding_most_gives_arenas_up_first() -> None:
     alloc = idx.allocator
     assert alloc.tenant_arenas("a") == alloc.tenant_arenas("b") == 4
     check_invariants(idx)
+
+
+def test_a_namespace_listed_twice_is_leased_twice_and_stays_pinned_until_both_end() -> None:
+    """TP ranks reading one shared copy (MLA): each releases its own lease, and the block may
+    not be evicted while the other still copies."""
+    idx = make(slots_per_arena=2, arenas=1)
+    save(idx, [k(0), k(1)])
+    hits, slots, leases = idx.lookup(["ns", "ns"], [k(0), k(1)], 16, 7, "L")
+    assert hits == 2 and slots[0] == slots[1] and len(set(leases)) == 2
+    assert idx.namespaces["ns"].entries[k(0)].leases == 2
+    assert idx.release_many([leases[0]]) == [True]
+    assert idx.reserve("ns", [k(0, 1)], None, 1) == [-1]  # still leased by the other rank
+    assert idx.release_many([leases[1]]) == [True]
+    assert idx.reserve("ns", [k(0, 1)], None, 1) != [-1]

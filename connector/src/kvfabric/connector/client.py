@@ -284,12 +284,30 @@ class AgentClient:
         return self.call(p.Reserve(namespace=namespace, keys=keys, parent=parent), p.ReserveReply)
 
     def commit(
-        self, namespace: str, keys: list[bytes], abort: list[bytes], copy_seconds: float
+        self,
+        namespace: str,
+        keys: list[bytes],
+        abort: list[bytes],
+        copy_seconds: float,
+        owner: int | None = None,
+        owner_token: str = "",
     ) -> p.CommitReply:
+        """``owner``: settle the reservations of that session (``delegated_commit``) instead of ours."""
         return self.call(
-            p.Commit(namespace=namespace, keys=keys, abort=abort, copy_seconds=copy_seconds),
+            p.Commit(
+                namespace=namespace,
+                keys=keys,
+                abort=abort,
+                copy_seconds=copy_seconds,
+                owner=owner,
+                owner_token=owner_token,
+            ),
             p.CommitReply,
         )
+
+    def supports(self, feature: str) -> bool:
+        """Whether the agent of the current session lists ``feature`` (False when not connected)."""
+        return self.hello is not None and feature in self.hello.features
 
     def release(self, lease_ids: list[str], loaded_blocks: int = 0, copy_seconds: float = 0.0) -> list[bool]:
         reply = self.call(

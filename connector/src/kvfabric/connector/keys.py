@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -49,9 +49,20 @@ class LayoutSpec:
         """An MLA model's layout: one latent vector (``kv_lora_rank + rope_dim``) per token."""
         return self.layout.endswith(MLA_SUFFIX)
 
+    @property
+    def one_copy_per_tp_group(self) -> bool:
+        """MLA under tensor parallelism: every rank holds the same latent KV, so the pool keeps one
+        copy that rank 0 saves and every rank loads (a namespace without a rank)."""
+        return self.mla and self.tp_size > 1
+
+    def stored(self) -> LayoutSpec:
+        """The layout of the blocks as the pool keeps them: rank ``-1`` when the TP group shares
+        one copy. Its ``repr`` is the description the agent checks every registration against."""
+        return replace(self, tp_rank=-1) if self.one_copy_per_tp_group else self
+
     def namespace(self) -> str:
         """Stable hex digest naming this layout in the agent (independent of process seeds)."""
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(asdict(self.stored()), sort_keys=True, separators=(",", ":"))
         return hashlib.blake2b(canonical.encode(), digest_size=KEY_BYTES).hexdigest()
 
 

@@ -34,12 +34,11 @@ def device_layout(device_type: str, mla: bool = False) -> str:
 def layout_specs(vllm_config: VllmConfig, config: ConnectorConfig, device_type: str) -> list[LayoutSpec]:
     """One :class:`LayoutSpec` per TP rank, in rank order.
 
-    MLA models hold the same latent KV on every TP rank, yet each rank keeps its own namespace
-    (one copy per rank, not per TP group): with one shared copy, a load that failed on one rank
-    would let rank 0 save blocks computed on top of it (the ranks' all-reduce carries the bad
-    attention output into every rank's later layers) where every rank then loads them. With a
-    namespace per rank a lookup needs every rank's block, and the failed rank saved none (until
-    it saves that prefix again: the README's known gap for tensor parallelism)."""
+    MLA models hold the same latent KV on every TP rank: the pool keeps one copy per TP group
+    (:meth:`LayoutSpec.stored`), which rank 0 saves and every rank loads under its own lease.
+    With TP every rank's saves are committed by the scheduler once it heard from all ranks
+    (:class:`~kvfabric.connector.metadata.StagedSave`): a load that failed on one rank spoils
+    what every rank computed on top of it (the all-reduce carries the bad attention output)."""
     model = vllm_config.model_config
     mla = bool(getattr(model, "use_mla", False))
     parallel = vllm_config.parallel_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,33 @@ class KVFabricMetadata(KVConnectorMetadata):
     saves: list[SaveIntent] = field(default_factory=list)
     #: Requests preempted this step whose background saves may still read their (now freed) blocks.
     preempted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StagedSave:
+    """Blocks a TP worker wrote into slots it reserved, not yet visible: the scheduler commits
+    them for it (``Commit.owner``) once it saw every rank's outcome of the step, or aborts them
+    when a load of the request failed on any rank (their KV may derive from the bad blocks: the
+    ranks' all-reduce spreads one rank's bad attention output to all)."""
+
+    req_id: str
+    epoch: int
+    namespace: str
+    keys: tuple[bytes, ...]
+    owner: int  # the worker's agent session
+    owner_token: str
+    pool_id: str
+
+
+@dataclass
+class KVFabricWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler after each step; vLLM aggregates the workers' objects."""
+
+    staged: tuple[StagedSave, ...] = ()
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, KVFabricWorkerMeta)
+        return KVFabricWorkerMeta(staged=self.staged + other.staged)
 
 
 def lease_of_rank(lease_id: str, rank: int) -> str:

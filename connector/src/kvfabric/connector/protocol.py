@@ -61,7 +61,14 @@ BlockTokens = Annotated[int, msgspec.Meta(gt=0, le=MAX_BLOCK_TOKENS)]
 #: ``lease_generations``: ``LookupReply.leases`` (release those exact ids).
 #: ``pool_fd``: :class:`OpenPool` (the pool is passed as a file descriptor, not a path).
 #: ``promote``: ``Lookup.promote`` and ``LookupReply.promoting`` (the NVMe tier).
-FEATURES = ("layered_loads", "lease_generations", "pool_fd", "promote")
+FEATURES = (
+    "delegated_commit",
+    "layered_loads",
+    "lease_generations",
+    "pool_fd",
+    "promote",
+    "repeated_namespaces",
+)
 
 
 class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True, frozen=True):
@@ -90,8 +97,10 @@ class Lookup(_Request, frozen=True, tag="lookup"):
     With ``lease_id`` set, the hit blocks of ``namespaces[i]`` are leased (pinned against
     eviction) under ``f"{lease_id}#{i}"`` until :class:`Release` or the end of the session, and
     their slots are returned. One lease per namespace lets each TP rank release its own.
-    Namespaces must be distinct. A lease id another live session holds is refused; the same
-    session looking up again under its id replaces its earlier lease (a new generation).
+    A namespace may be listed more than once (agents listing ``repeated_namespaces``): each
+    entry gets its own lease on the same blocks, so TP ranks that read one shared copy (MLA's
+    latent cache) each release their own. A lease id another live session holds is refused;
+    the same session looking up again under its id replaces its earlier lease (a new generation).
 
     With ``promote`` (agents listing ``promote`` in their features), keys after the hits that
     the agent's NVMe tier holds start moving into the pool; the reply's ``promoting`` says how
@@ -118,12 +127,20 @@ class Reserve(_Request, frozen=True, tag="reserve"):
 
 
 class Commit(_Request, frozen=True, tag="commit"):
-    """Makes reserved blocks visible (``keys``) and returns the rest (``abort``) to the pool."""
+    """Makes reserved blocks visible (``keys``) and returns the rest (``abort``) to the pool.
+
+    With ``owner`` (agents listing ``delegated_commit``), the blocks are those another session
+    of the same tenant reserved, named by its :attr:`HelloReply.session_id` and ``session_token``:
+    an engine's scheduler commits what its TP workers wrote once it knows every rank's outcome.
+    An owner that is gone has no reservations left (nothing is committed).
+    """
 
     namespace: Namespace
     keys: Keys
     abort: Keys = []
     copy_seconds: Seconds = 0.0
+    owner: NonNegative | None = None
+    owner_token: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Release(_Request, frozen=True, tag="release"):
@@ -232,6 +249,9 @@ class HelloReply(_Reply, frozen=True, tag="hello"):
     features: list[str] = []
     #: The tenant the agent put this session in (isolated tenancy), for logs; "" when shared.
     tenant: str = ""
+    #: A secret naming this session in a delegated :class:`Commit` (``delegated_commit``): session
+    #: ids repeat after an agent restart, tokens do not.
+    session_token: str = ""
 
 
 class NamespaceReply(_Reply, frozen=True, tag="namespace"):

@@ -5,16 +5,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
-from kvfabric.connector.errors import AgentError
+from kvfabric.connector.errors import AgentError, AgentUnavailable
 from kvfabric.connector.identity import checkpoint_fingerprint
 from kvfabric.connector.keys import chain_keys, mm_block_extras, request_seed
-from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent, lease_id_for, lease_of_rank
+from kvfabric.connector.metadata import (
+    KVFabricMetadata,
+    LoadIntent,
+    SaveIntent,
+    StagedSave,
+    lease_id_for,
+    lease_of_rank,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -30,6 +38,11 @@ _RELEASE_AFTER_STEPS = 2
 #: stops finding hits for a while (a worker that cannot load turns each hit into wasted work).
 _FAILED_LOAD_REPORTS = 3
 _LOAD_BACKOFF_S = (10.0, 300.0)  # first pause, longest pause
+#: Requests whose voided epochs are remembered for staged saves still to come (requests of
+#: failed loads only; a save is staged within a step or two of its plan, so thousands suffice).
+_VOIDED_REQUESTS = 65536
+#: Reports a delegated commit is retried in while the agent cannot be reached.
+_COMMIT_ATTEMPTS = 3
 
 
 @dataclass
@@ -83,6 +96,9 @@ class SchedulerStats:
     blocks_to_save: int = 0
     promote_waits: int = 0
     promote_too_slow: int = 0
+    #: TP: blocks the workers wrote that the scheduler committed, or voided after a failed load
+    staged_committed: int = 0
+    staged_voided: int = 0
 
 
 class SchedulerSide:
@@ -110,6 +126,10 @@ class SchedulerSide:
         self._failed_reports = 0
         self._loads_off_until = 0.0
         self._load_backoff_s = 0.0
+        #: request -> the latest epoch voided by a failed load (its staged saves are aborted)
+        self._voided: OrderedDict[str, int] = OrderedDict()
+        #: delegated commits the agent did not get yet, with the attempts left
+        self._undelivered: list[tuple[int, list[StagedSave]]] = []
         self.stats = SchedulerStats()
         if not self.client.connect():  # early, so the agent lists this engine; failure is fine
             log.warning("agent not reachable yet; serving without it", extra={"socket": config.socket_path})
@@ -340,7 +360,11 @@ class SchedulerSide:
             )
 
     def update_connector_output(
-        self, loaded_blocks: int, load_errors: int, invalid_block_ids: Collection[int] = ()
+        self,
+        loaded_blocks: int,
+        load_errors: int,
+        invalid_block_ids: Collection[int] = (),
+        staged: Sequence[StagedSave] = (),
     ) -> None:
         """The workers' load counts since their last report (their stats, which vLLM hands to
         the scheduler): when several reports in a row show failed loads and none that worked, the
@@ -349,9 +373,15 @@ class SchedulerSide:
 
         ``invalid_block_ids``: vLLM blocks whose load failed; vLLM recomputes from the first of
         them. Each request holding one starts a new epoch and plans its saves again from there,
-        so the recomputed (correct) blocks reach the pool; the workers drop the old epoch's."""
+        so the recomputed (correct) blocks reach the pool; the workers drop the old epoch's.
+
+        ``staged``: blocks TP workers wrote this step (or, saving in the background, lately).
+        A load failure of a step reaches us no later than that step's saves, so the epochs
+        voided by now are final for them: the rest are committed, the voided aborted."""
         if invalid_block_ids:
             self._recompute_from(set(invalid_block_ids))
+        if staged or self._undelivered:
+            self._settle(list(staged))
         if loaded_blocks:
             self._failed_reports = 0
             self._load_backoff_s = 0.0
@@ -370,11 +400,51 @@ class SchedulerSide:
             )
 
     def _recompute_from(self, invalid: set[int]) -> None:
-        for st in self.requests.values():
+        for req_id, st in self.requests.items():
             first = next((j for j, b in enumerate(st.block_ids) if b in invalid), None)
             if first is not None:
+                self._voided[req_id] = st.epoch
+                self._voided.move_to_end(req_id)
+                if len(self._voided) > _VOIDED_REQUESTS:
+                    self._voided.popitem(last=False)
                 st.epoch += 1
                 st.saved_upto = min(st.saved_upto, first)
+
+    def _settle(self, staged: list[StagedSave]) -> None:
+        """Commits (or aborts) the workers' staged blocks for them, one call per worker and
+        namespace. A call that fails is retried with the next reports, then given up: the
+        worker's reservations end with its session."""
+        batches = [(_COMMIT_ATTEMPTS, staged)] if staged else []
+        batches += self._undelivered
+        self._undelivered = []
+        for attempts, items in batches:
+            groups: dict[tuple[int, str, str], tuple[list[bytes], list[bytes]]] = {}
+            for item in items:
+                keep, drop = groups.setdefault((item.owner, item.owner_token, item.namespace), ([], []))
+                voided = item.epoch <= self._voided.get(item.req_id, -1)
+                (drop if voided else keep).extend(item.keys)
+            failed: list[StagedSave] = []
+            for (owner, token, namespace), (keep, drop) in groups.items():
+                try:
+                    done = self.client.commit(namespace, keep, drop, 0.0, owner=owner, owner_token=token)
+                except AgentUnavailable as exc:  # retried; a refusal (agent restarted: owner unknown) is not
+                    log.debug("delegated commit failed", extra={"error": str(exc)})
+                    failed += [
+                        i for i in items if (i.owner, i.owner_token, i.namespace) == (owner, token, namespace)
+                    ]
+                    continue
+                except AgentError as exc:
+                    log.debug("delegated commit refused", extra={"error": str(exc)})
+                    continue
+                self.stats.staged_committed += done.committed
+                self.stats.staged_voided += len(drop)
+                if drop:
+                    log.warning(
+                        "not committing blocks computed on top of a failed load on some TP rank",
+                        extra={"blocks": len(drop)},
+                    )
+            if failed and attempts > 1:
+                self._undelivered.append((attempts - 1, failed))
 
     def request_finished(self, request: Request) -> bool:
         """Drops the request; True if vLLM must keep its blocks until the workers' saves end."""

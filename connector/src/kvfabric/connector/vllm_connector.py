@@ -28,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.layout import layout_specs, unsupported_setup
-from kvfabric.connector.metadata import KVFabricMetadata
+from kvfabric.connector.metadata import KVFabricMetadata, KVFabricWorkerMeta
 from kvfabric.connector.scheduler import SchedulerSide
 from kvfabric.connector.stats import KVFabricPromMetrics, KVFabricStats
 from kvfabric.connector.worker import WorkerSide
@@ -177,6 +177,9 @@ class KVFabricConnector(KVConnectorBase_V1):
         """``vllm:kvfabric_*_total`` counters on the engine's /metrics (see ``stats``)."""
         return KVFabricPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
+    def build_connector_worker_meta(self) -> KVFabricWorkerMeta | None:
+        return self._worker.build_connector_worker_meta() if self._worker is not None else None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker is not None else set()
 
@@ -193,10 +196,12 @@ class KVFabricConnector(KVConnectorBase_V1):
         super().update_connector_output(connector_output)
         stats = getattr(connector_output, "kv_connector_stats", None)
         data = stats.data if isinstance(stats, KVFabricStats) else {}
+        worker_meta = getattr(connector_output, "kv_connector_worker_meta", None)
         self._scheduler.update_connector_output(
             data.get("loaded_blocks", 0),
             data.get("load_errors", 0),
             getattr(connector_output, "invalid_block_ids", None) or (),
+            worker_meta.staged if isinstance(worker_meta, KVFabricWorkerMeta) else (),
         )
 
     def update_state_after_alloc(

@@ -22,7 +22,13 @@ from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.copier import BlockCopier
 from kvfabric.connector.errors import AgentError, AgentRejected
 from kvfabric.connector.keys import LayoutSpec
-from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent
+from kvfabric.connector.metadata import (
+    KVFabricMetadata,
+    KVFabricWorkerMeta,
+    LoadIntent,
+    SaveIntent,
+    StagedSave,
+)
 
 if TYPE_CHECKING:
     from kvfabric.connector.cuda_kv import CudaKV
@@ -81,6 +87,11 @@ class WorkerSide:
         self.spec = spec
         self.namespace = spec.namespace()
         self.rank = spec.tp_rank
+        #: With one copy per TP group (MLA) rank 0 saves it for all; the others only load.
+        self.saves_here = not (spec.one_copy_per_tp_group and self.rank > 0)
+        #: Written blocks the scheduler commits for us (TP: see :class:`StagedSave`).
+        self._staged: list[StagedSave] = []
+        self._staged_lock = threading.Lock()
         self.copier: BlockCopier | None = None
         self.cuda: CudaKV | None = None  # set for GPU engines: the agent does the copies
         self.kv_id = 0
@@ -170,7 +181,7 @@ class WorkerSide:
                 namespace=self.namespace,
                 block_bytes=self.copier.block_bytes,
                 block_tokens=self.spec.block_size,
-                description=repr(self.spec),
+                description=repr(self.spec.stored()),
             ),
             p.NamespaceReply,
         )
@@ -427,7 +438,7 @@ class WorkerSide:
                     saves=[i for i in meta.saves if i.epoch > self._tainted.get(i.req_id, -1)],
                     preempted=meta.preempted,
                 )
-        if not meta.saves or not self.enabled:
+        if not meta.saves or not self.enabled or not self.saves_here:
             return
         if self.saves is not None:
             self.saves.submit(self._forward_done(), list(meta.saves))
@@ -474,6 +485,7 @@ class WorkerSide:
 
     def _save(self, intent: SaveIntent) -> None:
         reply = self.client.reserve(self.namespace, list(intent.keys), intent.parent)
+        hello = self.client.hello  # the session that holds the reservations
         granted = [
             (b, s, k) for b, s, k in zip(intent.block_ids, reply.slots, intent.keys, strict=True) if s >= 0
         ]
@@ -481,8 +493,13 @@ class WorkerSide:
         if not granted:
             return
         keys = [k for _, _, k in granted]
-        if not self._ready(reply.pool_id):
+        # Under TP another rank's failed load may have spoiled what this rank computed: the
+        # scheduler, which hears from every rank, commits. One shared copy (MLA) is never saved
+        # without that check (an agent older than delegated commits).
+        delegate = self.spec.tp_size > 1 and hello is not None and "delegated_commit" in hello.features
+        if not self._ready(reply.pool_id) or (self.spec.one_copy_per_tp_group and not delegate):
             self.client.commit(self.namespace, [], keys, 0.0)
+            self.stats.save_skipped_blocks += len(keys)
             return
         started = time.perf_counter()
         try:
@@ -491,8 +508,29 @@ class WorkerSide:
             log.warning("save copy failed", extra={"req": intent.req_id, "error": str(exc)})
             self.client.commit(self.namespace, [], keys, 0.0)  # frees the reserved slots
             return
+        if delegate:
+            assert hello is not None
+            staged = StagedSave(
+                req_id=intent.req_id,
+                epoch=intent.epoch,
+                namespace=self.namespace,
+                keys=tuple(keys),
+                owner=hello.session_id,
+                owner_token=hello.session_token,
+                pool_id=reply.pool_id,
+            )
+            with self._staged_lock:
+                self._staged.append(staged)
+            self.stats.saved_blocks += len(keys)  # written; visible once the scheduler commits
+            return
         done = self.client.commit(self.namespace, keys, [], time.perf_counter() - started)
         self.stats.saved_blocks += done.committed
+
+    def build_connector_worker_meta(self) -> KVFabricWorkerMeta | None:
+        """The blocks written since the last step for the scheduler to commit (TP only)."""
+        with self._staged_lock:
+            staged, self._staged = self._staged, []
+        return KVFabricWorkerMeta(staged=tuple(staged)) if staged else None
 
     def shutdown(self) -> None:
         self._finish_layered()

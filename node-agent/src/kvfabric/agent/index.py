@@ -455,9 +455,8 @@ class BlockIndex:
         lease_id: str | None,
         tenant: str = "",
     ) -> LookupResult:
-        """Longest run of leading keys committed in every namespace; leases them if asked."""
-        if len(set(names)) != len(names):
-            raise ValueError("a lookup names each namespace once")
+        """Longest run of leading keys committed in every namespace; leases them if asked (one
+        lease per entry of ``names``: a namespace listed twice is leased twice, for two readers)."""
         spaces = [self.namespaces.get(scoped(tenant, n)) for n in names]
         found: list[list[int]] = [[] for _ in spaces]
         hits = 0

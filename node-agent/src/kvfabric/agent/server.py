@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import fcntl
 import gc
+import hmac
 import itertools
 import logging
 import mmap
 import os
+import secrets
 import socket
 import stat
 import threading
@@ -69,6 +71,8 @@ class Session:
     peer: PeerCredentials | None
     tenant: str = ""
     opened_at: float = field(default_factory=time.time)
+    #: names the session in a delegated commit (ids repeat across agent restarts, tokens do not)
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
     requests: int = 0
     #: kv_id -> the namespace its GPU registration serves (copies may touch only its slots)
     gpu_namespaces: dict[int, Namespace] = field(default_factory=dict)
@@ -649,6 +653,8 @@ class Agent:
                 keys=keys[i : i + n],
                 abort=request.abort if last else [],
                 copy_seconds=request.copy_seconds if last else 0.0,
+                owner=request.owner,
+                owner_token=request.owner_token,
             )
             done_reply = self._dispatch(commit, session)
             assert isinstance(done_reply, p.CommitReply)
@@ -731,9 +737,22 @@ class Agent:
             protocol_version=p.PROTOCOL_VERSION,
             features=list(p.FEATURES),
             tenant=session.tenant,
+            session_token=session.token,
         )
 
     # -- requests ------------------------------------------------------------------------------------
+
+    def _commit_owner(self, request: p.Commit, session: Session) -> int | None:
+        """The session whose reservations a commit settles: the caller's own, or (delegated) one
+        of the same tenant that proved it by its token. None: that session is gone."""
+        if request.owner is None or request.owner == session.session_id:
+            return session.session_id
+        owner = self.sessions.get(request.owner)
+        if owner is None:
+            return None
+        if owner.tenant != session.tenant or not hmac.compare_digest(owner.token, request.owner_token):
+            raise _ProtocolError(p.E_BAD_REQUEST, "not a session whose reservations this one may commit")
+        return owner.session_id
 
     def _dispatch(self, request: p._Request, session: Session) -> p._Reply:
         pool_id = self.pool_id
@@ -753,7 +772,7 @@ class Agent:
                     spaces = [self.index.namespaces.get(scoped(tenant, n)) for n in request.namespaces]
                     if all(ns is not None for ns in spaces):
                         promoting = self.tiers.promote(
-                            [ns for ns in spaces if ns is not None],
+                            list({id(ns): ns for ns in spaces if ns is not None}.values()),  # once each
                             request.keys[result.hits :],
                             request.keys[result.hits - 1] if result.hits else None,
                         )
@@ -772,9 +791,10 @@ class Agent:
                 )
                 return p.ReserveReply(pool_id=pool_id, slots=slots)
             if isinstance(request, p.Commit):
-                done = self.index.commit(
-                    request.namespace, request.keys, request.abort, session.session_id, tenant
-                )
+                owner = self._commit_owner(request, session)
+                if owner is None:
+                    return p.CommitReply(committed=0)  # gone, and its reservations with it
+                done = self.index.commit(request.namespace, request.keys, request.abort, owner, tenant)
                 if done:
                     self.metrics.save_seconds.observe(request.copy_seconds)
                 return p.CommitReply(committed=done)
