@@ -174,8 +174,14 @@ MLA_CONFIG = {
 }
 
 
-def build_mla(out: Path, seed: int = 7) -> Path:
-    """A seeded random DeepSeek-V2-shaped checkpoint (transformers builds the weights by name)."""
+#: The head sizes of DeepSeek-V2/V3 themselves: vLLM's CUDA MLA prefill kernels (FlashAttention,
+#: FlashInfer) take only a few (qk_nope, rope, v) triples, and not the CPU model's smaller ones.
+DEEPSEEK_HEAD_DIMS = {"qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
+
+
+def build_mla(out: Path, seed: int = 7, deepseek_dims: bool = False) -> Path:
+    """A seeded random DeepSeek-V2-shaped checkpoint (transformers builds the weights by name);
+    ``deepseek_dims``: :data:`DEEPSEEK_HEAD_DIMS` (for CUDA engines)."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
@@ -183,12 +189,13 @@ def build_mla(out: Path, seed: int = 7) -> Path:
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 
     torch.manual_seed(seed)
-    fields = {k: v for k, v in MLA_CONFIG.items() if k not in ("architectures", "model_type")}
+    config = {**MLA_CONFIG, **(DEEPSEEK_HEAD_DIMS if deepseek_dims else {})}
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     model = AutoModelForCausalLM.from_config(DeepseekV2Config(**fields))
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     # The config in its long-standing form (rope_theta, torch_dtype), which older transformers
     # (vLLM 0.26's) read as well as newer ones, instead of what this transformers writes.
-    (out / "config.json").write_text(json.dumps(MLA_CONFIG, indent=1))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     build_tokenizer(out, MLA_CONFIG["vocab_size"])  # type: ignore[arg-type]
     return out

@@ -38,9 +38,10 @@ def engine(
 
 
 def test_mla_warm_equals_vllms_own_prefix_hits_and_a_poisoned_pool_changes_it(tmp_path: Path) -> None:
-    # KVFABRIC_MLA_MODEL_DIR: a checkpoint built elsewhere by tiny_model.build_mla (a GPU host
-    # whose transformers lacks DeepseekV2Config)
-    model = tiny_model.build_mla(Path(os.environ.get("KVFABRIC_MLA_MODEL_DIR", tmp_path / "mla")))
+    # KVFABRIC_MLA_MODEL_DIR: a checkpoint built elsewhere by tiny_model.build_mla(deepseek_dims=True)
+    # (a GPU host whose transformers lacks DeepseekV2Config)
+    model_dir = Path(os.environ.get("KVFABRIC_MLA_MODEL_DIR", tmp_path / "mla"))
+    model = tiny_model.build_mla(model_dir, deepseek_dims=True)
     with engine(model, tmp_path, "mla-baseline", None, prefix=True) as e:
         cold = e.generate(PROMPTS, TOKENS)
         own = [e.generate([p], TOKENS)[0] for p in PROMPTS]
