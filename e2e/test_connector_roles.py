@@ -540,11 +540,7 @@ def test_after_a_failed_load_the_recomputed_blocks_end_up_in_the_pool(agent: Age
     s = SchedulerSide(ConnectorConfig(socket_path=str(agent.socket_path)), [SPEC.namespace()], 16, "t")
     w2, _ = make_worker(agent)
     try:
-        req = _request("r", 96)
-        assert s.get_num_new_matched_tokens(req, 0) == (64, False)
-        blocks = [9, 10, 11, 12, 13, 14, 15]
-        s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (blocks,)), 64)
-        step1 = s.build_connector_meta(_new_step("r", blocks, computed=64, scheduled=31))
+        blocks, step1 = _hit_four_blocks_and_plan_the_step(s)
         (load,) = step1.loads
         s.client.release(list(load.leases))  # the lease is lost before the worker copies
         w2.start_load_kv(step1)
@@ -565,6 +561,16 @@ def test_after_a_failed_load_the_recomputed_blocks_end_up_in_the_pool(agent: Age
             probe.close()
     finally:
         s.shutdown()
+
+
+def _hit_four_blocks_and_plan_the_step(s: SchedulerSide) -> tuple[list[int], KVFabricMetadata]:
+    """Request ``r`` (96 tokens) hits 4 blocks; vLLM allocates blocks 9-15 and schedules the rest
+    of the prompt but its last token (blocks 4, 5 computed; 4 full)."""
+    req = _request("r", 96)
+    assert s.get_num_new_matched_tokens(req, 0) == (64, False)
+    blocks = [9, 10, 11, 12, 13, 14, 15]
+    s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (blocks,)), 64)
+    return blocks, s.build_connector_meta(_new_step("r", blocks, computed=64, scheduled=31))
 
 
 def _new_step(req: str, blocks: list[int], computed: int, scheduled: int) -> SimpleNamespace:
@@ -652,11 +658,7 @@ def test_tp_a_load_failing_on_one_rank_voids_what_every_rank_computed_on_top_of_
         assert s.stats.staged_committed == 4 * len(staged)
         committed_bytes = probe.stats()["committed_bytes"]
 
-        req = _request("r", 96)
-        assert s.get_num_new_matched_tokens(req, 0) == (64, False)
-        blocks = [9, 10, 11, 12, 13, 14, 15]
-        s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (blocks,)), 64)
-        step1 = s.build_connector_meta(_new_step("r", blocks, computed=64, scheduled=31))
+        blocks, step1 = _hit_four_blocks_and_plan_the_step(s)
         (load,) = step1.loads
         assert len(load.leases) == 2  # one per rank, also when they read one shared copy
         s.client.release([load.leases[1]])  # rank 1's lease is lost before its copy

@@ -93,7 +93,7 @@ def wait_for(cond: object, timeout: float = 5.0) -> bool:
             "lease_id": "x" * 4096,
         },
         {"op": "lookup", "namespaces": ["n"], "keys": [b"k" * 16], "block_tokens": 2**64 - 1},  # overflow
-        {"op": "lookup", "namespaces": ["n", "n"], "keys": [b"k" * 16], "block_tokens": 16},  # repeated ns
+        {"op": "commit", "namespace": "n", "keys": [], "owner": 1, "owner_token": "x" * 65},  # long token
         {"op": "commit", "namespace": "n", "keys": [], "copy_seconds": float("inf")},  # metric poisoning
         {"op": "release", "lease_ids": ["a"], "loaded_blocks": 2**64 - 1},
         {"op": "reserve", "namespace": "n", "keys": [b"k" * 16] * (p.MAX_KEYS + 1)},  # too many keys
@@ -102,7 +102,7 @@ def wait_for(cond: object, timeout: float = 5.0) -> bool:
         "block_bytes_1",
         "lease_id_4k",
         "block_tokens_overflow",
-        "repeated_namespace",
+        "owner_token_65",
         "inf_seconds",
         "huge_load",
         "too_many_keys",
@@ -336,6 +336,25 @@ def test_tenants_neither_see_lease_nor_map_each_others_blocks(
     assert main.lookup(["same-digest"], KEYS[:1], 16).hits == 0
     stats = agent.stats()
     assert stats["tenancy"] == "isolated" and stats["tenants"] == 3
+
+
+def test_a_delegated_commit_never_crosses_tenants(tenant_agent: tuple[AgentProcess, Path]) -> None:
+    """Even with the owner's id and token, a session of another tenant cannot make that owner's
+    reservations visible (a TP scheduler commits only for workers of its own tenant)."""
+    _, root = tenant_agent
+    a = client(root / "team-a" / "agent.sock", "a-worker")
+    b = client(root / "team-b" / "agent.sock", "b")
+    a.register_namespace("same-digest", BB, 16)
+    a.reserve("same-digest", KEYS[:2], None)
+    assert a.hello is not None
+    owner, token = a.hello.session_id, a.hello.session_token
+    b.register_namespace("same-digest", BB, 16)
+    with pytest.raises(AgentRejected):
+        b.commit("same-digest", KEYS[:2], [], 0.0, owner=owner, owner_token=token)
+    a_sched = client(root / "team-a" / "agent.sock", "a-scheduler")
+    assert a_sched.lookup(["same-digest"], KEYS[:2], 16).hits == 0
+    assert a_sched.commit("same-digest", KEYS[:2], [], 0.0, owner=owner, owner_token=token).committed == 2
+    assert a_sched.lookup(["same-digest"], KEYS[:2], 16).hits == 2
 
 
 def test_an_arena_leaving_a_tenant_is_wiped_before_another_gets_it(tmp_path: Path) -> None:
