@@ -46,9 +46,19 @@ def free_port() -> int:
 
 class AgentProcess:
     def __init__(
-        self, workdir: Path, pool_size: str = "1GiB", *, extra_args: list[str] | None = None
+        self,
+        workdir: Path,
+        pool_size: str = "1GiB",
+        *,
+        extra_args: list[str] | None = None,
+        prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``prefix``: runs the agent under it (``ip netns exec NS``: a "node" of its own; its
+        HTTP port is then out of reach, and stats come through its socket)."""
         self.workdir = workdir
+        self.prefix = prefix or []
+        self.env = env
         workdir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to 107 bytes: keep it short whatever the checkout's depth.
         self._socket_dir = Path(tempfile.mkdtemp(prefix="kvf-", dir="/tmp"))
@@ -66,6 +76,7 @@ class AgentProcess:
 
     def start(self, timeout: float = 30.0) -> AgentProcess:
         args = [
+            *self.prefix,
             sys.executable,
             "-m",
             "kvfabric.agent.main",
@@ -80,12 +91,18 @@ class AgentProcess:
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.prefix:
+                if self._ready_by_socket():
+                    return self
+                time.sleep(0.05)
+                continue
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
                     if r.status == 200:
@@ -124,7 +141,26 @@ class AgentProcess:
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace") if self.log_path.exists() else ""
 
+    def _ready_by_socket(self) -> bool:
+        from kvfabric.connector.client import AgentClient
+
+        if not self.socket_path.exists():
+            return False
+        c = AgentClient(str(self.socket_path), "probe", timeout_s=2)
+        try:
+            return c.connect()
+        finally:
+            c.close()
+
     def stats(self) -> dict[str, Any]:
+        if self.prefix:  # in a namespace of its own: through its socket
+            from kvfabric.connector.client import AgentClient
+
+            c = AgentClient(str(self.socket_path), "stats", timeout_s=5)
+            try:
+                return dict(c.stats())
+            finally:
+                c.close()
         with urllib.request.urlopen(self.url + "/stats", timeout=5) as r:
             return dict(json.loads(r.read()))
 

@@ -401,9 +401,11 @@ class BlockIndex:
         # Blocks by state, kept up to date as they change: a scrape must not walk millions of
         # entries on the event loop.
         self._live = {"committed": 0, "reserved": 0, "leased": 0}
-        #: called with (namespace, slot, key, session) for each block a commit makes visible
-        #: (the NVMe tier's write-behind)
-        self.on_commit: Callable[[Namespace, int, bytes, int], None] | None = None
+        #: each called with (namespace, slot, key, session) for each block a commit makes visible
+        #: (the NVMe tier's write-behind, the fabric's publishing)
+        self.commit_listeners: list[Callable[[Namespace, int, bytes, int], None]] = []
+        #: each called with (namespace, key) for each committed block that leaves the pool
+        self.drop_listeners: list[Callable[[Namespace, bytes], None]] = []
 
     # -- namespaces ------------------------------------------------------------------------------
 
@@ -709,8 +711,10 @@ class BlockIndex:
                 c.tick[i] = self._tick
                 self._maybe_candidate(ns, c, i, slot)
                 done += 1
-                if self.on_commit is not None:
-                    self.on_commit(ns, slot, bytes(c.keys[KEY_BYTES * i : KEY_BYTES * (i + 1)]), session)
+                if self.commit_listeners:
+                    key = bytes(c.keys[KEY_BYTES * i : KEY_BYTES * (i + 1)])
+                    for listener in self.commit_listeners:
+                        listener(ns, slot, key, session)
             for key in abort:
                 slot = ns.find(normalize_key(key))
                 if slot >= 0 and slot in mine:
@@ -857,6 +861,8 @@ class BlockIndex:
                 st.reserved_bytes -= ns.block_bytes
         else:
             self._live["committed"] -= 1
+            for listener in self.drop_listeners:
+                listener(ns, key)
         if state == _RESERVED or c.meta[6 * i + 2]:
             self._pin(ns, ns.arena_index(slot), -1)
         if c.meta[6 * i + 2]:

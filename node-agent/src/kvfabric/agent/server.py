@@ -39,6 +39,8 @@ from kvfabric.agent.gpu_service import GpuError, GpuService
 from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded, scoped
 from kvfabric.agent.metrics import AgentMetrics
 from kvfabric.agent.pool import PoolDoesNotFit, PoolError, Segment, SlotAllocator
+from kvfabric.agent.remote import PeerTLS, RemoteTier, pool_regions
+from kvfabric.agent.remote_index import ValkeyIndex
 from kvfabric.agent.settings import AgentSettings
 from kvfabric.agent.tenancy import TENANT_RE, PeerCredentials, TenantPools, peer_credentials, tenant_of_uid
 from kvfabric.agent.tiering import TierService
@@ -165,6 +167,9 @@ class Agent:
                 observe=lambda op, s: self.metrics.nvme_seconds.labels(op).observe(s),
             )
             self.metrics.watch_tier(self.tiers)
+        #: the fabric (``--fabric-valkey``): the pool's block index and pulls from peers
+        self.remote_index: ValkeyIndex | None = None
+        self.remote: RemoteTier | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -190,6 +195,8 @@ class Agent:
             t.start()
         if self.tiers is not None:
             self.tiers.start(self._loop)
+        if self.settings.fabric_valkey is not None:
+            await self._start_fabric()
         self._housekeeping = asyncio.create_task(self._housekeep())
         gc.freeze()  # start-up objects never need a collection pass again
         self.started_at = time.time()
@@ -204,6 +211,71 @@ class Agent:
                 "pool_id": self.pool_id,
                 "tenancy": self.settings.tenancy,
             },
+        )
+
+    async def _start_fabric(self) -> None:
+        """Joins the pool's fabric: NIXL over the pool's memory, the peers' port, the index."""
+        from kvfabric.agent.transport import NixlTransport
+
+        st = self.settings
+        assert st.fabric_valkey is not None and st.fabric_listen is not None and self.segment is not None
+        # Before NIXL creates its UCX context: two network namespaces of one host would otherwise
+        # talk through shared memory, and small socket buffers halve TCP throughput.
+        os.environ["UCX_TLS"] = st.fabric_ucx_tls
+        os.environ.setdefault("UCX_TCP_SNDBUF", "4m")
+        os.environ.setdefault("UCX_TCP_RCVBUF", "4m")
+        transport = NixlTransport(self.agent_id, pool_regions(self.segment.map))
+        tls = None
+        if st.fabric_tls_cert is not None and st.fabric_tls_key is not None and st.fabric_tls_ca is not None:
+            tls = PeerTLS(str(st.fabric_tls_cert), str(st.fabric_tls_key), str(st.fabric_tls_ca))
+        self.remote = RemoteTier(
+            self.index,
+            self._pool_memory,
+            transport,
+            pull_deadline_s=st.fabric_pull_deadline_ms / 1000,
+            tls=tls,
+        )
+        host, _, port = st.fabric_listen.rpartition(":")
+        await self.remote.start(host, int(port))
+        self.remote_index = index = ValkeyIndex(
+            st.fabric_valkey, st.fabric_pool, st.fabric_advertise or st.fabric_listen
+        )
+        self.index.commit_listeners.append(
+            lambda ns, slot, key, session: index.publish(scoped(ns.tenant, ns.name), key)
+        )
+        self.index.drop_listeners.append(lambda ns, key: index.remove(scoped(ns.tenant, ns.name), key))
+        index.start()
+        log.info(
+            "fabric on", extra={"listen": st.fabric_listen, "pool": st.fabric_pool, "tls": tls is not None}
+        )
+
+    async def _remote_lookup(self, request: p.Lookup, session: Session) -> p._Reply:
+        """A lookup that may pull the blocks after its hits from a peer (see :mod:`remote`)."""
+        reply = self._dispatch(request, session)
+        remote, index = self.remote, self.remote_index
+        if (
+            not isinstance(reply, p.LookupReply)
+            or remote is None
+            or index is None
+            or reply.promoting
+            or reply.hits >= len(request.keys)
+        ):
+            return reply
+        tenant = session.tenant
+        spaces = [self.index.namespaces.get(scoped(tenant, n)) for n in request.namespaces]
+        if any(ns is None for ns in spaces):
+            return reply
+        unique = list({id(ns): ns for ns in spaces if ns is not None}.values())
+        rest = request.keys[reply.hits :]
+        names = [scoped(ns.tenant, ns.name) for ns in unique]
+        holders = await asyncio.get_running_loop().run_in_executor(None, index.locate, names, rest)
+        parent = request.keys[reply.hits - 1] if reply.hits else None
+        pulling = remote.pull(unique, rest, parent, holders) if holders else 0
+        if not pulling:
+            return reply
+        remote.stats.located_blocks += pulling
+        return msgspec.structs.replace(
+            reply, promoting=pulling, promote_eta_ms=round(remote.eta_s() * 1000, 3)
         )
 
     async def _create_segment(self) -> Segment:
@@ -347,6 +419,10 @@ class Agent:
             await loop.run_in_executor(None, t.join, 60.0)
         if self.tiers is not None:  # its threads use pool memory: before the pool goes
             await loop.run_in_executor(None, self.tiers.close)
+        if self.remote_index is not None:
+            await loop.run_in_executor(None, self.remote_index.close)
+        if self.remote is not None:  # its transfers use pool memory too
+            await self.remote.stop()
         await loop.run_in_executor(None, self._gpu_copies.shutdown, True)
         if self.gpu is not None:
             self.gpu.close()
@@ -454,6 +530,9 @@ class Agent:
                     elif isinstance(request, p.GpuCopy | p.RegisterGpuKV):
                         session.requests += 1
                         reply = await self._gpu_request(request, session)
+                    elif isinstance(request, p.Lookup) and request.promote and self.remote is not None:
+                        session.requests += 1
+                        reply = await self._remote_lookup(request, session)
                     elif isinstance(request, p.Reserve | p.Commit) and len(request.keys) > _KEYS_PER_SLICE:
                         session.requests += 1
                         reply = await self._save_in_slices(request, session)
@@ -856,4 +935,14 @@ class Agent:
         out.update({f"blocks_{k}": v for k, v in self.index.block_counts().items()})
         if self.tiers is not None:
             out.update(self.tiers.summary())
+        if self.remote is not None and self.remote_index is not None:
+            out.update(self.remote.summary())
+            i = self.remote_index
+            out.update(
+                valkey_up=int(i.up),
+                valkey_published=i.published,
+                valkey_removed=i.removed,
+                valkey_failures=i.failures,
+                valkey_lookups=i.lookups,
+            )
         return out

@@ -211,6 +211,48 @@ class AgentSettings(BaseSettings):
         "asked for it is skipped (counted): engines stop waiting for it before then (the "
         "connector's promote_wait_ms).",
     )
+    fabric_valkey: str | None = Field(
+        default=None,
+        description="Valkey URL (valkey://host:port/0, valkeys:// for TLS, user and password in the "
+        "URL) of the pool's block index: with it and --fabric-listen the agent publishes what it "
+        "holds and pulls blocks other agents of the pool hold (off when unset).",
+    )
+    fabric_pool: str = Field(
+        default="default",
+        pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="The pool's name in the block index (agents of one pool share it).",
+    )
+    fabric_listen: str | None = Field(
+        default=None,
+        pattern=r"^[^\s:]+:[0-9]{1,5}$",
+        description="host:port the agent serves its peers' pull requests on (TCP).",
+    )
+    fabric_advertise: str | None = Field(
+        default=None,
+        pattern=r"^[^\s:]+:[0-9]{1,5}$",
+        description="host:port peers reach this agent at (default: --fabric-listen).",
+    )
+    fabric_tls_cert: Path | None = Field(
+        default=None, description="This agent's certificate for mutual TLS with its peers (PEM)."
+    )
+    fabric_tls_key: Path | None = Field(default=None, description="Its private key (PEM).")
+    fabric_tls_ca: Path | None = Field(
+        default=None,
+        description="The pool's CA (PEM): only peers whose certificate it signed are served or asked.",
+    )
+    fabric_pull_deadline_ms: int = Field(
+        default=1000,
+        ge=10,
+        le=60_000,
+        description="A pull from a peer not done this long after the lookup that started it is "
+        "given up (the engine recomputes; its slots are quarantined a while).",
+    )
+    fabric_ucx_tls: str = Field(
+        default="tcp",
+        description="UCX transports for block transfers (UCX_TLS): 'tcp', or e.g. 'rc,tcp' where "
+        "RDMA NICs exist. Without a pin, agents in two network namespaces of one host would use "
+        "shared memory instead of the network.",
+    )
     log_format: str = Field(default="text", description="'text' or 'json' log lines.")
     log_level: str = Field(default="INFO", description="Python logging level name.")
 
@@ -240,6 +282,17 @@ class AgentSettings(BaseSettings):
     def _nvme(self) -> AgentSettings:
         if (self.nvme_path is None) != (self.nvme_size is None):
             raise ValueError("nvme_path and nvme_size go together (set both, or neither)")
+        return self
+
+    @model_validator(mode="after")
+    def _fabric(self) -> AgentSettings:
+        if (self.fabric_valkey is None) != (self.fabric_listen is None):
+            raise ValueError("fabric_valkey and fabric_listen go together (set both, or neither)")
+        tls = (self.fabric_tls_cert, self.fabric_tls_key, self.fabric_tls_ca)
+        if any(tls) and not all(tls):
+            raise ValueError("fabric_tls_cert, fabric_tls_key and fabric_tls_ca go together")
+        if self.fabric_valkey is not None and self.tenancy == "isolated":
+            raise ValueError("the fabric serves shared tenancy only (isolated pools are per-tenant files)")
         return self
 
     def to_env(self) -> dict[str, str]:

@@ -109,7 +109,7 @@ class TierService:
         """Opens the tier in a thread (a scan after a crash takes a while at millions of blocks):
         the agent serves from the pool meanwhile, and without the tier if it cannot be opened."""
         self._loop = loop
-        self.index.on_commit = self._committed
+        self.index.commit_listeners.append(self._committed)
         self._opener = threading.Thread(target=self._open, name="kvfabric-nvme-open", daemon=True)
         self._opener.start()
 
@@ -143,7 +143,8 @@ class TierService:
         if self.tier is not None:
             self.tier.close()
             self.tier = None
-        self.index.on_commit = None
+        with contextlib.suppress(ValueError):
+            self.index.commit_listeners.remove(self._committed)
 
     @property
     def ready(self) -> bool:

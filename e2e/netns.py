@@ -1,0 +1,136 @@
+""" "Nodes" as network namespaces joined by veth links to one bridge-less hub namespace.
+
+Each node gets its own namespace and address (10.231.<n>.2) on a veth whose other end sits in a
+hub namespace (10.231.<n>.1), which routes between the nodes; services every node reaches
+(Valkey) run in the hub. Everything is created with the test's pid in its names and removed by
+:meth:`Fabric.close` (deleting a namespace deletes its veth ends). Nothing touches the host's
+own namespace, routes or firewall, and no address leaves the machine.
+
+Links can be cut (``ip link set down``) and throttled (``tc tbf``) per node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def netns_available() -> str | None:
+    """Why network namespaces cannot be made here (None: they can)."""
+    if shutil.which("ip") is None:
+        return "no iproute2 'ip' command"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    return None
+
+
+def require_netns() -> None:
+    why = netns_available()
+    if why is not None:
+        pytest.skip(f"multihost tests: {why}")
+
+
+@dataclass
+class Node:
+    name: str  # its namespace
+    address: str
+    link: str  # the hub's end of its veth (cut or throttled there)
+
+
+class Fabric:
+    def __init__(self, nodes: int) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.hub = f"kvf{tag}h"
+        self.nodes: list[Node] = []
+        self._made: list[str] = []
+        try:
+            _ip("netns", "add", self.hub)
+            self._made.append(self.hub)
+            # One L2 segment (a bridge in the hub): UCX's TCP transport takes only peers it sees
+            # as reachable from an interface's own subnet.
+            self.exec_in(self.hub, "ip", "link", "set", "lo", "up")
+            self.exec_in(self.hub, "ip", "link", "add", "br0", "type", "bridge")
+            self.exec_in(self.hub, "ip", "addr", "add", f"{self.hub_address}/24", "dev", "br0")
+            self.exec_in(self.hub, "ip", "link", "set", "br0", "up")
+            for n in range(nodes):
+                ns, hub_end, node_end = f"kvf{tag}n{n}", f"kvf{tag}h{n}", f"kvf{tag}v{n}"
+                _ip("netns", "add", ns)
+                self._made.append(ns)
+                _ip(
+                    "link",
+                    "add",
+                    hub_end,
+                    "netns",
+                    self.hub,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    node_end,
+                    "netns",
+                    ns,
+                )
+                self.exec_in(self.hub, "ip", "link", "set", hub_end, "master", "br0")
+                self.exec_in(self.hub, "ip", "link", "set", hub_end, "up")
+                self.exec_in(ns, "ip", "link", "set", "lo", "up")
+                self.exec_in(ns, "ip", "addr", "add", f"10.231.0.{n + 2}/24", "dev", node_end)
+                self.exec_in(ns, "ip", "link", "set", node_end, "up")
+                self.nodes.append(Node(ns, f"10.231.0.{n + 2}", hub_end))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def hub_address(self) -> str:
+        return "10.231.0.1"
+
+    def prefix(self, ns: str) -> list[str]:
+        """The command prefix that runs a program in namespace ``ns``."""
+        return ["ip", "netns", "exec", ns]
+
+    def exec_in(self, ns: str, *argv: str) -> None:
+        subprocess.run([*self.prefix(ns), *argv], check=True, capture_output=True)
+
+    def cut(self, node: Node) -> None:
+        self.exec_in(self.hub, "ip", "link", "set", node.link, "down")
+
+    def restore(self, node: Node) -> None:
+        self.exec_in(self.hub, "ip", "link", "set", node.link, "up")
+
+    def throttle(self, node: Node, rate: str) -> None:
+        """Caps what the hub sends to ``node`` (e.g. ``"8mbit"``)."""
+        self.exec_in(
+            self.hub,
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            node.link,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "32kbit",
+            "latency",
+            "400ms",
+        )
+
+    def close(self) -> None:
+        for ns in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._made.clear()
+
+    def __enter__(self) -> Fabric:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,390 @@
+"""The remote tier: blocks another agent of the pool holds, pulled into this agent's pool.
+
+A lookup that misses the pool (and the NVMe tier) asks the block index
+(:mod:`kvfabric.agent.remote_index`) who holds the next keys. For the leading run one peer
+holds in every namespace of the lookup, slots are reserved here under the agent's own session
+(as promotions from NVMe are), and a pull thread asks the peer over the agents' control
+channel (TCP, mutual TLS when certificates are set) to write those blocks into them. The peer
+leases its blocks, writes them through the :class:`~kvfabric.agent.transport.Transport`, and
+answers with each block's checksum (xxh3-64) computed from its own copy; this side checks every
+landed block against it and commits the verified leading run, on the loop. The lookup's reply
+says how many blocks are on their way (``promoting``) with an estimate from the measured pull
+rate, exactly like an NVMe promotion: the connector asks again, or recomputes at once when the
+estimate is past what it may wait.
+
+Failure is a miss: a peer that is gone, refuses, times out or sends a block that does not verify
+costs the blocks of that pull, never an error to the engine. A pull that timed out may still
+land late (a partitioned link holds a transfer in progress), so its slots stay reserved for
+``quarantine_s`` before they go back to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+import xxhash
+
+from kvfabric.agent.index import BlockIndex, Namespace, normalize_key, scoped
+from kvfabric.agent.pool import address_of
+from kvfabric.agent.tiering import PROMOTER_SESSION
+from kvfabric.agent.transport import TransferFailed, Transport
+
+log = logging.getLogger(__name__)
+
+MAX_PULL_BLOCKS = 8192
+_MAX_FRAME = 4 << 20
+_LEN = struct.Struct("!I")
+
+
+class PullRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Write ``keys`` of ``namespace`` (the tenant's) into the requester's addresses ``dst``."""
+
+    requester: Annotated[str, msgspec.Meta(max_length=128)]
+    requester_info: Annotated[bytes, msgspec.Meta(max_length=65536)]
+    tenant: Annotated[str, msgspec.Meta(max_length=64)]
+    namespace: Annotated[str, msgspec.Meta(max_length=64)]
+    block_bytes: Annotated[int, msgspec.Meta(ge=1)]
+    keys: Annotated[list[bytes], msgspec.Meta(max_length=MAX_PULL_BLOCKS)]
+    dst: Annotated[list[int], msgspec.Meta(max_length=MAX_PULL_BLOCKS)]
+    deadline_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)]
+
+
+class PullReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: the leading keys written, with the xxh3-64 of each as the holder has it
+    checksums: list[int]
+    error: str = ""
+
+
+def _send(sock: socket.socket, obj: object) -> None:
+    body = msgspec.msgpack.encode(obj)
+    sock.sendall(_LEN.pack(len(body)) + body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket, kind: type[msgspec.Struct]) -> object:
+    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    if n > _MAX_FRAME:
+        raise ConnectionError("frame too large")
+    return msgspec.msgpack.decode(_recv_exact(sock, n), type=kind)
+
+
+@dataclass
+class RemoteStats:
+    pulled_blocks: int = 0
+    pulled_bytes: int = 0
+    pull_failures: int = 0  # pulls that brought nothing (peer gone, refused, late)
+    pull_bad_blocks: int = 0  # landed blocks whose checksum did not match
+    served_blocks: int = 0
+    served_bytes: int = 0
+    serve_failures: int = 0
+    located_blocks: int = 0  # blocks the index said a peer holds
+
+
+@dataclass(frozen=True)
+class PeerTLS:
+    """Mutual TLS between the agents of one pool: each presents its certificate, and accepts
+    only peers whose certificate the pool's CA signed."""
+
+    cert: str
+    key: str
+    ca: str
+
+    def server(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        ctx.check_hostname = False  # peers are named by address; the pool's CA is the identity
+        return ctx
+
+
+class RemoteTier:
+    """Pulls (requester side) and serves pulls (holder side) for one agent."""
+
+    def __init__(
+        self,
+        index: BlockIndex,
+        memory: Callable[[Namespace], mmap.mmap],
+        transport: Transport,
+        *,
+        pull_deadline_s: float,
+        tls: PeerTLS | None = None,
+        quarantine_s: float = 10.0,
+        threads: int = 4,
+    ) -> None:
+        self.index = index
+        self.memory = memory
+        self.transport = transport
+        self.pull_deadline_s = pull_deadline_s
+        self.quarantine_s = quarantine_s
+        self.tls = tls
+        self._client_tls = tls.client() if tls is not None else None
+        self.stats = RemoteStats()
+        #: bytes/s of completed pulls (a moving average); 0: none measured yet
+        self.rate = 0.0
+        self.pulls_queued_bytes = 0
+        self._pulling: set[tuple[str, bytes]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pullers = ThreadPoolExecutor(threads, "kvfabric-pull")
+        self._writers = ThreadPoolExecutor(threads, "kvfabric-serve")
+        self._closing = False
+        self._server: asyncio.AbstractServer | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        ctx = self.tls.server() if self.tls is not None else None
+        self._server = await asyncio.start_server(self._serve, host, port, ssl=ctx)
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: self._pullers.shutdown(wait=True, cancel_futures=True))
+        await loop.run_in_executor(None, lambda: self._writers.shutdown(wait=True, cancel_futures=True))
+        self.transport.close()
+
+    # -- requester (loop, then a pull thread) -----------------------------------------------
+
+    def pull(
+        self, spaces: list[Namespace], keys: list[bytes], parent: bytes | None, holders: list[str | None]
+    ) -> int:
+        """Starts pulling the leading ``keys`` that one peer holds (``holders[i]``: the holder of
+        ``keys[i]`` in every namespace); returns how many are on their way (0: none)."""
+        if self._closing or not keys or not holders or holders[0] is None:
+            return 0
+        peer = holders[0]
+        limit = min(len(keys), len(holders), MAX_PULL_BLOCKS)
+        run = next((i for i in range(limit) if holders[i] != peer), limit)
+        wanted = [normalize_key(k) for k in keys[:run]]
+        coming = next(
+            (
+                i
+                for i, k in enumerate(wanted)
+                if not all((scoped(ns.tenant, ns.name), k) in self._pulling for ns in spaces)
+            ),
+            len(wanted),
+        )
+        if coming or any((scoped(ns.tenant, ns.name), k) in self._pulling for ns in spaces for k in wanted):
+            return coming  # a pull of these is under way already: that many are on their way
+        prev = normalize_key(parent) if parent is not None else None
+        reserved: list[tuple[Namespace, list[int]]] = []
+        for ns in spaces:  # the leading run every namespace has room for (and lacks)
+            slots = self.index.reserve(ns.name, wanted[:run], prev, PROMOTER_SESSION, ns.tenant)
+            reserved.append((ns, slots))
+            run = min(run, next((i for i, slot in enumerate(slots) if slot < 0), len(slots)))
+        jobs: list[tuple[Namespace, list[bytes], list[int]]] = []
+        for ns, slots in reserved:
+            self._abort(ns, [k for k, slot in zip(wanted[run:], slots[run:], strict=False) if slot >= 0])
+            if run:
+                jobs.append((ns, wanted[:run], slots[:run]))
+                self._pulling.update((scoped(ns.tenant, ns.name), k) for k in wanted[:run])
+                self.pulls_queued_bytes += run * ns.block_bytes
+        if run:
+            self._pullers.submit(self._pull, peer, jobs, time.monotonic() + self.pull_deadline_s)
+        return run
+
+    def _abort(self, ns: Namespace, keys: list[bytes]) -> None:
+        """Frees the slots reserved for ``keys`` (on the loop)."""
+        if keys:
+            self.index.commit(ns.name, [], keys, PROMOTER_SESSION, ns.tenant)
+
+    def eta_s(self) -> float:
+        """Seconds until the queued pulls should be in, at the measured rate (0: unknown)."""
+        return self.pulls_queued_bytes / self.rate if self.rate and self.pulls_queued_bytes else 0.0
+
+    def _pull(self, peer: str, jobs: list[tuple[Namespace, list[bytes], list[int]]], deadline: float) -> None:
+        started = time.perf_counter()
+        results: list[tuple[Namespace, list[bytes], list[int], int]] = []  # ..., verified run
+        late = False
+        try:
+            host, _, port = peer.rpartition(":")
+            with socket.create_connection(
+                (host, int(port)), timeout=max(0.01, deadline - time.monotonic())
+            ) as raw:
+                sock: socket.socket = (
+                    self._client_tls.wrap_socket(raw) if self._client_tls is not None else raw
+                )
+                with sock:
+                    for ns, keys, slots in jobs:
+                        base = address_of(self.memory(ns))
+                        sock.settimeout(max(0.01, deadline - time.monotonic()))
+                        _send(
+                            sock,
+                            PullRequest(
+                                requester=self.transport.name,
+                                requester_info=self.transport.local_info(),
+                                tenant=ns.tenant,
+                                namespace=ns.name,
+                                block_bytes=ns.block_bytes,
+                                keys=keys,
+                                dst=[base + s * ns.block_bytes for s in slots],
+                                deadline_ms=max(0.0, (deadline - time.monotonic()) * 1000),
+                            ),
+                        )
+                        reply = _recv(sock, PullReply)
+                        assert isinstance(reply, PullReply)
+                        results.append((ns, keys, slots, self._verified(ns, slots, reply.checksums)))
+                        if reply.error:
+                            log.debug(
+                                "peer refused part of a pull", extra={"peer": peer, "error": reply.error}
+                            )
+        except (OSError, ConnectionError, msgspec.DecodeError, ValueError) as exc:
+            late = isinstance(exc, TimeoutError | socket.timeout)
+            log.info("pull from a peer failed; recomputing", extra={"peer": peer, "error": str(exc)})
+        self._on_loop(self._pulled, jobs, results, late, time.perf_counter() - started)
+
+    def _verified(self, ns: Namespace, slots: list[int], checksums: list[int]) -> int:
+        """How many leading landed blocks match the holder's checksums."""
+        mem = self.memory(ns)
+        bb = ns.block_bytes
+        n = 0
+        with memoryview(mem) as whole:
+            for slot, want in zip(slots, checksums, strict=False):
+                if xxhash.xxh3_64_intdigest(whole[slot * bb : (slot + 1) * bb]) != want:
+                    self.stats.pull_bad_blocks += 1
+                    break
+                n += 1
+        return n
+
+    def _pulled(
+        self,
+        jobs: list[tuple[Namespace, list[bytes], list[int]]],
+        results: list[tuple[Namespace, list[bytes], list[int], int]],
+        late: bool,
+        seconds: float,
+    ) -> None:
+        """On the loop: commit the run every namespace verified, free (or quarantine) the rest."""
+        good = min((r[3] for r in results), default=0) if len(results) == len(jobs) else 0
+        moved = 0
+        for ns, keys, _slots in jobs:
+            self.pulls_queued_bytes -= len(keys) * ns.block_bytes
+            for k in keys:
+                self._pulling.discard((scoped(ns.tenant, ns.name), k))
+            if good:
+                self.index.commit(ns.name, keys[:good], [], PROMOTER_SESSION, ns.tenant)
+                moved += good * ns.block_bytes
+            rest = keys[good:]
+            if rest and late and self._loop is not None:  # a write may still land: keep them a while
+                self._loop.call_later(self.quarantine_s, self._abort, ns, rest)
+            else:
+                self._abort(ns, rest)
+        if good:
+            self.stats.pulled_blocks += good * len(jobs)
+            self.stats.pulled_bytes += moved
+            rate = moved / max(seconds, 1e-6)
+            self.rate = rate if not self.rate else 0.7 * self.rate + 0.3 * rate
+        else:
+            self.stats.pull_failures += 1
+
+    # -- holder (loop, then a writer thread) ------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while not self._closing:
+                try:
+                    head = await reader.readexactly(_LEN.size)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                (n,) = _LEN.unpack(head)
+                if n > _MAX_FRAME:
+                    return
+                try:
+                    request = msgspec.msgpack.decode(await reader.readexactly(n), type=PullRequest)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    return
+                reply = await self._serve_one(request)
+                body = msgspec.msgpack.encode(reply)
+                writer.write(_LEN.pack(len(body)) + body)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            return
+        finally:
+            writer.close()
+
+    async def _serve_one(self, request: PullRequest) -> PullReply:
+        ns = self.index.namespaces.get(scoped(request.tenant, request.namespace))
+        if ns is None or ns.block_bytes != request.block_bytes or len(request.dst) != len(request.keys):
+            return PullReply(checksums=[], error="unknown namespace or layout")
+        held: list[tuple[int, int]] = []  # (slot, generation) pinned while the write runs
+        for raw in request.keys:
+            slot = self.index.committed_slot(ns, normalize_key(raw))
+            if slot < 0:
+                break
+            held.append((slot, self.index.hold(ns, slot)))
+        if not held:
+            return PullReply(checksums=[], error="not held")
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + request.deadline_ms / 1000
+        try:
+            checksums = await loop.run_in_executor(
+                self._writers, self._write, ns, request, [s for s, _ in held], deadline
+            )
+        except TransferFailed as exc:
+            self.stats.serve_failures += 1
+            return PullReply(checksums=[], error=str(exc))
+        finally:
+            for slot, gen in held:
+                self.index.unhold(ns, slot, gen)
+        self.stats.served_blocks += len(checksums)
+        self.stats.served_bytes += len(checksums) * ns.block_bytes
+        return PullReply(checksums=checksums)
+
+    def _write(self, ns: Namespace, request: PullRequest, slots: list[int], deadline: float) -> list[int]:
+        mem = self.memory(ns)
+        base, bb = address_of(mem), ns.block_bytes
+        self.transport.write(
+            request.requester,
+            request.requester_info,
+            [base + s * bb for s in slots],
+            request.dst[: len(slots)],
+            bb,
+            deadline,
+        )
+        with memoryview(mem) as whole:
+            return [xxhash.xxh3_64_intdigest(whole[s * bb : (s + 1) * bb]) for s in slots]
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, int | float | str]:
+        out: dict[str, int | float | str] = {f"remote_{k}": v for k, v in vars(self.stats).items()}
+        out["remote_pull_rate_bytes_per_s"] = round(self.rate)
+        return out
+
+    def _on_loop(self, fn: Callable[..., None], *args: object) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(fn, *args)
+
+
+def pool_regions(memory: mmap.mmap) -> list[tuple[int, int]]:
+    return [(address_of(memory), len(memory))]

@@ -1,0 +1,227 @@
+"""The fabric between real agents on two "nodes" (network namespaces joined through a hub that
+runs a real Valkey): blocks one agent holds are pulled by the other over NIXL (UCX over TCP
+across the veth links), checked and committed; every fault is a miss, never an error.
+
+The clients here stand in for engines: they save known bytes through agent A's socket and look
+them up through agent B's, as a connector does (a lookup with ``promote``, asked again while
+blocks are on their way)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.agent import AgentProcess, wait_until
+from e2e.netns import Fabric, require_netns
+from e2e.valkey import ValkeyProcess
+from kvfabric.connector.client import AgentClient
+from kvfabric.connector.keys import chain_keys, request_seed
+
+pytestmark = pytest.mark.multihost
+
+BB = 64 << 10  # block bytes
+NS = "fabric-test-namespace"
+PORT = 7450
+VALKEY_PORT = 6390
+
+
+@pytest.fixture
+def fabric() -> Iterator[Fabric]:
+    require_netns()
+    with Fabric(2) as f:
+        yield f
+
+
+@pytest.fixture
+def valkey(fabric: Fabric, tmp_path: Path) -> Iterator[ValkeyProcess]:
+    with ValkeyProcess(tmp_path / "valkey", "0.0.0.0", VALKEY_PORT, fabric.prefix(fabric.hub)) as v:
+        yield v
+
+
+def fabric_agent(fabric: Fabric, n: int, tmp: Path, extra: list[str] | None = None) -> AgentProcess:
+    node = fabric.nodes[n]
+    return AgentProcess(
+        tmp / f"agent{n}",
+        "256MiB",
+        prefix=fabric.prefix(node.name),
+        extra_args=[
+            "--arena-size", "4MiB",
+            "--fabric-valkey", f"valkey://{fabric.hub_address}:{VALKEY_PORT}/0",
+            "--fabric-listen", f"{node.address}:{PORT}",
+            "--fabric-pull-deadline-ms", "1500",
+            *(extra or []),
+        ],
+    )  # fmt: skip
+
+
+def write_blocks(agent: AgentProcess, keys: list[bytes], fill: int) -> AgentClient:
+    """Saves ``keys`` through ``agent`` with known bytes (block i: ``fill + i`` repeated)."""
+    c = AgentClient(str(agent.socket_path), "engine-a")
+    c.register_namespace(NS, BB, 16)
+    slots = c.reserve(NS, keys, None).slots
+    assert all(s >= 0 for s in slots)
+    with open(agent.pool_path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        for i, s in enumerate(slots):
+            m[s * BB : (s + 1) * BB] = bytes([(fill + i) % 256]) * BB
+    c.commit(NS, keys, [], 0.0)
+    return c
+
+
+def pull(agent: AgentProcess, keys: list[bytes], timeout: float = 10.0) -> tuple[int, list[int]]:
+    """Looks ``keys`` up as a connector does, asking again while they are promoted; returns the
+    hits and their slots once nothing more is on its way."""
+    c = AgentClient(str(agent.socket_path), "engine-b")
+    try:
+        c.register_namespace(NS, BB, 16)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = c.lookup([NS], keys, 16, lease_id="req", promote=True)
+            if not reply.promoting or time.monotonic() > deadline:
+                c.release(list(reply.leases))
+                return reply.hits, reply.slots[0] if reply.slots else []
+            time.sleep(0.01)
+    finally:
+        c.close()
+
+
+def block_bytes_at(agent: AgentProcess, slots: list[int]) -> list[bytes]:
+    with open(agent.pool_path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        return [m[s * BB : (s + 1) * BB] for s in slots]
+
+
+def published(agent: AgentProcess, n: int) -> None:
+    wait_until("blocks published", lambda: agent.stats()["valkey_published"] >= n, 10)
+
+
+def test_a_block_held_on_node_a_is_pulled_by_node_b_checked_and_then_held_there(
+    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path
+) -> None:
+    keys = chain_keys(list(range(16 * 8)), 16, request_seed(["fabric"]))
+    with fabric_agent(fabric, 0, tmp_path) as a, fabric_agent(fabric, 1, tmp_path) as b:
+        writer = write_blocks(a, keys, 10)
+        published(a, len(keys))
+        hits, slots = pull(b, keys)
+        assert hits == len(keys)
+        assert block_bytes_at(b, slots) == [bytes([10 + i]) * BB for i in range(len(keys))]
+        sb, sa = b.stats(), a.stats()
+        assert sb["remote_pulled_blocks"] == len(keys) and sb["remote_pull_bad_blocks"] == 0
+        assert sa["remote_served_blocks"] == len(keys)
+        # B holds them now: a second lookup is a plain local hit, and nothing more is pulled
+        assert pull(b, keys)[0] == len(keys)
+        assert b.stats()["remote_pulled_blocks"] == len(keys)
+        writer.close()
+
+
+def test_faults_are_misses_never_errors_and_hits_resume(
+    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path
+) -> None:
+    chains = [chain_keys(list(range(16 * 4)), 16, request_seed([f"chain{i}"])) for i in range(5)]
+    with fabric_agent(fabric, 0, tmp_path) as a, fabric_agent(fabric, 1, tmp_path) as b:
+        writer = write_blocks(a, [k for c in chains for k in c], 0)
+        published(a, sum(map(len, chains)))
+
+        # the link to A cut: B's pull gives up by its deadline, the lookup itself answers at once
+        fabric.cut(fabric.nodes[0])
+        started = time.monotonic()
+        assert pull(b, chains[0], timeout=5)[0] == 0
+        assert time.monotonic() - started < 1.5 + 1.0
+        fabric.restore(fabric.nodes[0])
+        wait_until("a failed pull counted", lambda: b.stats()["remote_pull_failures"] >= 1, 5)
+        assert pull(b, chains[1])[0] == len(chains[1])  # the link is back: pulls work again
+
+        # Valkey killed: local hits go on (chain 1 is B's now), remote ones stop; restarted empty,
+        # A publishes everything again and B's pulls resume
+        valkey.kill()
+        assert pull(b, chains[1])[0] == len(chains[1])
+        assert pull(b, chains[2], timeout=2)[0] == 0
+        valkey.start()
+        wait_until(
+            "A re-published after Valkey came back",
+            lambda: pull(b, chains[2], timeout=2)[0] == len(chains[2]),
+            20,
+        )
+
+        # A killed: B finds the entries (until they expire) but its pull fails fast; no error
+        writer.close()
+        a.kill()
+        failures = b.stats()["remote_pull_failures"]
+        assert pull(b, chains[3], timeout=5)[0] == 0
+        assert b.stats()["remote_pull_failures"] > failures
+        assert pull(b, chains[1])[0] == len(chains[1])  # B's own blocks still serve
+
+
+def _certs(tmp: Path, pool: str) -> tuple[Path, Path, Path]:
+    """A CA for ``pool`` and one certificate it signed (cert, key, ca) in PEM."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{pool} CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{pool} agent")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = tmp / pool
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    os.chmod(out / "key.pem", 0o600)
+    return out / "cert.pem", out / "key.pem", out / "ca.pem"
+
+
+def _tls(paths: tuple[Path, Path, Path]) -> list[str]:
+    cert, key, ca = paths
+    return ["--fabric-tls-cert", str(cert), "--fabric-tls-key", str(key), "--fabric-tls-ca", str(ca)]
+
+
+def test_peers_talk_mutual_tls_and_a_peer_of_another_pool_is_refused(
+    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path
+) -> None:
+    pool = _certs(tmp_path / "certs", "pool-a")
+    other = _certs(tmp_path / "certs", "pool-b")
+    keys = chain_keys(list(range(16 * 4)), 16, request_seed(["tls"]))
+    more = chain_keys(list(range(16 * 4)), 16, request_seed(["tls-2"]))
+    with fabric_agent(fabric, 0, tmp_path, _tls(pool)) as a:
+        writer = write_blocks(a, keys + more, 40)
+        published(a, len(keys) + len(more))
+        with fabric_agent(fabric, 1, tmp_path, _tls(other)) as stranger:
+            assert pull(stranger, keys, timeout=5)[0] == 0  # A does not accept B's certificate
+            assert a.stats()["remote_served_blocks"] == 0
+        with fabric_agent(fabric, 1, tmp_path / "again", _tls(pool)) as b:
+            hits, slots = pull(b, more)
+            assert hits == len(more)
+            assert block_bytes_at(b, slots) == [bytes([40 + len(keys) + i]) * BB for i in range(len(more))]
+        writer.close()
