@@ -351,6 +351,7 @@ class RemoteTier:
             )
         except TransferFailed as exc:
             self.stats.serve_failures += 1
+            log.info("serving a pull failed", extra={"peer": request.requester, "error": str(exc)})
             return PullReply(checksums=[], error=str(exc))
         finally:
             for slot, gen in held:

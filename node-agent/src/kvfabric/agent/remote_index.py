@@ -6,9 +6,10 @@ and an agent that crashed stops being found once its entries expire. Data never 
 Valkey.
 
 - *Publish*: commits are queued (thread-safe) and written by one thread in pipelined batches
-  (one round trip per batch). Every ``ttl / 3`` the thread writes every block it holds again,
-  which also re-publishes everything after a Valkey restart; after a failure, it does so as
-  soon as Valkey answers again.
+  (one round trip per batch). Every ``ttl / 3`` the thread writes every block it holds again.
+  Each second it checks its marker key (written with every full publish): a Valkey that
+  restarted (empty) or a write that failed makes it publish everything again as soon as Valkey
+  answers.
 - *Remove*: a block leaving the pool is deleted only where the value is still ours (another
   agent may have published it since), in the same batches.
 - *Locate*: one ``MGET`` for a prompt's chain in every namespace (the caller runs it off the
@@ -48,6 +49,7 @@ class ValkeyIndex:
         timeout_s: float = 0.25,
         retry_s: float = 1.0,
         flush_s: float = 0.02,
+        check_s: float = 1.0,
     ) -> None:
         """``address``: this agent's fabric address, the value peers read."""
         import valkey
@@ -58,6 +60,8 @@ class ValkeyIndex:
         self.batch = batch
         self.retry_s = retry_s
         self.flush_s = flush_s
+        self.check_s = check_s
+        self._marker = f"kvf:{pool}:agent:{address}"
         self._client = valkey.Valkey.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._remove = self._client.register_script(_REMOVE_MINE)
         self._queue: deque[tuple[bool, str, bytes]] = deque()  # (publish?, namespace, key)
@@ -130,7 +134,8 @@ class ValkeyIndex:
 
     def _run(self) -> None:
         next_refresh = time.monotonic() + self.ttl_s / 3
-        stale = False  # a write failed: everything is written again once Valkey answers
+        next_check = 0.0
+        stale = True  # everything is written (again) once Valkey answers: at start, after a failure
         while not self._stop.is_set():
             self._wake.wait(self.flush_s)
             self._wake.clear()
@@ -141,13 +146,14 @@ class ValkeyIndex:
             if now < self._down_until:
                 continue  # what we hold is in _held: written with the refresh below
             try:
+                if now >= next_check:
+                    next_check = now + self.check_s
+                    stale = stale or not self._client.exists(self._marker)  # restarted empty?
                 if stale or now >= next_refresh:
                     self._write(list(self._held), [])
                     next_refresh = time.monotonic() + self.ttl_s / 3
-                    if stale:
-                        log.info(
-                            "valkey reachable: blocks published again", extra={"blocks": len(self._held)}
-                        )
+                    if stale and self._held:
+                        log.info("valkey: every block published again", extra={"blocks": len(self._held)})
                     stale = False
                 else:
                     self._write(
@@ -167,6 +173,8 @@ class ValkeyIndex:
                 pipe.set(self._name(ns, key), self.address, ex=ttl)
             pipe.execute()
             self.published += len(publish[start : start + self.batch])
+        if len(publish) == len(self._held):  # a full publish: the marker says Valkey has it all
+            self._client.set(self._marker, "1", ex=ttl)
         for start in range(0, len(remove), self.batch):
             names = [self._name(ns, k) for ns, k in remove[start : start + self.batch]]
             self.removed += int(self._remove(keys=names, args=[self.address]))

@@ -271,6 +271,10 @@ class Agent:
         holders = await asyncio.get_running_loop().run_in_executor(None, index.locate, names, rest)
         parent = request.keys[reply.hits - 1] if reply.hits else None
         pulling = remote.pull(unique, rest, parent, holders) if holders else 0
+        log.debug(
+            "remote lookup",
+            extra={"hits": reply.hits, "located": sum(h is not None for h in holders), "pulling": pulling},
+        )
         if not pulling:
             return reply
         remote.stats.located_blocks += pulling
