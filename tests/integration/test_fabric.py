@@ -43,11 +43,13 @@ def valkey(fabric: Fabric, tmp_path: Path) -> Iterator[ValkeyProcess]:
         yield v
 
 
-def fabric_agent(fabric: Fabric, n: int, tmp: Path, extra: list[str] | None = None) -> AgentProcess:
+def fabric_agent(
+    fabric: Fabric, n: int, tmp: Path, extra: list[str] | None = None, pool_size: str = "256MiB"
+) -> AgentProcess:
     node = fabric.nodes[n]
     return AgentProcess(
         tmp / f"agent{n}",
-        "256MiB",
+        pool_size,
         prefix=fabric.prefix(node.name),
         extra_args=[
             "--arena-size", "4MiB",
@@ -165,7 +167,7 @@ def _certs(tmp: Path, pool: str) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{pool} CA")])
     ca = (

@@ -180,6 +180,47 @@ class _TierCollector(Collector):
         yield queue
 
 
+class _RemoteCollector(Collector):
+    """The fabric's counts (``--fabric-valkey``), read from the remote tier and index at scrape."""
+
+    def __init__(self, summary: Callable[[], dict[str, int | float | str]]) -> None:
+        self._summary = summary
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._summary()
+        blocks = CounterMetricFamily(
+            "kvfabric_remote_blocks", "Blocks moved between agents of the pool.", labels=["direction"]
+        )
+        blocks.add_metric(["pulled"], int(s["remote_pulled_blocks"]))
+        blocks.add_metric(["served"], int(s["remote_served_blocks"]))
+        yield blocks
+        moved = CounterMetricFamily(
+            "kvfabric_remote_bytes", "Bytes moved between agents of the pool.", labels=["direction"]
+        )
+        moved.add_metric(["pulled"], int(s["remote_pulled_bytes"]))
+        moved.add_metric(["served"], int(s["remote_served_bytes"]))
+        yield moved
+        failures = CounterMetricFamily(
+            "kvfabric_remote_failures",
+            "Pulls that brought nothing, blocks that failed their checksum, pulls this agent could "
+            "not serve, lookups that skipped a failing peer.",
+            labels=["kind"],
+        )
+        failures.add_metric(["pull"], int(s["remote_pull_failures"]))
+        failures.add_metric(["bad_block"], int(s["remote_pull_bad_blocks"]))
+        failures.add_metric(["serve"], int(s["remote_serve_failures"]))
+        failures.add_metric(["peer_backoff"], int(s["remote_peer_backoffs"]))
+        yield failures
+        index = CounterMetricFamily(
+            "kvfabric_valkey_failures", "Calls to the pool's Valkey block index that failed."
+        )
+        index.add_metric([], int(s["valkey_failures"]))
+        yield index
+        up = GaugeMetricFamily("kvfabric_valkey_up", "1 when the pool's Valkey block index answers.")
+        up.add_metric([], float(s["valkey_up"]))
+        yield up
+
+
 class AgentMetrics:
     def __init__(self, index: BlockIndex, sessions: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -226,6 +267,16 @@ class AgentMetrics:
             registry=self.registry,
         )
         self.up = Gauge("kvfabric_agent_ready", "1 when the agent serves requests.", registry=self.registry)
+
+    def watch_remote(self, summary: Callable[[], dict[str, int | float | str]]) -> Histogram:
+        """Exposes the fabric's metrics; returns the pull-time histogram to observe."""
+        self.registry.register(_RemoteCollector(summary))
+        return Histogram(
+            "kvfabric_remote_pull_seconds",
+            "Time one pull from a peer took, from the lookup that started it to its commit.",
+            buckets=_COPY_BUCKETS,
+            registry=self.registry,
+        )
 
     def watch_tier(self, tiers: TierService) -> None:
         """Exposes the NVMe tier's metrics (agents started with ``--nvme-path``)."""

@@ -44,6 +44,9 @@ from kvfabric.agent.transport import TransferFailed, Transport
 log = logging.getLogger(__name__)
 
 MAX_PULL_BLOCKS = 8192
+#: After a failed pull a peer is not asked again for this long, doubling per failure in a row up
+#: to the second value: a dead or partitioned peer must not cost every scheduling step a pull.
+PEER_BACKOFF_S = (0.5, 30.0)
 _MAX_FRAME = 4 << 20
 _LEN = struct.Struct("!I")
 
@@ -99,6 +102,7 @@ class RemoteStats:
     served_bytes: int = 0
     serve_failures: int = 0
     located_blocks: int = 0  # blocks the index said a peer holds
+    peer_backoffs: int = 0  # lookups that skipped a peer backing off after a failure
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,10 @@ class RemoteTier:
         self._writers = ThreadPoolExecutor(threads, "kvfabric-serve")
         self._closing = False
         self._server: asyncio.AbstractServer | None = None
+        #: peer -> (failures in a row, not asked before this monotonic time)
+        self._backoff: dict[str, tuple[int, float]] = {}
+        #: seconds of each pull that ended, for the metrics (set by the agent)
+        self.observe: Callable[[float], None] = lambda seconds: None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -183,6 +191,10 @@ class RemoteTier:
         if self._closing or not keys or not holders or holders[0] is None:
             return 0
         peer = holders[0]
+        failures, until = self._backoff.get(peer, (0, 0.0))
+        if failures and time.monotonic() < until:
+            self.stats.peer_backoffs += 1
+            return 0
         limit = min(len(keys), len(holders), MAX_PULL_BLOCKS)
         run = next((i for i in range(limit) if holders[i] != peer), limit)
         wanted = [normalize_key(k) for k in keys[:run]]
@@ -261,7 +273,7 @@ class RemoteTier:
         except (OSError, ConnectionError, msgspec.DecodeError, ValueError) as exc:
             late = isinstance(exc, TimeoutError | socket.timeout)
             log.info("pull from a peer failed; recomputing", extra={"peer": peer, "error": str(exc)})
-        self._on_loop(self._pulled, jobs, results, late, time.perf_counter() - started)
+        self._on_loop(self._pulled, peer, jobs, results, late, time.perf_counter() - started)
 
     def _verified(self, ns: Namespace, slots: list[int], checksums: list[int]) -> int:
         """How many leading landed blocks match the holder's checksums."""
@@ -278,6 +290,7 @@ class RemoteTier:
 
     def _pulled(
         self,
+        peer: str,
         jobs: list[tuple[Namespace, list[bytes], list[int]]],
         results: list[tuple[Namespace, list[bytes], list[int], int]],
         late: bool,
@@ -298,13 +311,18 @@ class RemoteTier:
                 self._loop.call_later(self.quarantine_s, self._abort, ns, rest)
             else:
                 self._abort(ns, rest)
+        self.observe(seconds)
         if good:
             self.stats.pulled_blocks += good * len(jobs)
             self.stats.pulled_bytes += moved
             rate = moved / max(seconds, 1e-6)
             self.rate = rate if not self.rate else 0.7 * self.rate + 0.3 * rate
+            self._backoff.pop(peer, None)
         else:
             self.stats.pull_failures += 1
+            failures = self._backoff.get(peer, (0, 0.0))[0] + 1
+            first, longest = PEER_BACKOFF_S
+            self._backoff[peer] = (failures, time.monotonic() + min(longest, first * 2 ** (failures - 1)))
 
     # -- holder (loop, then a writer thread) ------------------------------------------------
 

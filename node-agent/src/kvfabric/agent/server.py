@@ -245,6 +245,7 @@ class Agent:
         )
         self.index.drop_listeners.append(lambda ns, key: index.remove(scoped(ns.tenant, ns.name), key))
         index.start()
+        self.remote.observe = self.metrics.watch_remote(self._fabric_summary).observe
         log.info(
             "fabric on", extra={"listen": st.fabric_listen, "pool": st.fabric_pool, "tls": tls is not None}
         )
@@ -939,14 +940,18 @@ class Agent:
         out.update({f"blocks_{k}": v for k, v in self.index.block_counts().items()})
         if self.tiers is not None:
             out.update(self.tiers.summary())
-        if self.remote is not None and self.remote_index is not None:
-            out.update(self.remote.summary())
-            i = self.remote_index
-            out.update(
-                valkey_up=int(i.up),
-                valkey_published=i.published,
-                valkey_removed=i.removed,
-                valkey_failures=i.failures,
-                valkey_lookups=i.lookups,
-            )
+        out.update(self._fabric_summary())
         return out
+
+    def _fabric_summary(self) -> dict[str, int | float | str]:
+        if self.remote is None or self.remote_index is None:
+            return {}
+        i = self.remote_index
+        return {
+            **self.remote.summary(),
+            "valkey_up": int(i.up),
+            "valkey_published": i.published,
+            "valkey_removed": i.removed,
+            "valkey_failures": i.failures,
+            "valkey_lookups": i.lookups,
+        }
