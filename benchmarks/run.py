@@ -1,7 +1,7 @@
 """``make bench``: every benchmark prints a ratio against a baseline measured in the same run.
 
     python -m benchmarks.run [ttft] [rpc] [copy] [index] [stall] [sched] [nvme] [nvme_ttft]
-                                 [tier_policy]   (default: all)
+                             [tier_policy] [fabric] [fabric_index] [fabric_ttft]   (default: all)
 
 Results go to stdout and ``benchmarks/out/results.json``; record them in RESULTS.md with the
 machine and date.
@@ -24,7 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import nvme, tier_policy, trust  # noqa: E402
+from benchmarks import fabric, nvme, tier_policy, trust  # noqa: E402
 from e2e import tiny_model  # noqa: E402
 from e2e.agent import AgentProcess  # noqa: E402
 from e2e.engine import EngineProcess  # noqa: E402
@@ -232,6 +232,18 @@ def bench_nvme_ttft(results: dict[str, Any], tmp: Path) -> None:
     nvme.bench_ttft(results, tmp, report)
 
 
+def bench_fabric(results: dict[str, Any], tmp: Path) -> None:
+    fabric.bench_pull(results, tmp, report)
+
+
+def bench_fabric_index(results: dict[str, Any], tmp: Path) -> None:
+    fabric.bench_index(results, tmp, report)
+
+
+def bench_fabric_ttft(results: dict[str, Any], tmp: Path) -> None:
+    fabric.bench_ttft(results, tmp, report)
+
+
 def bench_tier_policy(results: dict[str, Any], tmp: Path) -> None:
     tier_policy.bench_policy(results, report)
 
@@ -246,6 +258,9 @@ BENCHES = {
     "nvme": bench_nvme,
     "nvme_ttft": bench_nvme_ttft,
     "tier_policy": bench_tier_policy,
+    "fabric": bench_fabric,
+    "fabric_index": bench_fabric_index,
+    "fabric_ttft": bench_fabric_ttft,
 }
 
 

@@ -44,3 +44,45 @@ def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in s.to_env().items():
         monkeypatch.setenv(key, value)
     assert AgentSettings() == s
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--fabric-valkey", "valkey://10.0.0.1:6379/0"], "fabric_valkey and fabric_listen"),
+        (["--fabric-listen", "10.0.0.2:7450"], "fabric_valkey and fabric_listen"),
+        (
+            [
+                "--fabric-valkey",
+                "valkey://v:6379",
+                "--fabric-listen",
+                "10.0.0.2:7450",
+                "--fabric-tls-cert",
+                "/c",
+            ],
+            "fabric_tls_cert, fabric_tls_key and fabric_tls_ca",
+        ),
+        (
+            [
+                "--fabric-valkey",
+                "valkey://v:6379",
+                "--fabric-listen",
+                "10.0.0.2:7450",
+                "--tenancy",
+                "isolated",
+            ],
+            "shared tenancy only",
+        ),
+        (["--fabric-valkey", "valkey://v:6379", "--fabric-listen", "no-port"], "fabric_listen"),
+    ],
+)
+def test_fabric_settings_come_whole_or_are_refused_with_the_reason(argv: list[str], names: str) -> None:
+    with pytest.raises(SettingsError, match=names):
+        load_settings(argv)
+
+
+def test_fabric_settings_accept_a_complete_set() -> None:
+    s = load_settings(["--fabric-valkey", "valkeys://u:p@v:6380/0", "--fabric-listen", "0.0.0.0:7450"])
+    assert (
+        s.fabric_listen == "0.0.0.0:7450" and s.fabric_ucx_tls == "tcp" and s.fabric_pull_deadline_ms == 1000
+    )

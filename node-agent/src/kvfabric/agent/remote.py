@@ -156,10 +156,13 @@ class RemoteTier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pullers = ThreadPoolExecutor(threads, "kvfabric-pull")
         self._writers = ThreadPoolExecutor(threads, "kvfabric-serve")
+        self._hashers = ThreadPoolExecutor(threads, "kvfabric-hash")  # xxhash frees the GIL
         self._closing = False
         self._server: asyncio.AbstractServer | None = None
         #: peer -> (failures in a row, not asked before this monotonic time)
         self._backoff: dict[str, tuple[int, float]] = {}
+        #: pulls that ended (committed or not): a lookup that waited meanwhile looks again
+        self.settled = 0
         #: seconds of each pull that ended, for the metrics (set by the agent)
         self.observe: Callable[[float], None] = lambda seconds: None
 
@@ -179,6 +182,7 @@ class RemoteTier:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, lambda: self._pullers.shutdown(wait=True, cancel_futures=True))
         await loop.run_in_executor(None, lambda: self._writers.shutdown(wait=True, cancel_futures=True))
+        await loop.run_in_executor(None, lambda: self._hashers.shutdown(wait=True, cancel_futures=True))
         self.transport.close()
 
     # -- requester (loop, then a pull thread) -----------------------------------------------
@@ -198,14 +202,7 @@ class RemoteTier:
         limit = min(len(keys), len(holders), MAX_PULL_BLOCKS)
         run = next((i for i in range(limit) if holders[i] != peer), limit)
         wanted = [normalize_key(k) for k in keys[:run]]
-        coming = next(
-            (
-                i
-                for i, k in enumerate(wanted)
-                if not all((scoped(ns.tenant, ns.name), k) in self._pulling for ns in spaces)
-            ),
-            len(wanted),
-        )
+        coming = self.coming(spaces, wanted)
         if coming or any((scoped(ns.tenant, ns.name), k) in self._pulling for ns in spaces for k in wanted):
             return coming  # a pull of these is under way already: that many are on their way
         prev = normalize_key(parent) if parent is not None else None
@@ -224,6 +221,17 @@ class RemoteTier:
         if run:
             self._pullers.submit(self._pull, peer, jobs, time.monotonic() + self.pull_deadline_s)
         return run
+
+    def coming(self, spaces: list[Namespace], keys: list[bytes]) -> int:
+        """How many leading ``keys`` (normalized) pulls under way bring in every namespace."""
+        return next(
+            (
+                i
+                for i, k in enumerate(keys)
+                if not all((scoped(ns.tenant, ns.name), k) in self._pulling for ns in spaces)
+            ),
+            len(keys),
+        )
 
     def _abort(self, ns: Namespace, keys: list[bytes]) -> None:
         """Frees the slots reserved for ``keys`` (on the loop)."""
@@ -297,6 +305,7 @@ class RemoteTier:
         seconds: float,
     ) -> None:
         """On the loop: commit the run every namespace verified, free (or quarantine) the rest."""
+        self.settled += 1
         good = min((r[3] for r in results), default=0) if len(results) == len(jobs) else 0
         moved = 0
         for ns, keys, _slots in jobs:
@@ -379,8 +388,11 @@ class RemoteTier:
         return PullReply(checksums=checksums)
 
     def _write(self, ns: Namespace, request: PullRequest, slots: list[int], deadline: float) -> list[int]:
+        """Writes the held blocks to the requester; their checksums are computed meanwhile (the
+        blocks are pinned: the bytes hashed are the bytes sent)."""
         mem = self.memory(ns)
         base, bb = address_of(mem), ns.block_bytes
+        checksums = self._hashers.submit(self._checksums, mem, slots, bb)
         self.transport.write(
             request.requester,
             request.requester_info,
@@ -389,6 +401,10 @@ class RemoteTier:
             bb,
             deadline,
         )
+        return checksums.result()
+
+    @staticmethod
+    def _checksums(mem: mmap.mmap, slots: list[int], bb: int) -> list[int]:
         with memoryview(mem) as whole:
             return [xxhash.xxh3_64_intdigest(whole[s * bb : (s + 1) * bb]) for s in slots]
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import msgspec
 
 from kvfabric.agent.gpu_service import GpuError, GpuService
-from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded, scoped
+from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded, normalize_key, scoped
 from kvfabric.agent.metrics import AgentMetrics
 from kvfabric.agent.pool import PoolDoesNotFit, PoolError, Segment, SlotAllocator
 from kvfabric.agent.remote import PeerTLS, RemoteTier, pool_regions
@@ -268,8 +268,16 @@ class Agent:
             return reply
         unique = list({id(ns): ns for ns in spaces if ns is not None}.values())
         rest = request.keys[reply.hits :]
+        coming = remote.coming(unique, [normalize_key(k) for k in rest])
+        if coming:  # asked again while its pull runs: no need to ask the index
+            return msgspec.structs.replace(
+                reply, promoting=coming, promote_eta_ms=round(remote.eta_s() * 1000, 3)
+            )
         names = [scoped(ns.tenant, ns.name) for ns in unique]
+        settled = remote.settled
         holders = await asyncio.get_running_loop().run_in_executor(None, index.locate, names, rest)
+        if remote.settled != settled:  # a pull ended meanwhile: maybe with these blocks
+            return await self._remote_lookup(request, session)
         parent = request.keys[reply.hits - 1] if reply.hits else None
         pulling = remote.pull(unique, rest, parent, holders) if holders else 0
         log.debug(
