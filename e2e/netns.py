@@ -6,7 +6,7 @@ hub namespace (10.231.<n>.1), which routes between the nodes; services every nod
 :meth:`Fabric.close` (deleting a namespace deletes its veth ends). Nothing touches the host's
 own namespace, routes or firewall, and no address leaves the machine.
 
-Links can be cut (``ip link set down``) and throttled (``tc tbf``) per node.
+Links can be cut (``ip link set down``) and a node's sending throttled (``tc tbf``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def require_netns() -> None:
 class Node:
     name: str  # its namespace
     address: str
-    link: str  # the hub's end of its veth (cut or throttled there)
+    link: str  # the hub's end of its veth (cut there)
+    dev: str  # the node's own end (what it sends is throttled there)
 
 
 class Fabric:
@@ -83,7 +84,7 @@ class Fabric:
                 self.exec_in(ns, "ip", "link", "set", "lo", "up")
                 self.exec_in(ns, "ip", "addr", "add", f"10.231.0.{n + 2}/24", "dev", node_end)
                 self.exec_in(ns, "ip", "link", "set", node_end, "up")
-                self.nodes.append(Node(ns, f"10.231.0.{n + 2}", hub_end))
+                self.nodes.append(Node(ns, f"10.231.0.{n + 2}", hub_end, node_end))
         except BaseException:
             self.close()
             raise
@@ -106,14 +107,14 @@ class Fabric:
         self.exec_in(self.hub, "ip", "link", "set", node.link, "up")
 
     def throttle(self, node: Node, rate: str) -> None:
-        """Caps what the hub sends to ``node`` (e.g. ``"8mbit"``)."""
+        """Caps what ``node`` sends (e.g. ``"8mbit"``): a slow uplink, its other traffic untouched."""
         self.exec_in(
-            self.hub,
+            node.name,
             "tc",
             "qdisc",
             "replace",
             "dev",
-            node.link,
+            node.dev,
             "root",
             "tbf",
             "rate",

@@ -158,6 +158,31 @@ def test_faults_are_misses_never_errors_and_hits_resume(
         assert pull(b, chains[1])[0] == len(chains[1])  # B's own blocks still serve
 
 
+def test_a_link_slower_than_the_deadline_costs_one_late_pull_then_none(
+    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path
+) -> None:
+    """Throttled below what the deadline allows (8 blocks of 64 KiB in 1.5 s need 350 KB/s; the
+    link gets 125 KB/s): the first pull gives up by its deadline, the agent learns the rate, and
+    later lookups recompute at once instead of starting pulls that cannot arrive in time."""
+    chains = [chain_keys(list(range(16 * 8)), 16, request_seed([f"slow{i}"])) for i in range(2)]
+    with fabric_agent(fabric, 0, tmp_path) as a, fabric_agent(fabric, 1, tmp_path) as b:
+        writer = write_blocks(a, chains[0] + chains[1], 0)
+        published(a, 16)
+        fabric.throttle(fabric.nodes[0], "1mbit")  # what A sends
+        started = time.monotonic()
+        assert pull(b, chains[0], timeout=5)[0] == 0
+        assert time.monotonic() - started < 1.5 + 1.0  # never past the pull deadline
+        wait_until("the late pull settled", lambda: b.stats()["remote_pull_failures"] == 1, 5)
+        assert 0 < b.stats()["remote_pull_rate_bytes_per_s"] < 350_000
+        time.sleep(0.6)  # past the peer's first backoff
+        started = time.monotonic()
+        assert pull(b, chains[1], timeout=5)[0] == 0
+        assert time.monotonic() - started < 0.3  # no pull, no wait
+        stats = b.stats()
+        assert stats["remote_pulls_skipped_slow"] >= 1 and stats["remote_pull_failures"] == 1
+        writer.close()
+
+
 def _certs(tmp: Path, pool: str) -> tuple[Path, Path, Path]:
     """A CA for ``pool`` and one certificate it signed (cert, key, ca) in PEM."""
     import datetime

@@ -203,13 +203,15 @@ class _RemoteCollector(Collector):
         failures = CounterMetricFamily(
             "kvfabric_remote_failures",
             "Pulls that brought nothing, blocks that failed their checksum, pulls this agent could "
-            "not serve, lookups that skipped a failing peer.",
+            "not serve, lookups that skipped a failing peer, pulls not started because the measured "
+            "rate could not meet the pull deadline.",
             labels=["kind"],
         )
         failures.add_metric(["pull"], int(s["remote_pull_failures"]))
         failures.add_metric(["bad_block"], int(s["remote_pull_bad_blocks"]))
         failures.add_metric(["serve"], int(s["remote_serve_failures"]))
         failures.add_metric(["peer_backoff"], int(s["remote_peer_backoffs"]))
+        failures.add_metric(["too_slow"], int(s["remote_pulls_skipped_slow"]))
         yield failures
         index = CounterMetricFamily(
             "kvfabric_valkey_failures", "Calls to the pool's Valkey block index that failed."

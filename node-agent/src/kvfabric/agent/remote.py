@@ -103,6 +103,7 @@ class RemoteStats:
     serve_failures: int = 0
     located_blocks: int = 0  # blocks the index said a peer holds
     peer_backoffs: int = 0  # lookups that skipped a peer backing off after a failure
+    pulls_skipped_slow: int = 0  # pulls not started: the measured rate could not meet the deadline
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,11 @@ class RemoteTier:
             return 0
         limit = min(len(keys), len(holders), MAX_PULL_BLOCKS)
         run = next((i for i in range(limit) if holders[i] != peer), limit)
+        size = run * sum(ns.block_bytes for ns in spaces)
+        if self.rate and self.pulls_queued_bytes + size > self.rate * self.pull_deadline_s:
+            # at the rate measured so far it would not arrive by its deadline: recomputing wins
+            self.stats.pulls_skipped_slow += 1
+            return 0
         wanted = [normalize_key(k) for k in keys[:run]]
         coming = self.coming(spaces, wanted)
         if coming or any((scoped(ns.tenant, ns.name), k) in self._pulling for ns in spaces for k in wanted):
@@ -334,6 +340,9 @@ class RemoteTier:
             self._backoff.pop(peer, None)
         else:
             self.stats.pull_failures += 1
+            if late:  # less than what was asked arrived in the time: assume half of it did
+                asked = sum(len(keys) * ns.block_bytes for ns, keys, _ in jobs) / max(seconds, 1e-6) / 2
+                self.rate = min(self.rate, asked) if self.rate else asked
             failures = self._backoff.get(peer, (0, 0.0))[0] + 1
             first, longest = PEER_BACKOFF_S
             self._backoff[peer] = (failures, time.monotonic() + min(longest, first * 2 ** (failures - 1)))
