@@ -47,6 +47,9 @@ MAX_PULL_BLOCKS = 8192
 #: After a failed pull a peer is not asked again for this long, doubling per failure in a row up
 #: to the second value: a dead or partitioned peer must not cost every scheduling step a pull.
 PEER_BACKOFF_S = (0.5, 30.0)
+#: How long a rate learned from a late pull keeps pulls that could not meet their deadline from
+#: starting; after it, one pull measures the link again (it may have recovered).
+SLOW_LINK_S = 10.0
 _MAX_FRAME = 4 << 20
 _LEN = struct.Struct("!I")
 
@@ -152,6 +155,8 @@ class RemoteTier:
         self.stats = RemoteStats()
         #: bytes/s of completed pulls (a moving average); 0: none measured yet
         self.rate = 0.0
+        #: peer -> (a late pull's bound on its rate, until when it keeps slower pulls off)
+        self._slow: dict[str, tuple[float, float]] = {}
         self.pulls_queued_bytes = 0
         self._pulling: set[tuple[str, bytes]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -204,7 +209,8 @@ class RemoteTier:
         limit = min(len(keys), len(holders), MAX_PULL_BLOCKS)
         run = next((i for i in range(limit) if holders[i] != peer), limit)
         size = run * sum(ns.block_bytes for ns in spaces)
-        if self.rate and self.pulls_queued_bytes + size > self.rate * self.pull_deadline_s:
+        slow_rate, slow_until = self._slow.get(peer, (0.0, 0.0))
+        if time.monotonic() < slow_until and size > slow_rate * self.pull_deadline_s:
             # at the rate measured so far it would not arrive by its deadline: recomputing wins
             self.stats.pulls_skipped_slow += 1
             return 0
@@ -338,11 +344,13 @@ class RemoteTier:
             rate = moved / max(seconds, 1e-6)
             self.rate = rate if not self.rate else 0.7 * self.rate + 0.3 * rate
             self._backoff.pop(peer, None)
+            self._slow.pop(peer, None)
         else:
             self.stats.pull_failures += 1
             if late:  # less than what was asked arrived in the time: assume half of it did
                 asked = sum(len(keys) * ns.block_bytes for ns, keys, _ in jobs) / max(seconds, 1e-6) / 2
                 self.rate = min(self.rate, asked) if self.rate else asked
+                self._slow[peer] = (asked, time.monotonic() + SLOW_LINK_S)
             failures = self._backoff.get(peer, (0, 0.0))[0] + 1
             first, longest = PEER_BACKOFF_S
             self._backoff[peer] = (failures, time.monotonic() + min(longest, first * 2 ** (failures - 1)))
