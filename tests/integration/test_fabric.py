@@ -124,6 +124,7 @@ def test_a_block_held_on_node_a_is_pulled_by_node_b_checked_and_then_held_there(
         sb, sa = b.stats(), a.stats()
         assert sb["remote_pulled_blocks"] == len(keys) and sb["remote_pull_bad_blocks"] == 0
         assert sa["remote_served_blocks"] == len(keys)
+        assert sb["fabric_ucx_tls"] == "tcp" and sb["rdma_active_ports"] == 0  # no NIC here: TCP
         # B holds them now: a second lookup is a plain local hit, and nothing more is pulled
         assert pull(b, keys)[0] == len(keys)
         assert b.stats()["remote_pulled_blocks"] == len(keys)

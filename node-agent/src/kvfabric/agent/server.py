@@ -35,6 +35,7 @@ from pathlib import Path
 
 import msgspec
 
+from kvfabric.agent import nics
 from kvfabric.agent.gpu_service import GpuError, GpuService
 from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded, normalize_key, scoped
 from kvfabric.agent.metrics import AgentMetrics
@@ -170,6 +171,7 @@ class Agent:
         #: the fabric (``--fabric-valkey``): the pool's block index and pulls from peers
         self.remote_index: ValkeyIndex | None = None
         self.remote: RemoteTier | None = None
+        self.nics: list[nics.RdmaDevice] = []  # the node's RDMA devices, found when the fabric starts
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -219,6 +221,11 @@ class Agent:
 
         st = self.settings
         assert st.fabric_valkey is not None and st.fabric_listen is not None and self.segment is not None
+        self.nics = nics.discover()
+        if not any(d.active for d in self.nics):
+            log.info("no active RDMA port: block transfers go over TCP", extra={"devices": len(self.nics)})
+        elif st.fabric_ucx_tls == "tcp":
+            log.warning("RDMA ports are active but --fabric-ucx-tls is 'tcp' (e.g. 'rc,tcp' uses them)")
         # Before NIXL creates its UCX context: two network namespaces of one host would otherwise
         # talk through shared memory, and small socket buffers halve TCP throughput.
         os.environ["UCX_TLS"] = st.fabric_ucx_tls
@@ -957,6 +964,8 @@ class Agent:
         i = self.remote_index
         return {
             **self.remote.summary(),
+            **nics.summary(self.nics),
+            "fabric_ucx_tls": self.settings.fabric_ucx_tls,
             "valkey_up": int(i.up),
             "valkey_published": i.published,
             "valkey_removed": i.removed,
