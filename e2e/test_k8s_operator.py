@@ -349,6 +349,31 @@ def test_operator_reconciles_a_pool_into_owned_agents(
         assert gp["spec"].get("hostIPC") is True
         cluster.kubectl("delete", "kvcachepool", "gpu", "-n", "kvfabric")
 
+        # A pool whose agents share blocks: the fabric port on the agents and their Service, and a
+        # NetworkPolicy that admits it only from the pool's own agents (the apiserver accepts it).
+        shared = {
+            "memory": {"size": "1Gi"},
+            "remoteSharing": True,
+            "fabric": {"valkeyURL": "valkey://valkey:6379/0"},
+        }
+        cluster.kubectl("apply", "-f", "-", input=pool_manifest("shared", shared))
+        policy = until(
+            lambda: get(cluster, "networkpolicy", "kvfabric-shared-agents", "-n", "kvfabric"),
+            what="NetworkPolicy",
+        )
+        assert policy["spec"]["ingress"][0]["ports"] == [{"port": 7450, "protocol": "TCP"}]
+        assert policy["metadata"]["ownerReferences"][0]["kind"] == "KVCachePool"
+        svc = get(cluster, "service", "kvfabric-shared-agents", "-n", "kvfabric")
+        assert svc is not None and {p["name"] for p in svc["spec"]["ports"]} == {"metrics", "fabric"}
+        cm = get(cluster, "configmap", "kvfabric-shared-agent", "-n", "kvfabric")
+        assert cm is not None and cm["data"]["KVFABRIC_FABRIC_VALKEY"] == "valkey://valkey:6379/0"
+        assert cm["data"]["KVFABRIC_FABRIC_POOL"] == "kvfabric.shared"
+        cluster.kubectl("delete", "kvcachepool", "shared", "-n", "kvfabric", "--wait=true")
+        until(
+            lambda: get(cluster, "networkpolicy", "kvfabric-shared-agents", "-n", "kvfabric") is None,
+            what="GC of NetworkPolicy",
+        )
+
         # Deleting the pool garbage-collects everything it owns.
         cluster.kubectl("delete", "kvcachepool", "default", "-n", "kvfabric", "--wait=true")
         until(

@@ -265,3 +265,24 @@ def test_peers_talk_mutual_tls_and_a_peer_of_another_pool_is_refused(
             assert hits == len(more)
             assert block_bytes_at(b, slots) == [bytes([40 + len(keys) + i]) * BB for i in range(len(more))]
         writer.close()
+
+
+def test_an_agent_whose_fabric_cannot_start_serves_local_hits_and_says_why(tmp_path: Path) -> None:
+    """The fabric's port is taken (as a missing NIXL would fail it too): the agent still starts and
+    serves its node; ``fabric_error`` says what is off."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        extra = ["--fabric-valkey", "valkey://127.0.0.1:1/0", "--fabric-listen", f"127.0.0.1:{port}"]
+        with AgentProcess(tmp_path / "agent", "64MiB", extra_args=["--arena-size", "4MiB", *extra]) as agent:
+            keys = chain_keys(list(range(32)), 16, request_seed(["local"]))
+            write_blocks(agent, keys, 1)
+            assert pull(agent, keys)[0] == len(keys)
+            stats = agent.stats()
+            assert (
+                "address already in use" in stats["fabric_error"].lower()
+                and "remote_pulled_blocks" not in stats
+            )

@@ -180,3 +180,68 @@ def test_agent_settings_refuse_an_nvme_path_without_a_size() -> None:
 
     with pytest.raises(ValidationError, match="go together"):
         AgentSettings(nvme_path="/x")
+
+
+def test_remote_sharing_wires_the_fabric_port_valkey_tls_and_a_network_policy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = KVCachePoolSpec.model_validate(
+        {
+            "memory": {"size": "8Gi"},
+            "remoteSharing": True,
+            "fabric": {
+                "valkeySecret": {"name": "valkey", "key": "url"},
+                "port": 7451,
+                "tlsSecret": "pool-tls",
+            },
+        }
+    )
+    data = configmap("ml", "pool-a", "uid-1", spec)["data"]
+    assert "KVFABRIC_FABRIC_VALKEY" not in data  # credentials stay in their Secret
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KVFABRIC_FABRIC_VALKEY", "valkeys://u:p@valkey:6380/0")  # what the Secret gives
+    settings = AgentSettings()
+    assert settings.fabric_listen == "0.0.0.0:7451" and settings.fabric_pool == "ml.pool-a"
+    assert str(settings.fabric_tls_ca) == "/kvfabric/fabric-tls/ca.crt"
+    pod = daemonset("ml", "pool-a", "uid-1", spec, IMAGE)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KVFABRIC_FABRIC_VALKEY"]["valueFrom"] == {"secretKeyRef": {"name": "valkey", "key": "url"}}
+    assert env["KVFABRIC_FABRIC_ADVERTISE"]["value"] == "$(POD_IP):7451"
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert {"name": "fabric", "containerPort": 7451, "protocol": "TCP"} in container["ports"]
+    assert {"name": "fabric-tls", "secret": {"secretName": "pool-tls", "defaultMode": 0o400}} in pod[
+        "volumes"
+    ]
+    kinds = [c["kind"] for c in children("ml", "pool-a", "uid-1", spec, IMAGE)]
+    assert kinds == ["ConfigMap", "DaemonSet", "Service", "NetworkPolicy"]
+    policy = children("ml", "pool-a", "uid-1", spec, IMAGE)[-1]["spec"]
+    fabric_rule, metrics_rule = policy["ingress"]
+    assert fabric_rule["from"] == [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]
+    assert fabric_rule["ports"] == [{"protocol": "TCP", "port": 7451}]
+    assert "from" not in metrics_rule  # scrapers anywhere still reach the metrics port
+    # without remoteSharing: none of it
+    assert [c["kind"] for c in children("ml", "pool-a", "uid-1", SPEC, IMAGE)] == [
+        "ConfigMap",
+        "DaemonSet",
+        "Service",
+    ]
+    assert "KVFABRIC_FABRIC_LISTEN" not in configmap("ml", "pool-a", "uid-1", SPEC)["data"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"remoteSharing": True}, "needs fabric"),
+        (
+            {"remoteSharing": True, "fabric": {"valkeyURL": "valkey://v:6379/0"}, "tenancy": "perNamespace"},
+            "shared tenancy",
+        ),
+        ({"fabric": {}}, "exactly one of valkeyURL and valkeySecret"),
+        ({"fabric": {"valkeyURL": "redis://v"}}, "pattern"),
+    ],
+)
+def test_remote_sharing_specs_that_cannot_work_are_refused(fields: dict, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, **fields})

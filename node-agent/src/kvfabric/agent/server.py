@@ -171,6 +171,7 @@ class Agent:
         #: the fabric (``--fabric-valkey``): the pool's block index and pulls from peers
         self.remote_index: ValkeyIndex | None = None
         self.remote: RemoteTier | None = None
+        self.fabric_error = ""  # why the fabric is off although configured
         self.nics: list[nics.RdmaDevice] = []  # the node's RDMA devices, found when the fabric starts
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -198,7 +199,13 @@ class Agent:
         if self.tiers is not None:
             self.tiers.start(self._loop)
         if self.settings.fabric_valkey is not None:
-            await self._start_fabric()
+            try:
+                await self._start_fabric()
+            except (ImportError, OSError, ValueError) as exc:  # no NIXL or Valkey client, port taken
+                # the cache still serves this node: remote hits are what is lost, and said
+                self.fabric_error = f"{type(exc).__name__}: {exc}"
+                log.error("fabric off: this agent serves local hits only", extra={"error": self.fabric_error})
+                await self._stop_fabric()
         self._housekeeping = asyncio.create_task(self._housekeep())
         gc.freeze()  # start-up objects never need a collection pass again
         self.started_at = time.time()
@@ -256,6 +263,15 @@ class Agent:
         log.info(
             "fabric on", extra={"listen": st.fabric_listen, "pool": st.fabric_pool, "tls": tls is not None}
         )
+
+    async def _stop_fabric(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.remote_index is not None:
+            await loop.run_in_executor(None, self.remote_index.close)
+            self.remote_index = None
+        if self.remote is not None:  # its transfers use pool memory: before the pool goes
+            await self.remote.stop()
+            self.remote = None
 
     async def _remote_lookup(self, request: p.Lookup, session: Session) -> p._Reply:
         """A lookup that may pull the blocks after its hits from a peer (see :mod:`remote`)."""
@@ -439,10 +455,7 @@ class Agent:
             await loop.run_in_executor(None, t.join, 60.0)
         if self.tiers is not None:  # its threads use pool memory: before the pool goes
             await loop.run_in_executor(None, self.tiers.close)
-        if self.remote_index is not None:
-            await loop.run_in_executor(None, self.remote_index.close)
-        if self.remote is not None:  # its transfers use pool memory too
-            await self.remote.stop()
+        await self._stop_fabric()
         await loop.run_in_executor(None, self._gpu_copies.shutdown, True)
         if self.gpu is not None:
             self.gpu.close()
@@ -960,7 +973,7 @@ class Agent:
 
     def _fabric_summary(self) -> dict[str, int | float | str]:
         if self.remote is None or self.remote_index is None:
-            return {}
+            return {"fabric_error": self.fabric_error} if self.fabric_error else {}
         i = self.remote_index
         return {
             **self.remote.summary(),

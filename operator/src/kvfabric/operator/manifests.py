@@ -34,6 +34,7 @@ SHM_DIR = "/kvfabric/shm"
 SOCKET_PATH = f"{RUN_DIR}/agent.sock"
 POOL_PATH = f"{SHM_DIR}/pool"
 NVME_DIR = "/kvfabric/nvme"
+FABRIC_TLS_DIR = "/kvfabric/fabric-tls"
 METRICS_PORT = 9400
 AGENT_UID = 65532  # the agent image's user (images/agent.Dockerfile, scripts/k8s/build-images.sh)
 # The longest pool name whose children's names stay valid: "kvfabric-<name>-agents" is a Service
@@ -92,7 +93,14 @@ def owner_reference(name: str, uid: str) -> Body:
     }
 
 
-def agent_settings(spec: KVCachePoolSpec) -> AgentSettings:
+def sharing(spec: KVCachePoolSpec) -> bool:
+    return spec.remote_sharing and spec.fabric is not None
+
+
+def agent_settings(spec: KVCachePoolSpec, pool: str = "default") -> AgentSettings:
+    """``pool``: the pool's name in the block index (``<namespace>.<name>``)."""
+    fabric = spec.fabric if sharing(spec) else None
+    tls = fabric is not None and fabric.tls_secret is not None
     return AgentSettings(
         pool_size=parse_bytes(spec.memory.size),
         pool_path=Path(POOL_PATH),
@@ -106,6 +114,13 @@ def agent_settings(spec: KVCachePoolSpec) -> AgentSettings:
         http_host="0.0.0.0",  # the pod network: scraped through the headless Service
         http_port=METRICS_PORT,
         log_format="json",
+        # A Valkey URL from a Secret reaches the agent as an env var of its own (see daemonset).
+        fabric_valkey=(fabric.valkey_url or "valkey://from-secret") if fabric is not None else None,
+        fabric_listen=f"0.0.0.0:{fabric.port}" if fabric is not None else None,
+        fabric_pool=pool,
+        fabric_tls_cert=Path(f"{FABRIC_TLS_DIR}/tls.crt") if tls else None,
+        fabric_tls_key=Path(f"{FABRIC_TLS_DIR}/tls.key") if tls else None,
+        fabric_tls_ca=Path(f"{FABRIC_TLS_DIR}/ca.crt") if tls else None,
     )
 
 
@@ -123,7 +138,12 @@ def configmap(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Bod
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(namespace, name, uid, "-agent"),
-        "data": agent_settings(spec).to_env(),
+        "data": {
+            k: v
+            for k, v in agent_settings(spec, f"{namespace}.{name}").to_env().items()
+            # from its Secret (the daemonset's env), never in a ConfigMap
+            if not (k == "KVFABRIC_FABRIC_VALKEY" and spec.fabric is not None and spec.fabric.valkey_secret)
+        },
     }
 
 
@@ -202,13 +222,31 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
         ]
         volumes.append({"name": "cache", "emptyDir": {}})
         mounts.append({"name": "cache", "mountPath": "/kvfabric/cache"})
+    ports: list[Body] = [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+    if sharing(spec):
+        assert spec.fabric is not None
+        f = spec.fabric
+        # peers reach this agent at its pod IP; Kubernetes expands $(POD_IP) in a later variable
+        env += [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "KVFABRIC_FABRIC_ADVERTISE", "value": f"$(POD_IP):{f.port}"},
+        ]
+        if f.valkey_secret is not None:
+            ref = {"name": f.valkey_secret.name, "key": f.valkey_secret.key}
+            env.append({"name": "KVFABRIC_FABRIC_VALKEY", "valueFrom": {"secretKeyRef": ref}})
+        if f.tls_secret is not None:
+            volumes.append(
+                {"name": "fabric-tls", "secret": {"secretName": f.tls_secret, "defaultMode": 0o400}}
+            )
+            mounts.append({"name": "fabric-tls", "mountPath": FABRIC_TLS_DIR, "readOnly": True})
+        ports.append({"name": "fabric", "containerPort": f.port, "protocol": "TCP"})
     container: Body = {
         "name": "agent",
         "image": image,
         "args": [],
         "envFrom": [{"configMapRef": {"name": f"kvfabric-{name}-agent"}}],
         **({"env": env} if env else {}),
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "ports": ports,
         "startupProbe": startup_probe(spec),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
@@ -254,23 +292,49 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
     }
 
 
-def service(namespace: str, name: str, uid: str) -> Body:
+def service(namespace: str, name: str, uid: str, spec: KVCachePoolSpec | None = None) -> Body:
+    ports: list[Body] = [
+        {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    if spec is not None and sharing(spec):
+        assert spec.fabric is not None
+        ports.append({"name": "fabric", "port": spec.fabric.port, "targetPort": "fabric", "protocol": "TCP"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(namespace, name, uid, "-agents"),
+        "spec": {"clusterIP": "None", "selector": labels(name), "ports": ports},
+    }
+
+
+def network_policy(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Body:
+    """The agents' fabric port admits only the pool's own agents; metrics stay open to scrapers."""
+    assert spec.fabric is not None
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(namespace, name, uid, "-agents"),
         "spec": {
-            "clusterIP": "None",
-            "selector": labels(name),
-            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
+            "podSelector": {"matchLabels": labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": labels(name)}}],
+                    "ports": [{"protocol": "TCP", "port": spec.fabric.port}],
+                },
+                {"ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
+            ],
         },
     }
 
 
 def children(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> list[Body]:
     """Everything the operator applies for one pool, in apply order."""
-    return [
+    out = [
         configmap(namespace, name, uid, spec),
         daemonset(namespace, name, uid, spec, agent_image),
-        service(namespace, name, uid),
+        service(namespace, name, uid, spec),
     ]
+    if sharing(spec):
+        out.append(network_policy(namespace, name, uid, spec))
+    return out

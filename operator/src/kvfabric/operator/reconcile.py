@@ -107,11 +107,12 @@ def update_status(
 def _apply(body: dict[str, Any]) -> None:
     """Create, or replace when it exists (idempotent)."""
     kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
-    core, apps = client.CoreV1Api(), client.AppsV1Api()
+    core, apps, net = client.CoreV1Api(), client.AppsV1Api(), client.NetworkingV1Api()
     create, replace = {
         "ConfigMap": (core.create_namespaced_config_map, core.replace_namespaced_config_map),
         "Service": (core.create_namespaced_service, core.patch_namespaced_service),
         "DaemonSet": (apps.create_namespaced_daemon_set, apps.replace_namespaced_daemon_set),
+        "NetworkPolicy": (net.create_namespaced_network_policy, net.replace_namespaced_network_policy),
     }[kind]
     try:
         create(ns, body)

@@ -63,6 +63,42 @@ class Rdma(_Model):
     )
 
 
+class SecretKey(_Model):
+    name: str = Field(min_length=1, description="A Secret in the pool's namespace.")
+    key: str = Field(min_length=1, description="The key in it.")
+
+
+class Fabric(_Model):
+    """How the agents of a pool share blocks (``remoteSharing: true``)."""
+
+    valkey_url: str | None = Field(
+        default=None,
+        alias="valkeyURL",
+        pattern=r"^valkeys?://",
+        description="The pool's Valkey block index (valkey://host:port/0, valkeys:// for TLS), "
+        "without credentials; with them, use valkeySecret.",
+    )
+    valkey_secret: SecretKey | None = Field(
+        default=None,
+        alias="valkeySecret",
+        description="A Secret key holding the Valkey URL with its credentials.",
+    )
+    port: int = Field(default=7450, ge=1024, le=65535, description="The agents' port for each other's pulls.")
+    tls_secret: str | None = Field(
+        default=None,
+        alias="tlsSecret",
+        min_length=1,
+        description="A Secret with tls.crt, tls.key and ca.crt (cert-manager's Certificate writes "
+        "one): agents talk mutual TLS and accept only peers that CA signed.",
+    )
+
+    @model_validator(mode="after")
+    def _one_valkey(self) -> Fabric:
+        if (self.valkey_url is None) == (self.valkey_secret is None):
+            raise ValueError("fabric needs exactly one of valkeyURL and valkeySecret")
+        return self
+
+
 class Resources(_Model):
     cpu: str = Field(default="1", description="Agent CPU request and limit.")
     memory_overhead: Quantity = Field(
@@ -89,7 +125,12 @@ class KVCachePoolSpec(_Model):
     remote_sharing: bool = Field(
         default=False,
         alias="remoteSharing",
-        description="Agents of this pool pull blocks from each other. Reserved: accepted, not used yet.",
+        description="Agents of this pool publish what they hold to the pool's Valkey and pull "
+        "blocks from each other (NIXL over TCP; RDMA where NICs exist). Needs fabric; shared "
+        "tenancy only.",
+    )
+    fabric: Fabric | None = Field(
+        default=None, description="The block index and the agents' port (remoteSharing)."
     )
     tenancy: Literal["shared", "perNamespace"] = Field(
         default="shared",
@@ -120,6 +161,14 @@ class KVCachePoolSpec(_Model):
         "container runtime's class, which gives the pod the node's GPUs and driver).",
     )
     resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _remote_sharing(self) -> KVCachePoolSpec:
+        if self.remote_sharing and self.fabric is None:
+            raise ValueError("remoteSharing needs fabric (valkeyURL or valkeySecret)")
+        if self.remote_sharing and self.tenancy == "perNamespace":
+            raise ValueError("remoteSharing serves shared tenancy only")
+        return self
 
     @model_validator(mode="after")
     def _host_ipc_needs_cuda(self) -> KVCachePoolSpec:
