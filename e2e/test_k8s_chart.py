@@ -18,6 +18,7 @@ import yaml
 
 from e2e import k8s_cluster
 from e2e.agent import AgentProcess
+from e2e.valkey import fabric_args, loopback_valkey
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kvfabric"
@@ -164,7 +165,10 @@ def test_dashboard_and_alerts_use_only_real_metrics_and_parse(tmp_path: Path) ->
     assert r.returncode == 0, r.stdout + r.stderr
     # every metric named exists on a live agent's /metrics
     nvme = ["--nvme-path", str(tmp_path / "nvme"), "--nvme-size", "64MiB"]  # its metrics too
-    with AgentProcess(tmp_path / "agent", "32MiB", extra_args=nvme) as agent:
+    with (
+        loopback_valkey(tmp_path) as valkey,  # and the fabric's
+        AgentProcess(tmp_path / "agent", "32MiB", extra_args=nvme + fabric_args(valkey)) as agent,
+    ):
         exported = set(re.findall(r"^# TYPE (kvfabric_\w+) (\w+)", agent.metrics_text(), re.M))
     # ... or on the operator's (its own registry: the reconciler's and the webhook's metrics)
     import prometheus_client

@@ -11,6 +11,7 @@ import pytest
 
 from e2e import prometheus
 from e2e.agent import AgentProcess
+from e2e.valkey import fabric_args, loopback_valkey
 from kvfabric.connector.client import AgentClient
 
 pytestmark = [
@@ -25,7 +26,10 @@ def test_prometheus_scrapes_the_agent_and_dashboard_queries_have_data(tmp_path: 
     from kvfabric.operator.dashboard import PANELS
 
     nvme = ["--nvme-path", str(tmp_path / "nvme"), "--nvme-size", "64MiB"]  # the NVMe panels too
-    with AgentProcess(tmp_path / "agent", "32MiB", extra_args=nvme) as agent:
+    with (
+        loopback_valkey(tmp_path) as valkey,  # and the fabric's
+        AgentProcess(tmp_path / "agent", "32MiB", extra_args=nvme + fabric_args(valkey)) as agent,
+    ):
         agent.wait_nvme()
         c = AgentClient(str(agent.socket_path), "traffic")
         keys = [bytes([i]) * 16 for i in range(16)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -15,15 +17,24 @@ def valkey_binary() -> str:
 
 
 class ValkeyProcess:
-    def __init__(self, workdir: Path, host: str, port: int, prefix: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        host: str,
+        port: int,
+        prefix: list[str] | None = None,
+        password: str | None = None,
+    ) -> None:
         self.workdir, self.host, self.port = workdir, host, port
+        self.password = password
         self.prefix = prefix or []
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"valkey://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"valkey://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> ValkeyProcess:
         args = [
@@ -35,6 +46,7 @@ class ValkeyProcess:
             "--appendonly", "no",
             "--protected-mode", "no",  # reachable from the test's other namespaces, no password
             "--dir", str(self.workdir),
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         log = open(self.workdir / "valkey.log", "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log)
@@ -58,3 +70,19 @@ class ValkeyProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+@contextmanager
+def loopback_valkey(tmp: Path) -> Iterator[ValkeyProcess]:
+    """A Valkey on 127.0.0.1 (a free port), for one agent with the fabric on and no peers."""
+    from e2e.agent import free_port
+
+    with ValkeyProcess(tmp / "valkey", "127.0.0.1", free_port()) as v:
+        yield v
+
+
+def fabric_args(valkey: ValkeyProcess) -> list[str]:
+    """An agent's fabric flags on loopback (its metrics exist; no peer ever asks it)."""
+    from e2e.agent import free_port
+
+    return ["--fabric-valkey", valkey.url, "--fabric-listen", f"127.0.0.1:{free_port()}"]

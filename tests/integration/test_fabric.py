@@ -286,3 +286,29 @@ def test_an_agent_whose_fabric_cannot_start_serves_local_hits_and_says_why(tmp_p
                 "address already in use" in stats["fabric_error"].lower()
                 and "remote_pulled_blocks" not in stats
             )
+
+
+def test_a_valkey_with_a_password_is_used_with_it_and_a_wrong_one_costs_only_remote_hits(
+    tmp_path: Path,
+) -> None:
+    """Credentials come in the URL (from a Secret on Kubernetes); a wrong one is a Valkey that
+    does not answer: local hits go on, ``valkey_up`` says 0."""
+    from e2e.agent import free_port
+    from e2e.valkey import ValkeyProcess
+
+    with ValkeyProcess(tmp_path / "valkey", "127.0.0.1", free_port(), password="s3cret") as v:
+        for url, up in ((v.url, 1), (v.url.replace("s3cret", "wrong"), 0)):
+            extra = ["--fabric-valkey", url, "--fabric-listen", f"127.0.0.1:{free_port()}"]
+            with AgentProcess(
+                tmp_path / f"agent{up}", "64MiB", extra_args=["--arena-size", "4MiB", *extra]
+            ) as a:
+                keys = chain_keys(list(range(32)), 16, request_seed([f"auth{up}"]))
+                write_blocks(a, keys, 1)
+                assert pull(a, keys)[0] == len(keys)
+                wait_until(
+                    "the index's state known",
+                    lambda a=a: a.stats()["valkey_published"] + a.stats()["valkey_failures"] > 0,
+                    5,
+                )
+                stats = a.stats()
+                assert stats["valkey_up"] == up and (stats["valkey_published"] >= len(keys)) == bool(up)

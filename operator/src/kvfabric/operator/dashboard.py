@@ -109,6 +109,32 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "short",
         [("{{instance}}", f"increase(kvfabric_nvme_damaged_blocks_total[{RATE}])")],
     ),
+    (
+        "Fabric: bytes pulled from and served to peers",
+        "Bps",
+        [
+            (
+                "{{direction}} {{instance}}",
+                f"sum by (direction, instance) (rate(kvfabric_remote_bytes_total[{RATE}]))",
+            )
+        ],
+    ),
+    (
+        "Fabric: failures",
+        "short",
+        [("{{kind}}", f"sum by (kind) (rate(kvfabric_remote_failures_total[{RATE}]))")],
+    ),
+    (
+        "Fabric: pull time p99",
+        "s",
+        [
+            (
+                "p99",
+                f"histogram_quantile(0.99, sum by (le) (rate(kvfabric_remote_pull_seconds_bucket[{RATE}])))",
+            )
+        ],
+    ),
+    ("Fabric: Valkey block index up", "short", [("{{instance}}", "kvfabric_valkey_up")]),
 ]
 
 ALERTS: list[dict[str, Any]] = [
@@ -169,6 +195,25 @@ ALERTS: list[dict[str, Any]] = [
         "annotations": {
             "summary": "An agent configured with an NVMe tier runs without it (directory not a tier, "
             "not writable, or still opening): see its log and the nvme_error in /stats."
+        },
+    },
+    {
+        "alert": "KVFabricPeerPullsFailing",
+        "expr": 'sum by (instance) (rate(kvfabric_remote_failures_total{kind=~"pull|bad_block"}[10m])) > 0',
+        "for": "10m",
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "Pulls from peer agents keep failing (peer gone, partitioned, too slow, or blocks "
+            "failing their checksum): engines recompute what they could have pulled."
+        },
+    },
+    {
+        "alert": "KVFabricValkeyDown",
+        "expr": "kvfabric_valkey_up == 0",
+        "for": "5m",
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "An agent cannot reach the pool's Valkey block index: it serves local hits only."
         },
     },
     {
