@@ -95,7 +95,7 @@ def _socket_copy_gbps(fabric: Any, total: int, port: int = 7460) -> float:
     return total / seconds / 1e9
 
 
-def _agents(fabric: Any, tmp: Path, valkey_port: int, pool: str) -> list[Any]:
+def _agents(fabric: Any, tmp: Path, valkey_port: int, pool: str, transport: str = "auto") -> list[Any]:
     from e2e.agent import AgentProcess
 
     return [
@@ -110,6 +110,8 @@ def _agents(fabric: Any, tmp: Path, valkey_port: int, pool: str) -> list[Any]:
                 f"{node.address}:7450",
                 "--fabric-pull-deadline-ms",
                 "20000",
+                "--fabric-transport",
+                transport,
             ],
         )
         for i, node in enumerate(fabric.nodes)
@@ -117,6 +119,11 @@ def _agents(fabric: Any, tmp: Path, valkey_port: int, pool: str) -> list[Any]:
 
 
 def bench_pull(results: dict[str, Any], tmp: Path, report: Report, rounds: int = 5) -> None:
+    for transport in ("stream", "nixl"):
+        _bench_pull(results, tmp / transport, report, transport, rounds)
+
+
+def _bench_pull(results: dict[str, Any], tmp: Path, report: Report, transport: str, rounds: int) -> None:
     from e2e.agent import wait_until
     from e2e.netns import Fabric
     from e2e.valkey import ValkeyProcess
@@ -124,11 +131,13 @@ def bench_pull(results: dict[str, Any], tmp: Path, report: Report, rounds: int =
     from kvfabric.connector.keys import chain_keys, request_seed
 
     print(
-        f"fabric pull: {BLOCKS} x {BLOCK >> 20} MiB blocks from node A's agent into node B's, NIXL over UCX TCP (veth)"
+        f"fabric pull ({transport}): {BLOCKS} x {BLOCK >> 20} MiB blocks from node A's agent into node B's (veth)"
     )
     total = BLOCKS * BLOCK
     with Fabric(2) as fabric, ValkeyProcess(tmp / "valkey", "0.0.0.0", 6391, fabric.prefix(fabric.hub)):
-        a, b = _agents(fabric, tmp, 6391, "2GiB")  # a pull may take half the pool (--session-share)
+        a, b = _agents(
+            fabric, tmp, 6391, "2GiB", transport
+        )  # a pull may take half the pool (--session-share)
         with a, b:
             writer = AgentClient(str(a.socket_path), "bench-a")
             reader = AgentClient(str(b.socket_path), "bench-b")
@@ -146,7 +155,13 @@ def bench_pull(results: dict[str, Any], tmp: Path, report: Report, rounds: int =
                 started = time.perf_counter()
                 while (reply := reader.lookup([NS], keys, 16, promote=True)).hits < BLOCKS:
                     if not reply.promoting:
-                        stats = {k: v for k, v in b.stats().items() if k.startswith(("remote", "valkey", "evict", "blocks_", "committed", "reserve", "aborted"))}
+                        stats = {
+                            k: v
+                            for k, v in b.stats().items()
+                            if k.startswith(
+                                ("remote", "valkey", "evict", "blocks_", "committed", "reserve", "aborted")
+                            )
+                        }
                         raise RuntimeError(f"pull round {r} brought {reply.hits} of {BLOCKS} blocks: {stats}")
                     time.sleep(0.001)
                 if r:
@@ -157,15 +172,13 @@ def bench_pull(results: dict[str, Any], tmp: Path, report: Report, rounds: int =
     pulls.sort()
     copies.sort()
     pull, copy = pulls[len(pulls) // 2], copies[len(copies) // 2]
-    report(results, "fabric_pull_gbps_median", pull, "GB/s", f"(min {pulls[0]:.2f}, max {pulls[-1]:.2f})")
+    t = transport
     report(
-        results,
-        "fabric_socket_copy_2streams_gbps_median",
-        copy,
-        "GB/s",
-        f"(min {copies[0]:.2f}, max {copies[-1]:.2f})",
+        results, f"fabric_pull_{t}_gbps_median", pull, "GB/s", f"(min {pulls[0]:.2f}, max {pulls[-1]:.2f})"
     )
-    report(results, "fabric_pull_vs_socket_copy", pull / copy, "x", "target >= 0.8")
+    spread = f"(min {copies[0]:.2f}, max {copies[-1]:.2f})"
+    report(results, f"fabric_socket_copy_2streams_{t}_run_gbps", copy, "GB/s", spread)
+    report(results, f"fabric_pull_{t}_vs_socket_copy", pull / copy, "x", "target >= 0.8")
 
 
 _INDEX_CLIENT = r"""

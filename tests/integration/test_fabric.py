@@ -111,11 +111,16 @@ def published(agent: AgentProcess, n: int) -> None:
     wait_until("blocks published", lambda: agent.stats()["valkey_published"] >= n, 10)
 
 
+TRANSPORTS = pytest.mark.parametrize("transport", ["stream", "nixl"])
+
+
+@TRANSPORTS
 def test_a_block_held_on_node_a_is_pulled_by_node_b_checked_and_then_held_there(
-    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path
+    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path, transport: str
 ) -> None:
-    keys = chain_keys(list(range(16 * 8)), 16, request_seed(["fabric"]))
-    with fabric_agent(fabric, 0, tmp_path) as a, fabric_agent(fabric, 1, tmp_path) as b:
+    keys = chain_keys(list(range(16 * 24)), 16, request_seed(["fabric"]))  # a stream splits (>= 16)
+    via = ["--fabric-transport", transport]
+    with fabric_agent(fabric, 0, tmp_path, via) as a, fabric_agent(fabric, 1, tmp_path, via) as b:
         writer = write_blocks(a, keys, 10)
         published(a, len(keys))
         hits, slots = pull(b, keys)
@@ -124,18 +129,20 @@ def test_a_block_held_on_node_a_is_pulled_by_node_b_checked_and_then_held_there(
         sb, sa = b.stats(), a.stats()
         assert sb["remote_pulled_blocks"] == len(keys) and sb["remote_pull_bad_blocks"] == 0
         assert sa["remote_served_blocks"] == len(keys)
-        assert sb["fabric_ucx_tls"] == "tcp" and sb["rdma_active_ports"] == 0  # no NIC here: TCP
+        assert sb["fabric_transport"] == transport and sb["rdma_active_ports"] == 0  # no NIC here
         # B holds them now: a second lookup is a plain local hit, and nothing more is pulled
         assert pull(b, keys)[0] == len(keys)
         assert b.stats()["remote_pulled_blocks"] == len(keys)
         writer.close()
 
 
+@TRANSPORTS
 def test_faults_are_misses_never_errors_and_hits_resume(
-    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path
+    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path, transport: str
 ) -> None:
     chains = [chain_keys(list(range(16 * 4)), 16, request_seed([f"chain{i}"])) for i in range(5)]
-    with fabric_agent(fabric, 0, tmp_path) as a, fabric_agent(fabric, 1, tmp_path) as b:
+    via = ["--fabric-transport", transport]
+    with fabric_agent(fabric, 0, tmp_path, via) as a, fabric_agent(fabric, 1, tmp_path, via) as b:
         writer = write_blocks(a, [k for c in chains for k in c], 0)
         published(a, sum(map(len, chains)))
 

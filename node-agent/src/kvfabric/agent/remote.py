@@ -4,9 +4,10 @@ A lookup that misses the pool (and the NVMe tier) asks the block index
 (:mod:`kvfabric.agent.remote_index`) who holds the next keys. For the leading run one peer
 holds in every namespace of the lookup, slots are reserved here under the agent's own session
 (as promotions from NVMe are), and a pull thread asks the peer over the agents' control
-channel (TCP, mutual TLS when certificates are set) to write those blocks into them. The peer
-leases its blocks, writes them through the :class:`~kvfabric.agent.transport.Transport`, and
-answers with each block's checksum (xxh3-64) computed from its own copy; this side checks every
+channel (TCP, mutual TLS when certificates are set) for those blocks. The peer leases them and
+either sends their bytes on that connection (``stream``: two connections for larger pulls) or
+writes them into the requester's slots through the :class:`~kvfabric.agent.transport.Transport`
+(NIXL), and answers with each block's checksum (xxh3-64) computed from its own copy; this side checks every
 landed block against it and commits the verified leading run, on the loop. The lookup's reply
 says how many blocks are on their way (``promoting``) with an estimate from the measured pull
 rate, exactly like an NVMe promotion: the connector asks again, or recomputes at once when the
@@ -44,6 +45,9 @@ from kvfabric.agent.transport import TransferFailed, Transport
 log = logging.getLogger(__name__)
 
 MAX_PULL_BLOCKS = 8192
+#: A streamed pull of at least twice this many blocks goes over two connections in parallel (one
+#: TCP stream is bounded by one core's copies on each side).
+SPLIT_BLOCKS = 8
 #: After a failed pull a peer is not asked again for this long, doubling per failure in a row up
 #: to the second value: a dead or partitioned peer must not cost every scheduling step a pull.
 PEER_BACKOFF_S = (0.5, 30.0)
@@ -55,7 +59,8 @@ _LEN = struct.Struct("!I")
 
 
 class PullRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Write ``keys`` of ``namespace`` (the tenant's) into the requester's addresses ``dst``."""
+    """Write ``keys`` of ``namespace`` (the tenant's) into the requester's addresses ``dst``
+    (NIXL), or, with ``stream``, send their bytes on this connection."""
 
     requester: Annotated[str, msgspec.Meta(max_length=128)]
     requester_info: Annotated[bytes, msgspec.Meta(max_length=65536)]
@@ -65,12 +70,15 @@ class PullRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keys: Annotated[list[bytes], msgspec.Meta(max_length=MAX_PULL_BLOCKS)]
     dst: Annotated[list[int], msgspec.Meta(max_length=MAX_PULL_BLOCKS)]
     deadline_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)]
+    stream: bool = False
 
 
 class PullReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: the leading keys written, with the xxh3-64 of each as the holder has it
     checksums: list[int]
     error: str = ""
+    #: (``stream``) this many blocks' bytes follow this reply, then a reply with their checksums
+    streamed: int = 0
 
 
 def _send(sock: socket.socket, obj: object) -> None:
@@ -86,6 +94,20 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("peer closed the connection")
         buf += chunk
     return bytes(buf)
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    """Fills ``view`` from ``sock``; TimeoutError past ``deadline`` (a whole, not per read)."""
+    got = 0
+    while got < len(view):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("stream past its deadline")
+        sock.settimeout(left)
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("peer closed the connection")
+        got += n
 
 
 def _recv(sock: socket.socket, kind: type[msgspec.Struct]) -> object:
@@ -138,7 +160,7 @@ class RemoteTier:
         self,
         index: BlockIndex,
         memory: Callable[[Namespace], mmap.mmap],
-        transport: Transport,
+        transport: Transport | None,
         *,
         pull_deadline_s: float,
         tls: PeerTLS | None = None,
@@ -147,7 +169,9 @@ class RemoteTier:
     ) -> None:
         self.index = index
         self.memory = memory
+        #: NIXL (RDMA, or UCX's TCP); None: blocks come as a byte stream on the control channel
         self.transport = transport
+        self.name = transport.name if transport is not None else "stream"
         self.pull_deadline_s = pull_deadline_s
         self.quarantine_s = quarantine_s
         self.tls = tls
@@ -164,6 +188,7 @@ class RemoteTier:
         self._writers = ThreadPoolExecutor(threads, "kvfabric-serve")
         self._hashers = ThreadPoolExecutor(threads, "kvfabric-hash")  # xxhash frees the GIL
         self._hash_threads = threads
+        self._streams = ThreadPoolExecutor(threads, "kvfabric-pull-stream")
         self._closing = False
         self._server: asyncio.AbstractServer | None = None
         #: peer -> (failures in a row, not asked before this monotonic time)
@@ -190,7 +215,9 @@ class RemoteTier:
         await loop.run_in_executor(None, lambda: self._pullers.shutdown(wait=True, cancel_futures=True))
         await loop.run_in_executor(None, lambda: self._writers.shutdown(wait=True, cancel_futures=True))
         await loop.run_in_executor(None, lambda: self._hashers.shutdown(wait=True, cancel_futures=True))
-        self.transport.close()
+        await loop.run_in_executor(None, lambda: self._streams.shutdown(wait=True, cancel_futures=True))
+        if self.transport is not None:
+            self.transport.close()
 
     # -- requester (loop, then a pull thread) -----------------------------------------------
 
@@ -255,46 +282,86 @@ class RemoteTier:
         """Seconds until the queued pulls should be in, at the measured rate (0: unknown)."""
         return self.pulls_queued_bytes / self.rate if self.rate and self.pulls_queued_bytes else 0.0
 
+    def _connect(self, peer: str, deadline: float) -> socket.socket:
+        host, _, port = peer.rpartition(":")
+        raw = socket.create_connection((host, int(port)), timeout=max(0.01, deadline - time.monotonic()))
+        return self._client_tls.wrap_socket(raw) if self._client_tls is not None else raw
+
     def _pull(self, peer: str, jobs: list[tuple[Namespace, list[bytes], list[int]]], deadline: float) -> None:
         started = time.perf_counter()
         results: list[tuple[Namespace, list[bytes], list[int], int]] = []  # ..., verified run
-        late = False
+        timed_out = False
         try:
-            host, _, port = peer.rpartition(":")
-            with socket.create_connection(
-                (host, int(port)), timeout=max(0.01, deadline - time.monotonic())
-            ) as raw:
-                sock: socket.socket = (
-                    self._client_tls.wrap_socket(raw) if self._client_tls is not None else raw
-                )
-                with sock:
-                    for ns, keys, slots in jobs:
-                        base = address_of(self.memory(ns))
-                        sock.settimeout(max(0.01, deadline - time.monotonic()))
-                        _send(
-                            sock,
-                            PullRequest(
-                                requester=self.transport.name,
-                                requester_info=self.transport.local_info(),
-                                tenant=ns.tenant,
-                                namespace=ns.name,
-                                block_bytes=ns.block_bytes,
-                                keys=keys,
-                                dst=[base + s * ns.block_bytes for s in slots],
-                                deadline_ms=max(0.0, (deadline - time.monotonic()) * 1000),
-                            ),
-                        )
-                        reply = _recv(sock, PullReply)
-                        assert isinstance(reply, PullReply)
-                        results.append((ns, keys, slots, self._verified(ns, slots, reply.checksums)))
-                        if reply.error:
-                            log.debug(
-                                "peer refused part of a pull", extra={"peer": peer, "error": reply.error}
-                            )
+            with self._connect(peer, deadline) as sock:
+                for ns, keys, slots in jobs:
+                    sock.settimeout(max(0.01, deadline - time.monotonic()))
+                    if self.transport is None and len(keys) >= 2 * SPLIT_BLOCKS:
+                        good = self._pull_split(sock, peer, ns, keys, slots, deadline)
+                    else:
+                        good = self._pull_one(sock, ns, keys, slots, deadline)
+                    results.append((ns, keys, slots, good))
         except (OSError, ConnectionError, msgspec.DecodeError, ValueError) as exc:
-            late = isinstance(exc, TimeoutError | socket.timeout)
+            timed_out = isinstance(exc, TimeoutError | socket.timeout)
             log.info("pull from a peer failed; recomputing", extra={"peer": peer, "error": str(exc)})
-        self._on_loop(self._pulled, peer, jobs, results, late, time.perf_counter() - started)
+        self._on_loop(self._pulled, peer, jobs, results, timed_out, time.perf_counter() - started)
+
+    def _pull_split(
+        self,
+        sock: socket.socket,
+        peer: str,
+        ns: Namespace,
+        keys: list[bytes],
+        slots: list[int],
+        deadline: float,
+    ) -> int:
+        """The first half on ``sock``, the second on a connection of its own, at once."""
+        half = len(keys) // 2
+
+        def second() -> int:
+            with self._connect(peer, deadline) as other:
+                return self._pull_one(other, ns, keys[half:], slots[half:], deadline)
+
+        later = self._streams.submit(second)
+        try:
+            first = self._pull_one(sock, ns, keys[:half], slots[:half], deadline)
+        finally:
+            try:
+                rest = later.result(timeout=max(0.01, deadline - time.monotonic()) + 1.0)
+            except Exception:
+                rest = 0
+        return first + rest if first == half else first
+
+    def _pull_one(
+        self, sock: socket.socket, ns: Namespace, keys: list[bytes], slots: list[int], deadline: float
+    ) -> int:
+        """One namespace's blocks into their reserved slots; returns the verified leading run."""
+        bb = ns.block_bytes
+        transport = self.transport
+        mem = self.memory(ns)
+        request = PullRequest(
+            requester=self.name,
+            requester_info=transport.local_info() if transport is not None else b"",
+            tenant=ns.tenant,
+            namespace=ns.name,
+            block_bytes=bb,
+            keys=keys,
+            dst=[address_of(mem) + s * bb for s in slots] if transport is not None else [],
+            deadline_ms=max(0.0, (deadline - time.monotonic()) * 1000),
+            stream=transport is None,
+        )
+        _send(sock, request)
+        reply = _recv(sock, PullReply)
+        assert isinstance(reply, PullReply)
+        if reply.streamed:  # the bytes follow, straight into the slots, then their checksums
+            n = min(reply.streamed, len(slots))
+            whole = memoryview(mem)
+            for s in slots[:n]:
+                _recv_into(sock, whole[s * bb : (s + 1) * bb], deadline)
+            reply = _recv(sock, PullReply)
+            assert isinstance(reply, PullReply)
+        if reply.error:
+            log.info("a peer could not serve a pull", extra={"error": reply.error})
+        return self._verified(ns, slots, reply.checksums)
 
     def _verified(self, ns: Namespace, slots: list[int], checksums: list[int]) -> int:
         """How many leading landed blocks match the holder's checksums (hashed in parallel:
@@ -318,7 +385,7 @@ class RemoteTier:
         peer: str,
         jobs: list[tuple[Namespace, list[bytes], list[int]]],
         results: list[tuple[Namespace, list[bytes], list[int], int]],
-        late: bool,
+        timed_out: bool,
         seconds: float,
     ) -> None:
         """On the loop: commit the run every namespace verified, free (or quarantine) the rest."""
@@ -333,7 +400,10 @@ class RemoteTier:
                 self.index.commit(ns.name, keys[:good], [], PROMOTER_SESSION, ns.tenant)
                 moved += good * ns.block_bytes
             rest = keys[good:]
-            if rest and late and self._loop is not None:  # a write may still land: keep them a while
+            # NIXL: a write may still land after a timeout; keep the slots a while (a stream's
+            # bytes land only through our own reads, which ended with the connection)
+            late = timed_out and self.transport is not None
+            if rest and late and self._loop is not None:
                 self._loop.call_later(self.quarantine_s, self._abort, ns, rest)
             else:
                 self._abort(ns, rest)
@@ -347,7 +417,7 @@ class RemoteTier:
             self._slow.pop(peer, None)
         else:
             self.stats.pull_failures += 1
-            if late:  # less than what was asked arrived in the time: assume half of it did
+            if timed_out:  # less than what was asked arrived in the time: assume half of it did
                 asked = sum(len(keys) * ns.block_bytes for ns, keys, _ in jobs) / max(seconds, 1e-6) / 2
                 self.rate = min(self.rate, asked) if self.rate else asked
                 self._slow[peer] = (asked, time.monotonic() + SLOW_LINK_S)
@@ -371,6 +441,9 @@ class RemoteTier:
                     request = msgspec.msgpack.decode(await reader.readexactly(n), type=PullRequest)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     return
+                if request.stream:
+                    await self._serve_stream(request, writer)
+                    continue
                 reply = await self._serve_one(request)
                 body = msgspec.msgpack.encode(reply)
                 writer.write(_LEN.pack(len(body)) + body)
@@ -380,17 +453,67 @@ class RemoteTier:
         finally:
             writer.close()
 
-    async def _serve_one(self, request: PullRequest) -> PullReply:
+    def _hold(self, request: PullRequest) -> tuple[Namespace | None, list[tuple[int, int]]]:
+        """The request's namespace and its leading committed blocks, pinned: (slot, generation)."""
         ns = self.index.namespaces.get(scoped(request.tenant, request.namespace))
-        if ns is None or ns.block_bytes != request.block_bytes or len(request.dst) != len(request.keys):
-            return PullReply(checksums=[], error="unknown namespace or layout")
-        held: list[tuple[int, int]] = []  # (slot, generation) pinned while the write runs
+        if ns is None or ns.block_bytes != request.block_bytes:
+            return None, []
+        held: list[tuple[int, int]] = []
         for raw in request.keys:
             slot = self.index.committed_slot(ns, normalize_key(raw))
             if slot < 0:
                 break
             held.append((slot, self.index.hold(ns, slot)))
-        if not held:
+        return ns, held
+
+    async def _serve_stream(self, request: PullRequest, writer: asyncio.StreamWriter) -> None:
+        """Sends the held blocks' bytes from pool memory, hashing them meanwhile (pinned: the
+        bytes hashed are the bytes sent), then their checksums; gives up at the deadline."""
+        ns, held = self._hold(request)
+
+        def frame(reply: PullReply) -> bytes:
+            body = msgspec.msgpack.encode(reply)
+            return _LEN.pack(len(body)) + body
+
+        if ns is None or not held:
+            writer.write(frame(PullReply(checksums=[], error="not held")))
+            await writer.drain()
+            return
+        slots, bb = [slot for slot, _ in held], ns.block_bytes
+        mem = self.memory(ns)
+        loop = asyncio.get_running_loop()
+        try:
+            hashing = loop.run_in_executor(self._hashers, self._checksums, mem, slots, bb)
+
+            async def send() -> list[int]:
+                writer.write(frame(PullReply(checksums=[], streamed=len(slots))))
+                whole = memoryview(mem)
+                for slot in slots:
+                    writer.write(whole[slot * bb : (slot + 1) * bb])
+                    await writer.drain()  # the loop serves others while the socket drains
+                return await hashing
+
+            checksums = await asyncio.wait_for(send(), max(0.0, request.deadline_ms / 1000))
+            writer.write(frame(PullReply(checksums=checksums)))
+            await writer.drain()
+        except (TimeoutError, ConnectionError) as exc:
+            self.stats.serve_failures += 1
+            log.info("serving a pull failed", extra={"peer": request.requester, "error": str(exc)})
+            writer.close()  # mid-stream: the requester must not read on
+            raise ConnectionError("stream abandoned") from exc
+        finally:
+            for slot, gen in held:
+                self.index.unhold(ns, slot, gen)
+        self.stats.served_blocks += len(slots)
+        self.stats.served_bytes += len(slots) * bb
+
+    async def _serve_one(self, request: PullRequest) -> PullReply:
+        if self.transport is None:
+            return PullReply(checksums=[], error="this agent sends blocks as a stream (no NIXL)")
+        if len(request.dst) != len(request.keys):
+            return PullReply(checksums=[], error="one destination per key")
+        ns, held = self._hold(request)
+        if ns is None or not held:
             return PullReply(checksums=[], error="not held")
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + request.deadline_ms / 1000
@@ -415,6 +538,7 @@ class RemoteTier:
         mem = self.memory(ns)
         base, bb = address_of(mem), ns.block_bytes
         checksums = self._hashers.submit(self._checksums, mem, slots, bb)
+        assert self.transport is not None
         self.transport.write(
             request.requester,
             request.requester_info,

@@ -224,8 +224,6 @@ class Agent:
 
     async def _start_fabric(self) -> None:
         """Joins the pool's fabric: NIXL over the pool's memory, the peers' port, the index."""
-        from kvfabric.agent.transport import NixlTransport
-
         st = self.settings
         assert st.fabric_valkey is not None and st.fabric_listen is not None and self.segment is not None
         self.nics = nics.discover()
@@ -233,12 +231,18 @@ class Agent:
             log.info("no active RDMA port: block transfers go over TCP", extra={"devices": len(self.nics)})
         elif st.fabric_ucx_tls == "tcp":
             log.warning("RDMA ports are active but --fabric-ucx-tls is 'tcp' (e.g. 'rc,tcp' uses them)")
-        # Before NIXL creates its UCX context: two network namespaces of one host would otherwise
-        # talk through shared memory, and small socket buffers halve TCP throughput.
-        os.environ["UCX_TLS"] = st.fabric_ucx_tls
-        os.environ.setdefault("UCX_TCP_SNDBUF", "4m")
-        os.environ.setdefault("UCX_TCP_RCVBUF", "4m")
-        transport = NixlTransport(self.agent_id, pool_regions(self.segment.map))
+        rdma = any(d.active for d in self.nics) and st.fabric_ucx_tls != "tcp"
+        use_nixl = st.fabric_transport == "nixl" or (st.fabric_transport == "auto" and rdma)
+        transport = None
+        if use_nixl:
+            from kvfabric.agent.transport import NixlTransport
+
+            # Before NIXL creates its UCX context: two network namespaces of one host would
+            # otherwise talk through shared memory, and small socket buffers halve TCP throughput.
+            os.environ["UCX_TLS"] = st.fabric_ucx_tls
+            os.environ.setdefault("UCX_TCP_SNDBUF", "4m")
+            os.environ.setdefault("UCX_TCP_RCVBUF", "4m")
+            transport = NixlTransport(self.agent_id, pool_regions(self.segment.map))
         tls = None
         if st.fabric_tls_cert is not None and st.fabric_tls_key is not None and st.fabric_tls_ca is not None:
             tls = PeerTLS(str(st.fabric_tls_cert), str(st.fabric_tls_key), str(st.fabric_tls_ca))
@@ -979,6 +983,7 @@ class Agent:
             **self.remote.summary(),
             **nics.summary(self.nics),
             "fabric_ucx_tls": self.settings.fabric_ucx_tls,
+            "fabric_transport": "nixl" if self.remote.transport is not None else "stream",
             "valkey_up": int(i.up),
             "valkey_published": i.published,
             "valkey_removed": i.removed,

@@ -247,6 +247,13 @@ class AgentSettings(BaseSettings):
         description="A pull from a peer not done this long after the lookup that started it is "
         "given up (the engine recomputes; its slots are quarantined a while).",
     )
+    fabric_transport: str = Field(
+        default="auto",
+        description="How blocks move between agents: 'stream' (their bytes on the agents' TCP "
+        "connection, encrypted with it under --fabric-tls-*), 'nixl' (NIXL over UCX: RDMA where "
+        "NICs exist), or 'auto' (nixl when an RDMA port is active and --fabric-ucx-tls is not "
+        "'tcp', else stream: UCX's TCP path is slower than plain sockets).",
+    )
     fabric_ucx_tls: str = Field(
         default="tcp",
         description="UCX transports for block transfers (UCX_TLS): 'tcp', or e.g. 'rc,tcp' where "
@@ -261,6 +268,13 @@ class AgentSettings(BaseSettings):
     def _log_format(cls, v: str) -> str:
         if v not in ("text", "json"):
             raise ValueError("must be 'text' or 'json'")
+        return v
+
+    @field_validator("fabric_transport")
+    @classmethod
+    def _fabric_transport(cls, v: str) -> str:
+        if v not in ("auto", "stream", "nixl"):
+            raise ValueError("must be 'auto', 'stream' or 'nixl'")
         return v
 
     @field_validator("tenancy")
