@@ -96,26 +96,8 @@ def _socket_copy_gbps(fabric: Any, total: int, port: int = 7460) -> float:
 
 
 def _agents(fabric: Any, tmp: Path, valkey_port: int, pool: str, transport: str = "auto") -> list[Any]:
-    from e2e.agent import AgentProcess
-
-    return [
-        AgentProcess(
-            tmp / f"agent{i}",
-            pool,
-            prefix=fabric.prefix(node.name),
-            extra_args=[
-                "--fabric-valkey",
-                f"valkey://{fabric.hub_address}:{valkey_port}/0",
-                "--fabric-listen",
-                f"{node.address}:7450",
-                "--fabric-pull-deadline-ms",
-                "20000",
-                "--fabric-transport",
-                transport,
-            ],
-        )
-        for i, node in enumerate(fabric.nodes)
-    ]
+    extra = ["--fabric-pull-deadline-ms", "20000", "--fabric-transport", transport]
+    return [fabric.agent(i, tmp, valkey_port, pool, extra) for i in range(len(fabric.nodes))]
 
 
 def bench_pull(results: dict[str, Any], tmp: Path, report: Report, rounds: int = 5) -> None:

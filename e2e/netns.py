@@ -15,8 +15,16 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from e2e.agent import AgentProcess
+
+#: The port each node's agent serves its peers on (every node has its own address).
+FABRIC_PORT = 7450
 
 
 def _ip(*args: str) -> None:
@@ -96,6 +104,24 @@ class Fabric:
     def prefix(self, ns: str) -> list[str]:
         """The command prefix that runs a program in namespace ``ns``."""
         return ["ip", "netns", "exec", ns]
+
+    def agent(
+        self, n: int, tmp: Path, valkey_port: int, pool_size: str, extra: list[str] | None = None
+    ) -> AgentProcess:
+        """An agent on node ``n`` with the fabric on: the hub's Valkey, its node's address."""
+        from e2e.agent import AgentProcess
+
+        node = self.nodes[n]
+        return AgentProcess(
+            tmp / f"agent{n}",
+            pool_size,
+            prefix=self.prefix(node.name),
+            extra_args=[
+                "--fabric-valkey", f"valkey://{self.hub_address}:{valkey_port}/0",
+                "--fabric-listen", f"{node.address}:{FABRIC_PORT}",
+                *(extra or []),
+            ],
+        )  # fmt: skip
 
     def exec_in(self, ns: str, *argv: str) -> None:
         subprocess.run([*self.prefix(ns), *argv], check=True, capture_output=True)

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.multihost
 
 BB = 64 << 10  # block bytes
 NS = "fabric-test-namespace"
-PORT = 7450
 VALKEY_PORT = 6390
 
 
@@ -56,19 +55,9 @@ def valkey(fabric: Fabric, tmp_path: Path) -> Iterator[ValkeyProcess]:
 def fabric_agent(
     fabric: Fabric, n: int, tmp: Path, extra: list[str] | None = None, pool_size: str = "256MiB"
 ) -> AgentProcess:
-    node = fabric.nodes[n]
-    return AgentProcess(
-        tmp / f"agent{n}",
-        pool_size,
-        prefix=fabric.prefix(node.name),
-        extra_args=[
-            "--arena-size", "4MiB",
-            "--fabric-valkey", f"valkey://{fabric.hub_address}:{VALKEY_PORT}/0",
-            "--fabric-listen", f"{node.address}:{PORT}",
-            "--fabric-pull-deadline-ms", "1500",
-            *(extra or []),
-        ],
-    )  # fmt: skip
+    """The tests' agent on node ``n``: small arenas, a 1.5 s pull deadline."""
+    test_args = ["--arena-size", "4MiB", "--fabric-pull-deadline-ms", "1500"]
+    return fabric.agent(n, tmp, VALKEY_PORT, pool_size, [*test_args, *(extra or [])])
 
 
 def write_blocks(agent: AgentProcess, keys: list[bytes], fill: int) -> AgentClient:

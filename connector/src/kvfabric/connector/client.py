@@ -267,8 +267,7 @@ class AgentClient:
     ) -> p.LookupReply:
         """``promote``: ask the agent to bring blocks of its NVMe tier into the pool (sent only
         to agents that list the feature; older ones would refuse the field)."""
-        hello = self.hello
-        promote = promote and hello is not None and "promote" in hello.features
+        promote = promote and self.supports("promote")
         return self.call(
             p.Lookup(
                 namespaces=namespaces,

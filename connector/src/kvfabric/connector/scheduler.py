@@ -418,20 +418,21 @@ class SchedulerSide:
         batches += self._undelivered
         self._undelivered = []
         for attempts, items in batches:
-            groups: dict[tuple[int, str, str], tuple[list[bytes], list[bytes]]] = {}
+            groups: dict[tuple[int, str, str], list[StagedSave]] = {}
             for item in items:
-                keep, drop = groups.setdefault((item.owner, item.owner_token, item.namespace), ([], []))
-                voided = item.epoch <= self._voided.get(item.req_id, -1)
-                (drop if voided else keep).extend(item.keys)
+                groups.setdefault((item.owner, item.owner_token, item.namespace), []).append(item)
             failed: list[StagedSave] = []
-            for (owner, token, namespace), (keep, drop) in groups.items():
+            for (owner, token, namespace), group in groups.items():
+                keep: list[bytes] = []
+                drop: list[bytes] = []
+                for item in group:
+                    voided = item.epoch <= self._voided.get(item.req_id, -1)
+                    (drop if voided else keep).extend(item.keys)
                 try:
                     done = self.client.commit(namespace, keep, drop, 0.0, owner=owner, owner_token=token)
                 except AgentUnavailable as exc:  # retried; a refusal (agent restarted: owner unknown) is not
                     log.debug("delegated commit failed", extra={"error": str(exc)})
-                    failed += [
-                        i for i in items if (i.owner, i.owner_token, i.namespace) == (owner, token, namespace)
-                    ]
+                    failed += group
                     continue
                 except AgentError as exc:
                     log.debug("delegated commit refused", extra={"error": str(exc)})

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mmap
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +39,9 @@ import xxhash
 
 from kvfabric.agent.index import BlockIndex, Namespace, normalize_key, scoped
 from kvfabric.agent.pool import address_of
-from kvfabric.agent.tiering import PROMOTER_SESSION
+from kvfabric.agent.tiering import PROMOTER_SESSION, on_loop
 from kvfabric.agent.transport import TransferFailed, Transport
+from kvfabric.connector import protocol as p
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ PEER_BACKOFF_S = (0.5, 30.0)
 #: starting; after it, one pull measures the link again (it may have recovered).
 SLOW_LINK_S = 10.0
 _MAX_FRAME = 4 << 20
-_LEN = struct.Struct("!I")
 
 
 class PullRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -81,9 +81,9 @@ class PullReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     streamed: int = 0
 
 
-def _send(sock: socket.socket, obj: object) -> None:
-    body = msgspec.msgpack.encode(obj)
-    sock.sendall(_LEN.pack(len(body)) + body)
+def _frame(message: msgspec.Struct) -> bytes:
+    """A control-channel frame: the engines' framing (length header, msgpack body)."""
+    return p.frame(msgspec.msgpack.encode(message))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -111,7 +111,7 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
 
 
 def _recv(sock: socket.socket, kind: type[msgspec.Struct]) -> object:
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    (n,) = p.HEADER.unpack(_recv_exact(sock, p.HEADER.size))
     if n > _MAX_FRAME:
         raise ConnectionError("frame too large")
     return msgspec.msgpack.decode(_recv_exact(sock, n), type=kind)
@@ -212,10 +212,8 @@ class RemoteTier:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, lambda: self._pullers.shutdown(wait=True, cancel_futures=True))
-        await loop.run_in_executor(None, lambda: self._writers.shutdown(wait=True, cancel_futures=True))
-        await loop.run_in_executor(None, lambda: self._hashers.shutdown(wait=True, cancel_futures=True))
-        await loop.run_in_executor(None, lambda: self._streams.shutdown(wait=True, cancel_futures=True))
+        for pool in (self._pullers, self._writers, self._hashers, self._streams):
+            await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True, cancel_futures=True))
         if self.transport is not None:
             self.transport.close()
 
@@ -349,7 +347,7 @@ class RemoteTier:
             deadline_ms=max(0.0, (deadline - time.monotonic()) * 1000),
             stream=transport is None,
         )
-        _send(sock, request)
+        sock.sendall(_frame(request))
         reply = _recv(sock, PullReply)
         assert isinstance(reply, PullReply)
         if reply.streamed:  # the bytes follow, straight into the slots, then their checksums
@@ -431,10 +429,10 @@ class RemoteTier:
         try:
             while not self._closing:
                 try:
-                    head = await reader.readexactly(_LEN.size)
+                    head = await reader.readexactly(p.HEADER.size)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                (n,) = _LEN.unpack(head)
+                (n,) = p.HEADER.unpack(head)
                 if n > _MAX_FRAME:
                     return
                 try:
@@ -444,9 +442,7 @@ class RemoteTier:
                 if request.stream:
                     await self._serve_stream(request, writer)
                     continue
-                reply = await self._serve_one(request)
-                body = msgspec.msgpack.encode(reply)
-                writer.write(_LEN.pack(len(body)) + body)
+                writer.write(_frame(await self._serve_one(request)))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             return
@@ -470,13 +466,8 @@ class RemoteTier:
         """Sends the held blocks' bytes from pool memory, hashing them meanwhile (pinned: the
         bytes hashed are the bytes sent), then their checksums; gives up at the deadline."""
         ns, held = self._hold(request)
-
-        def frame(reply: PullReply) -> bytes:
-            body = msgspec.msgpack.encode(reply)
-            return _LEN.pack(len(body)) + body
-
         if ns is None or not held:
-            writer.write(frame(PullReply(checksums=[], error="not held")))
+            writer.write(_frame(PullReply(checksums=[], error="not held")))
             await writer.drain()
             return
         slots, bb = [slot for slot, _ in held], ns.block_bytes
@@ -486,7 +477,7 @@ class RemoteTier:
             hashing = loop.run_in_executor(self._hashers, self._checksums, mem, slots, bb)
 
             async def send() -> list[int]:
-                writer.write(frame(PullReply(checksums=[], streamed=len(slots))))
+                writer.write(_frame(PullReply(checksums=[], streamed=len(slots))))
                 whole = memoryview(mem)
                 for slot in slots:
                     writer.write(whole[slot * bb : (slot + 1) * bb])
@@ -494,7 +485,7 @@ class RemoteTier:
                 return await hashing
 
             checksums = await asyncio.wait_for(send(), max(0.0, request.deadline_ms / 1000))
-            writer.write(frame(PullReply(checksums=checksums)))
+            writer.write(_frame(PullReply(checksums=checksums)))
             await writer.drain()
         except (TimeoutError, ConnectionError) as exc:
             self.stats.serve_failures += 1
@@ -562,9 +553,7 @@ class RemoteTier:
         return out
 
     def _on_loop(self, fn: Callable[..., None], *args: object) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(fn, *args)
+        on_loop(self._loop, fn, *args)
 
 
 def pool_regions(memory: mmap.mmap) -> list[tuple[int, int]]:

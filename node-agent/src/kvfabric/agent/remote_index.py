@@ -113,14 +113,13 @@ class ValkeyIndex:
             self._failed(exc)
             return []
         self.lookups += 1
+        mine = self.address.encode()
         out: list[str | None] = []
         width = len(namespaces)
         for i in range(len(keys)):
-            row = {v for v in values[i * width : (i + 1) * width]}
+            row = set(values[i * width : (i + 1) * width])
             holder = row.pop() if len(row) == 1 else None
-            out.append(
-                None if holder is None else holder.decode() if holder != self.address.encode() else None
-            )
+            out.append(holder.decode() if holder is not None and holder != mine else None)
         return out
 
     def _failed(self, exc: Exception) -> None:
@@ -150,7 +149,7 @@ class ValkeyIndex:
                     next_check = now + self.check_s
                     stale = stale or not self._client.exists(self._marker)  # restarted empty?
                 if stale or now >= next_refresh:
-                    self._write(list(self._held), [])
+                    self._write(list(self._held), [], full=True)
                     next_refresh = time.monotonic() + self.ttl_s / 3
                     if stale and self._held:
                         log.info("valkey: every block published again", extra={"blocks": len(self._held)})
@@ -165,7 +164,10 @@ class ValkeyIndex:
                 stale = True
                 self._failed(exc)
 
-    def _write(self, publish: list[tuple[str, bytes]], remove: list[tuple[str, bytes]]) -> None:
+    def _write(
+        self, publish: list[tuple[str, bytes]], remove: list[tuple[str, bytes]], full: bool = False
+    ) -> None:
+        """``full``: ``publish`` is everything held; the marker then says Valkey has it all."""
         ttl = max(1, int(self.ttl_s))
         for start in range(0, len(publish), self.batch):
             pipe = self._client.pipeline(transaction=False)
@@ -173,7 +175,7 @@ class ValkeyIndex:
                 pipe.set(self._name(ns, key), self.address, ex=ttl)
             pipe.execute()
             self.published += len(publish[start : start + self.batch])
-        if len(publish) == len(self._held):  # a full publish: the marker says Valkey has it all
+        if full:
             self._client.set(self._marker, "1", ex=ttl)
         for start in range(0, len(remove), self.batch):
             names = [self._name(ns, k) for ns, k in remove[start : start + self.batch]]

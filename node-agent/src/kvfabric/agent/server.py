@@ -227,11 +227,12 @@ class Agent:
         st = self.settings
         assert st.fabric_valkey is not None and st.fabric_listen is not None and self.segment is not None
         self.nics = nics.discover()
-        if not any(d.active for d in self.nics):
+        active = any(d.active for d in self.nics)
+        if not active:
             log.info("no active RDMA port: block transfers go over TCP", extra={"devices": len(self.nics)})
         elif st.fabric_ucx_tls == "tcp":
             log.warning("RDMA ports are active but --fabric-ucx-tls is 'tcp' (e.g. 'rc,tcp' uses them)")
-        rdma = any(d.active for d in self.nics) and st.fabric_ucx_tls != "tcp"
+        rdma = active and st.fabric_ucx_tls != "tcp"
         use_nixl = st.fabric_transport == "nixl" or (st.fabric_transport == "auto" and rdma)
         transport = None
         if use_nixl:
@@ -258,18 +259,28 @@ class Agent:
         self.remote_index = index = ValkeyIndex(
             st.fabric_valkey, st.fabric_pool, st.fabric_advertise or st.fabric_listen
         )
-        self.index.commit_listeners.append(
-            lambda ns, slot, key, session: index.publish(scoped(ns.tenant, ns.name), key)
-        )
-        self.index.drop_listeners.append(lambda ns, key: index.remove(scoped(ns.tenant, ns.name), key))
+        self.index.commit_listeners.append(self._published)
+        self.index.drop_listeners.append(self._unpublished)
         index.start()
         self.remote.observe = self.metrics.watch_remote(self._fabric_summary).observe
         log.info(
             "fabric on", extra={"listen": st.fabric_listen, "pool": st.fabric_pool, "tls": tls is not None}
         )
 
+    def _published(self, ns: Namespace, slot: int, key: bytes, session: int) -> None:
+        if self.remote_index is not None:
+            self.remote_index.publish(scoped(ns.tenant, ns.name), key)
+
+    def _unpublished(self, ns: Namespace, key: bytes) -> None:
+        if self.remote_index is not None:
+            self.remote_index.remove(scoped(ns.tenant, ns.name), key)
+
     async def _stop_fabric(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._published in self.index.commit_listeners:
+            self.index.commit_listeners.remove(self._published)
+        if self._unpublished in self.index.drop_listeners:
+            self.index.drop_listeners.remove(self._unpublished)
         if self.remote_index is not None:
             await loop.run_in_executor(None, self.remote_index.close)
             self.remote_index = None
@@ -289,17 +300,17 @@ class Agent:
             or reply.hits >= len(request.keys)
         ):
             return reply
-        tenant = session.tenant
-        spaces = [self.index.namespaces.get(scoped(tenant, n)) for n in request.namespaces]
-        if any(ns is None for ns in spaces):
+        unique = self._lookup_spaces(request, session.tenant)
+        if unique is None:
             return reply
-        unique = list({id(ns): ns for ns in spaces if ns is not None}.values())
+
+        def promoting(n: int) -> p.LookupReply:
+            return msgspec.structs.replace(reply, promoting=n, promote_eta_ms=round(remote.eta_s() * 1000, 3))
+
         rest = request.keys[reply.hits :]
         coming = remote.coming(unique, [normalize_key(k) for k in rest])
         if coming:  # asked again while its pull runs: no need to ask the index
-            return msgspec.structs.replace(
-                reply, promoting=coming, promote_eta_ms=round(remote.eta_s() * 1000, 3)
-            )
+            return promoting(coming)
         names = [scoped(ns.tenant, ns.name) for ns in unique]
         settled = remote.settled
         holders = await asyncio.get_running_loop().run_in_executor(None, index.locate, names, rest)
@@ -314,9 +325,14 @@ class Agent:
         if not pulling:
             return reply
         remote.stats.located_blocks += pulling
-        return msgspec.structs.replace(
-            reply, promoting=pulling, promote_eta_ms=round(remote.eta_s() * 1000, 3)
-        )
+        return promoting(pulling)
+
+    def _lookup_spaces(self, request: p.Lookup, tenant: str) -> list[Namespace] | None:
+        """The lookup's namespaces, each once (MLA ranks may share one); None if one is unknown."""
+        spaces = [self.index.namespaces.get(scoped(tenant, n)) for n in request.namespaces]
+        if any(ns is None for ns in spaces):
+            return None
+        return list({id(ns): ns for ns in spaces if ns is not None}.values())
 
     async def _create_segment(self) -> Segment:
         """The pool segment. When it does not fit yet, waits up to ``--start-wait-s`` for space:
@@ -885,10 +901,10 @@ class Agent:
                 )
                 promoting, eta = 0, 0.0
                 if request.promote and self.tiers is not None and result.hits < len(request.keys):
-                    spaces = [self.index.namespaces.get(scoped(tenant, n)) for n in request.namespaces]
-                    if all(ns is not None for ns in spaces):
+                    spaces = self._lookup_spaces(request, tenant)
+                    if spaces is not None:
                         promoting = self.tiers.promote(
-                            list({id(ns): ns for ns in spaces if ns is not None}.values()),  # once each
+                            spaces,
                             request.keys[result.hits :],
                             request.keys[result.hits - 1] if result.hits else None,
                         )

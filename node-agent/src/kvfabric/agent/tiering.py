@@ -305,6 +305,11 @@ class TierService:
                 part.release()
 
     def _on_loop(self, fn: Callable[..., None], *args: object) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is gone
-                self._loop.call_soon_threadsafe(fn, *args)
+        on_loop(self._loop, fn, *args)
+
+
+def on_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., None], *args: object) -> None:
+    """Runs ``fn(*args)`` on the agent's loop, which owns the index, from a tier's thread."""
+    if loop is not None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is gone
+            loop.call_soon_threadsafe(fn, *args)
