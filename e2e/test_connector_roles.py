@@ -168,8 +168,8 @@ def test_scheduler_delays_freeing_exactly_the_requests_with_background_saves(
         # Both preempted in the next step: only the one with saves in flight must be waited for.
         meta = s.build_connector_meta(_step([], {"saving", "short"}))
         assert meta.preempted == (("saving",) if background else ())
-        assert s.request_finished(saving) is background
-        assert s.request_finished(short) is False
+        assert s.request_finished(saving)[0] is background
+        assert s.request_finished(short)[0] is False
     finally:
         s.shutdown()
 

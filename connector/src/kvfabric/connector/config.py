@@ -46,6 +46,15 @@ class ConnectorConfig(BaseModel):
         "with the hits already in the pool and computes the rest. It does not wait at all when the "
         "agent expects the blocks later than that (a disk slower than recomputing). 0: never wait.",
     )
+    handoff_wait_ms: int = Field(
+        default=3000,
+        ge=0,
+        le=600_000,
+        description="P/D decode engines: how long a request waits, at most, for the blocks the "
+        "prefill engine promised in its kv_transfer_params (its save commits, this node's agent "
+        "pulls them from the prefill node); past it the request computes what did not arrive. "
+        "0: never wait.",
+    )
     load: bool = Field(default=True, description="Load hits from the pool.")
     save: bool = Field(default=True, description="Save newly computed full blocks to the pool.")
     save_generated: bool = Field(

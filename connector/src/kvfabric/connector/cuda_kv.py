@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 import torch
 
 from kvfabric.connector import protocol as p
+from kvfabric.connector.layout import Route
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,13 @@ class CudaKV:
     events: tuple[torch.cuda.Event, ...] = ()
     event_handles: tuple[bytes, ...] = field(default=(), repr=False)
 
-    def request(self, namespace: str, with_events: bool = True) -> p.RegisterGpuKV:
+    def request(
+        self, namespace: str, with_events: bool = True, route: Route | None = None
+    ) -> p.RegisterGpuKV:
         """The registration; ``with_events`` False leaves the layer events out (an agent that
-        does not list ``layered_loads`` would refuse them)."""
-        return p.RegisterGpuKV(
+        does not list ``layered_loads`` would refuse them); ``route``: for agents listing
+        ``routing`` only."""
+        registration = p.RegisterGpuKV(
             namespace=namespace,
             device_uuid=self.device_uuid,
             layout=self.layout,
@@ -39,6 +44,11 @@ class CudaKV:
             offsets=list(self.offsets),
             byte_order=self.byte_order,
             layer_events=list(self.event_handles) if with_events else [],
+        )
+        if route is None:
+            return registration
+        return msgspec.structs.replace(
+            registration, model=route.model, group=route.group, block_tokens=route.block_tokens
         )
 
 

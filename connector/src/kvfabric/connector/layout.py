@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvfabric.connector.config import ConnectorConfig
@@ -21,6 +22,24 @@ CPU_MLA_LAYOUT = "cpu:[blocks,1,block_size,latent]"
 #: CUDA: the agent copies blocks itself; a slot holds each layer's planes in the engine's byte
 #: order. The agent refuses a second engine whose tensor layout differs within one namespace.
 CUDA_LAYOUT = "cuda:agent-copy"
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the agent needs to answer routers for an engine's namespaces: the served model
+    name, the namespace of TP rank 0 (the ranks' namespaces form one group), tokens per block."""
+
+    model: str
+    group: str
+    block_tokens: int
+
+
+def engine_route(vllm_config: VllmConfig, specs: list[LayoutSpec]) -> Route:
+    model = vllm_config.model_config
+    name = getattr(model, "served_model_name", None) or model.model
+    if isinstance(name, list | tuple):
+        name = name[0]
+    return Route(str(name)[:256], specs[0].namespace(), vllm_config.cache_config.block_size)
 
 
 def device_layout(device_type: str, mla: bool = False) -> str:

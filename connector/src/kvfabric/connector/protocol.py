@@ -61,6 +61,8 @@ BlockTokens = Annotated[int, msgspec.Meta(gt=0, le=MAX_BLOCK_TOKENS)]
 #: ``lease_generations``: ``LookupReply.leases`` (release those exact ids).
 #: ``pool_fd``: :class:`OpenPool` (the pool is passed as a file descriptor, not a path).
 #: ``promote``: ``Lookup.promote`` and ``LookupReply.promoting`` (the NVMe tier).
+#: ``routing``: ``RegisterNamespace.model``/``group`` (the agent answers prefix lookups per model).
+#: An agent that publishes KV events lists :data:`KV_EVENTS_FEATURE` too: it wants :class:`Annotate`.
 FEATURES = (
     "delegated_commit",
     "layered_loads",
@@ -68,7 +70,9 @@ FEATURES = (
     "pool_fd",
     "promote",
     "repeated_namespaces",
+    "routing",
 )
+KV_EVENTS_FEATURE = "kv_events"
 
 
 class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True, frozen=True):
@@ -89,6 +93,11 @@ class RegisterNamespace(_Request, frozen=True, tag="register_namespace"):
     block_bytes: Annotated[int, msgspec.Meta(ge=MIN_BLOCK_BYTES, le=2**40)]
     block_tokens: BlockTokens
     description: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    #: The served model name routers know the engine by (agents listing ``routing``).
+    model: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    #: The namespace of TP rank 0 of the same engine layout: the ranks' namespaces together
+    #: hold one prefix (a prefix lookup counts a block only when every rank of the group has it).
+    group: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
 
 class Lookup(_Request, frozen=True, tag="lookup"):
@@ -158,6 +167,30 @@ class Release(_Request, frozen=True, tag="release"):
     copy_seconds: Seconds = 0.0
 
 
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+#: vLLM's block hash as its KV events carry it (``ExternalBlockHash``: an int, or the raw bytes).
+RouterHash = int | Annotated[bytes, msgspec.Meta(max_length=64)]
+#: One entry of vLLM's per-block ``extra_keys``: LoRA name, cache salt, ``(mm id, offset)`` (prompt
+#: embeddings, whose digests are bytes, are never cached).
+ExtraKey = int | Annotated[str, msgspec.Meta(max_length=4096)] | list[int | str]
+
+
+class Annotate(_Request, frozen=True, tag="annotate"):
+    """What routers know blocks by: vLLM's own block hashes and tokens for ``keys`` of
+    ``namespace`` (sent by an engine's scheduler to agents listing ``kv_events``), so the KV
+    events the agent publishes name blocks the way a KV-aware router hashes prompts.
+    ``token_ids``: ``block_tokens`` ids per key, in order; ``parent_hash``: the hash before
+    ``hashes[0]``. Blocks not committed yet are announced when they are."""
+
+    namespace: Namespace
+    keys: Keys
+    hashes: Annotated[list[RouterHash], msgspec.Meta(max_length=MAX_KEYS)]
+    token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=1 << 22)]
+    parent_hash: RouterHash | None = None
+    lora_name: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    extra_keys: Annotated[list[list[ExtraKey] | None], msgspec.Meta(max_length=MAX_KEYS)] | None = None
+
+
 class Stats(_Request, frozen=True, tag="stats"):
     pass
 
@@ -195,6 +228,11 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
     offsets: Annotated[list[NonNegative], msgspec.Meta(max_length=4096)]
     byte_order: Annotated[str, msgspec.Meta(max_length=128)] = ""
     layer_events: Annotated[list[bytes], msgspec.Meta(max_length=4096)] = []
+    #: as in :class:`RegisterNamespace` (agents listing ``routing``); ``block_tokens``: tokens
+    #: per block, for prefix lookups by token ids (0: unknown)
+    model: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    group: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    block_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOCK_TOKENS)] = 0
 
     @property
     def description(self) -> str:
@@ -230,6 +268,7 @@ Request = (
     | OpenPool
     | RegisterGpuKV
     | GpuCopy
+    | Annotate
 )
 
 
@@ -282,6 +321,11 @@ class CommitReply(_Reply, frozen=True, tag="commit"):
     committed: int
 
 
+class AnnotateReply(_Reply, frozen=True, tag="annotate"):
+    #: blocks announced now (already committed); the rest are announced when committed
+    announced: int
+
+
 class ReleaseReply(_Reply, frozen=True, tag="release"):
     #: Per lease: False when it was unknown (already released or its session dropped); data a
     #: client copied under such a lease may have been overwritten and must not be trusted.
@@ -325,6 +369,7 @@ Reply = (
     | ReserveReply
     | CommitReply
     | ReleaseReply
+    | AnnotateReply
     | StatsReply
     | PoolReply
     | GpuKVReply

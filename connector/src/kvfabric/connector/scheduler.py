@@ -10,6 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvfabric.connector import protocol as p
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.errors import AgentError, AgentUnavailable
@@ -23,6 +24,7 @@ from kvfabric.connector.metadata import (
     lease_id_for,
     lease_of_rank,
 )
+from kvfabric.connector.router_names import annotation
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -84,6 +86,10 @@ class _RequestState:
     promote_until: float | None = None
     #: One more after each load of this request that failed (see ``SaveIntent.epoch``).
     epoch: int = 0
+    #: P/D decode side: leading blocks a prefill engine promised to put in the pool, and until
+    #: when (monotonic) the request waits for them (see :meth:`SchedulerSide.handoff_promise`).
+    promised: int = 0
+    handoff_until: float | None = None
 
 
 @dataclass
@@ -96,6 +102,11 @@ class SchedulerStats:
     blocks_to_save: int = 0
     promote_waits: int = 0
     promote_too_slow: int = 0
+    #: P/D: promises made (prefill side); waits for promised blocks and handoffs that ended
+    #: with fewer blocks than promised (decode side)
+    handoffs_promised: int = 0
+    handoff_waits: int = 0
+    handoffs_short: int = 0
     #: TP: blocks the workers wrote that the scheduler committed, or voided after a failed load
     staged_committed: int = 0
     staged_voided: int = 0
@@ -130,6 +141,8 @@ class SchedulerSide:
         self._voided: OrderedDict[str, int] = OrderedDict()
         #: delegated commits the agent did not get yet, with the attempts left
         self._undelivered: list[tuple[int, list[StagedSave]]] = []
+        #: vLLM's names of blocks planned this step, for an agent that publishes KV events
+        self._annotations: list[p.Annotate] = []
         self.stats = SchedulerStats()
         if not self.client.connect():  # early, so the agent lists this engine; failure is fine
             log.warning("agent not reachable yet; serving without it", extra={"socket": config.socket_path})
@@ -207,7 +220,8 @@ class SchedulerSide:
         lease_id = lease_id_for(self.engine_tag, request.request_id)
         self.stats.lookups += 1
         now = time.monotonic()
-        wait = st.promote_until is None or now < st.promote_until
+        awaited = self._awaited_blocks(request, st, usable, now)
+        wait = st.promote_until is None or now < st.promote_until or awaited > 0
         try:
             reply = self.client.lookup(
                 self.namespaces, st.keys[local:usable], self.block_size, lease_id, promote=wait
@@ -217,6 +231,16 @@ class SchedulerSide:
             log.debug("lookup failed, recomputing", extra={"req": request.request_id, "error": str(exc)})
             st.pending = None
             return 0, False
+        if awaited and local + reply.hits < awaited:
+            # P/D: the prefill engine's blocks are still on their way (its save commits, the
+            # index learns of it, our agent pulls them): ask again in a later step.
+            st.pending = None
+            st.lease_id = lease_id
+            st.leases = list(reply.leases)
+            self.stats.handoff_waits += 1
+            if reply.promoting:
+                self._annotate(request, st, local + reply.hits, local + reply.hits + reply.promoting)
+            return None, False
         if reply.promoting and wait and self.config.promote_wait_ms:
             if st.promote_until is None:
                 st.promote_until = now + self.config.promote_wait_ms / 1000
@@ -232,6 +256,7 @@ class SchedulerSide:
             st.lease_id = lease_id
             st.leases = list(reply.leases)
             self.stats.promote_waits += 1
+            self._annotate(request, st, local + reply.hits, local + reply.hits + reply.promoting)
             return None, False
         if reply.hits == 0:
             st.pending = None
@@ -244,6 +269,68 @@ class SchedulerSide:
             st.saved_upto = max(st.saved_upto, local + reply.hits)
         self.stats.hit_tokens += reply.hits * self.block_size
         return reply.hits * self.block_size, False
+
+    def _awaited_blocks(self, request: Request, st: _RequestState, usable: int, now: float) -> int:
+        """P/D decode side: how many leading blocks to wait for (0: none, or no longer).
+
+        A prefill engine's :meth:`handoff_promise` rides in the request's ``kv_transfer_params``
+        (a disaggregating proxy copies them from the prefill response): it names how many
+        blocks it saved and the key of the last, so a decode engine whose keys differ (another
+        model or layout) does not wait in vain. The wait ends at ``handoff_wait_ms``; what has
+        not arrived by then is recomputed."""
+        if st.handoff_until is None:
+            promise = (getattr(request, "kv_transfer_params", None) or {}).get("kvfabric")
+            st.handoff_until = now  # asked once: no promise, or a broken one, means no wait
+            if not isinstance(promise, dict) or not self.config.handoff_wait_ms:
+                return 0
+            blocks, last = promise.get("blocks"), promise.get("last_key")
+            if not isinstance(blocks, int) or not isinstance(last, str) or not 0 < blocks <= len(st.keys):
+                return 0
+            if st.keys[blocks - 1].hex() != last:
+                log.info(
+                    "a P/D promise for other keys (model or layout) is ignored",
+                    extra={"req": request.request_id},
+                )
+                return 0
+            st.promised = min(blocks, usable)
+            st.handoff_until = now + self.config.handoff_wait_ms / 1000
+        if st.promised and now >= st.handoff_until:
+            self.stats.handoffs_short += 1
+            log.info(
+                "promised blocks did not all arrive in time; computing the rest",
+                extra={"req": request.request_id, "promised": st.promised},
+            )
+            st.promised = 0
+        return st.promised
+
+    def handoff_promise(self, request: Request, st: _RequestState) -> dict[str, object] | None:
+        """P/D prefill side: for a request sent with ``kv_transfer_params.do_remote_decode``
+        (vLLM's convention, which its disaggregation proxies use), the blocks of its prompt this
+        engine saved (or planned to: the saves may still be in flight), for the decode engine."""
+        params = getattr(request, "kv_transfer_params", None) or {}
+        if not params.get("do_remote_decode") or not self.config.save or self.client.hello is None:
+            return None
+        blocks = min(st.saved_upto, len(st.keys), st.prompt_len // self.block_size)
+        if blocks == 0:
+            return None
+        self.stats.handoffs_promised += 1
+        return {"kvfabric": {"blocks": blocks, "last_key": st.keys[blocks - 1].hex()}}
+
+    def _annotate(self, request: Request, st: _RequestState, start: int, end: int) -> None:
+        """Queues vLLM's names of blocks ``start:end`` for an agent that publishes KV events."""
+        if end > start and self.client.supports(p.KV_EVENTS_FEATURE):
+            item = annotation(request, self.namespaces[0], st.keys, start, end, self.block_size)
+            if item is not None:
+                self._annotations.append(item)
+
+    def _send_annotations(self) -> None:
+        items, self._annotations = self._annotations, []
+        for item in items:
+            try:
+                self.client.call(item, p.AnnotateReply)
+            except AgentError as exc:  # routers miss these blocks; serving goes on
+                log.debug("annotations not delivered", extra={"error": str(exc)})
+                return
 
     def _held_by_agent(self, st: _RequestState, local: int) -> int:
         """How many of the ``local`` blocks vLLM found in its own prefix cache the agent holds
@@ -320,6 +407,8 @@ class SchedulerSide:
                 st.block_ids.extend(new_ids[0])
             done = cached.num_computed_tokens[i] + out.num_scheduled_tokens.get(req_id, 0)
             self._plan_save(req_id, st, done, meta)
+        if self._annotations:
+            self._send_annotations()
         return meta
 
     def _plan_save(self, req_id: str, st: _RequestState, computed: int, meta: KVFabricMetadata) -> None:
@@ -341,6 +430,8 @@ class SchedulerSide:
         self.stats.blocks_to_save += full - start
         st.saved_upto = full
         st.had_saves = True
+        if st.request is not None:
+            self._annotate(st.request, st, start, full)
 
     def _extend_keys(self, st: _RequestState, computed: int) -> None:
         """Keys for blocks that generated tokens filled (their KV is computed: ``computed``)."""
@@ -447,13 +538,15 @@ class SchedulerSide:
             if failed and attempts > 1:
                 self._undelivered.append((attempts - 1, failed))
 
-    def request_finished(self, request: Request) -> bool:
-        """Drops the request; True if vLLM must keep its blocks until the workers' saves end."""
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, object] | None]:
+        """Drops the request; True if vLLM must keep its blocks until the workers' saves end,
+        and the P/D promise for its response's ``kv_transfer_params``."""
         st = self.requests.pop(request.request_id, None)
         if st is None:
-            return False
+            return False, None
+        promise = self.handoff_promise(request, st)
         self._release(st)
-        return self.background_saves and st.had_saves
+        return self.background_saves and st.had_saves, promise
 
     def _release(self, st: _RequestState) -> None:
         """Drops the request's leases (usually already released by the workers)."""

@@ -27,7 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvfabric.connector.config import ConnectorConfig
-from kvfabric.connector.layout import layout_specs, unsupported_setup
+from kvfabric.connector.layout import engine_route, layout_specs, unsupported_setup
 from kvfabric.connector.metadata import KVFabricMetadata, KVFabricWorkerMeta
 from kvfabric.connector.scheduler import SchedulerSide
 from kvfabric.connector.stats import KVFabricPromMetrics, KVFabricStats
@@ -83,7 +83,11 @@ class KVFabricConnector(KVConnectorBase_V1):
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             self._worker = WorkerSide(
-                self.config, specs[get_tensor_model_parallel_rank()], tag, background_saves=background
+                self.config,
+                specs[get_tensor_model_parallel_rank()],
+                tag,
+                background_saves=background,
+                route=engine_route(vllm_config, specs),
             )
         log.info(
             "KVFabric connector ready",
@@ -216,7 +220,7 @@ class KVFabricConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return self._scheduler.request_finished(request), None
+        return self._scheduler.request_finished(request)
 
     def shutdown(self) -> None:
         for side in (self._scheduler, self._worker):

@@ -22,6 +22,7 @@ from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.copier import BlockCopier
 from kvfabric.connector.errors import AgentError, AgentRejected
 from kvfabric.connector.keys import LayoutSpec
+from kvfabric.connector.layout import Route
 from kvfabric.connector.metadata import (
     KVFabricMetadata,
     KVFabricWorkerMeta,
@@ -81,10 +82,16 @@ class WorkerStats:
 
 class WorkerSide:
     def __init__(
-        self, config: ConnectorConfig, spec: LayoutSpec, engine_tag: str, background_saves: bool = False
+        self,
+        config: ConnectorConfig,
+        spec: LayoutSpec,
+        engine_tag: str,
+        background_saves: bool = False,
+        route: Route | None = None,
     ) -> None:
         self.config = config
         self.spec = spec
+        self.route = route  # told to agents that answer routers (``routing``)
         self.namespace = spec.namespace()
         self.rank = spec.tp_rank
         #: With one copy per TP group (MLA) rank 0 saves it for all; the others only load.
@@ -167,7 +174,8 @@ class WorkerSide:
             events = bool(self.cuda.events) and "layered_loads" in hello.features
             if self.cuda.events and not events:
                 log.warning("the agent is older than layered loads; loads will not be layered (upgrade it)")
-            reply = client._roundtrip(self.cuda.request(self.namespace, events), p.GpuKVReply)
+            route = self.route if "routing" in hello.features else None
+            reply = client._roundtrip(self.cuda.request(self.namespace, events, route), p.GpuKVReply)
             self.kv_id = reply.kv_id
             self._gpu_block_bytes = reply.block_bytes
             self._layered_ok = reply.layered and events
@@ -176,12 +184,15 @@ class WorkerSide:
             self.pool_id = hello.pool_id
             return
         assert self.copier is not None
+        route = self.route if "routing" in hello.features else None
         client._roundtrip(
             p.RegisterNamespace(
                 namespace=self.namespace,
                 block_bytes=self.copier.block_bytes,
                 block_tokens=self.spec.block_size,
                 description=repr(self.spec.stored()),
+                model=route.model if route else "",
+                group=route.group if route else "",
             ),
             p.NamespaceReply,
         )

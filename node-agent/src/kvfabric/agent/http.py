@@ -1,4 +1,5 @@
-"""Admin HTTP: ``/healthz`` (process alive), ``/readyz`` (serving), ``/stats``, ``/metrics``.
+"""Admin HTTP: ``/healthz`` (process alive), ``/readyz`` (serving), ``/stats``, ``/metrics``, and
+``POST /v1/lookup`` (how much of a prompt this node and the pool hold: :mod:`prefix_lookup`).
 
 Handlers are ``async`` on purpose: they then run on the agent's loop thread, the only thread
 that touches the index.
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kvfabric.agent import prefix_lookup
 
 if TYPE_CHECKING:
     from kvfabric.agent.server import Agent
@@ -38,5 +41,14 @@ def build_app(agent: Agent) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(agent.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/lookup")
+    async def lookup(query: prefix_lookup.PrefixQuery) -> JSONResponse:
+        if agent.isolated:  # it would tell one tenant which prompts another's engines served
+            return JSONResponse({"error": "prefix lookups serve shared tenancy only"}, status_code=403)
+        try:
+            return JSONResponse(await prefix_lookup.lookup(agent, query))
+        except prefix_lookup.LookupRefused as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
     return app

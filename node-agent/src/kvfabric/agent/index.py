@@ -180,6 +180,9 @@ class Namespace:
     table: KeyTable
     arena_bytes: int
     description: str = ""
+    #: the served model name routers know it by, and its TP rank 0's namespace (``routing``)
+    model: str = ""
+    group: str = ""
     #: its slots live in the shared segment GPU engines copy through (else, with isolated
     #: tenancy, in its tenant's own pool file)
     gpu: bool = False
@@ -410,7 +413,14 @@ class BlockIndex:
     # -- namespaces ------------------------------------------------------------------------------
 
     def register(
-        self, name: str, block_bytes: int, block_tokens: int, description: str = "", tenant: str = ""
+        self,
+        name: str,
+        block_bytes: int,
+        block_tokens: int,
+        description: str = "",
+        tenant: str = "",
+        model: str = "",
+        group: str = "",
     ) -> Namespace:
         self.check_layout(name, description, tenant)
         key = scoped(tenant, name)
@@ -430,6 +440,8 @@ class BlockIndex:
             )
             self.namespaces[key] = ns
             self._tenant_namespaces[tenant] = self._tenant_namespaces.get(tenant, 0) + 1
+        if model and not ns.model:  # the first engine to name it (one digest: the same weights)
+            ns.model, ns.group = model, group or name
         return ns
 
     def check_layout(self, name: str, description: str, tenant: str = "") -> None:
@@ -897,10 +909,14 @@ class BlockIndex:
         evicted = 0
         if c is not None:
             table, meta, keys = victim.table, c.meta, c.keys
+            listeners = self.drop_listeners
             for i, state in enumerate(c.states()):
                 if state == _EMPTY:
                     continue
-                table.remove_slot(bytes(keys[KEY_BYTES * i : KEY_BYTES * (i + 1)]), first + i)
+                key = bytes(keys[KEY_BYTES * i : KEY_BYTES * (i + 1)])
+                table.remove_slot(key, first + i)
+                for listener in listeners:  # the fabric's index and the KV events forget it too
+                    listener(victim, key)
                 ps = meta[6 * i + 3]
                 if ps >= 0 and not first <= ps < end and (held := victim.cols_if_held(ps)) is not None:
                     pc, pi = held

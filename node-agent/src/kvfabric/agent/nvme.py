@@ -36,6 +36,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +191,9 @@ class NvmeTier:
         self._index: OrderedDict[tuple[str, str, bytes], _Entry] = OrderedDict()
         self._used = 0  # bytes of occupied slots
         self._buffers = _Buffers()
+        #: called (under the lock, from any thread) with (tenant, namespace, key) for each block
+        #: that leaves the tier
+        self.on_drop: Callable[[str, str, bytes], None] | None = None
         self._open()
 
     # -- open and rebuild ----------------------------------------------------------------------
@@ -574,6 +578,8 @@ class NvmeTier:
     def _drop(self, ident: tuple[str, str, bytes]) -> None:
         entry = self._index.pop(ident)
         self._release_slot(entry.slab, entry.slot)
+        if self.on_drop is not None:
+            self.on_drop(*ident)
 
     def _forget(self, ident: tuple[str, str, bytes], entry: _Entry) -> None:
         """Drops ``entry`` if it is still the block's (a concurrent put may have replaced it)."""

@@ -104,6 +104,10 @@ class ValkeyIndex:
     def locate(self, namespaces: list[str], keys: list[bytes]) -> list[str | None]:
         """Per key, the one address that holds it in every namespace (None: no such agent, or
         only this one). Empty when Valkey cannot be asked."""
+        return [h if h != self.address else None for h in self.holders(namespaces, keys)]
+
+    def holders(self, namespaces: list[str], keys: list[bytes]) -> list[str | None]:
+        """Per key, the one address (this agent's too) that published it in every namespace."""
         if not keys or time.monotonic() < self._down_until:
             return []
         names = [self._name(ns, k) for k in keys for ns in namespaces]
@@ -113,13 +117,12 @@ class ValkeyIndex:
             self._failed(exc)
             return []
         self.lookups += 1
-        mine = self.address.encode()
         out: list[str | None] = []
         width = len(namespaces)
         for i in range(len(keys)):
             row = set(values[i * width : (i + 1) * width])
             holder = row.pop() if len(row) == 1 else None
-            out.append(holder.decode() if holder is not None and holder != mine else None)
+            out.append(holder.decode() if holder is not None else None)
         return out
 
     def _failed(self, exc: Exception) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import msgspec
 
 from kvfabric.agent import nics
+from kvfabric.agent.events import KVEvents, RouterBlock
 from kvfabric.agent.gpu_service import GpuError, GpuService
 from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded, normalize_key, scoped
 from kvfabric.agent.metrics import AgentMetrics
@@ -173,6 +174,10 @@ class Agent:
         self.remote: RemoteTier | None = None
         self.fabric_error = ""  # why the fabric is off although configured
         self.nics: list[nics.RdmaDevice] = []  # the node's RDMA devices, found when the fabric starts
+        #: KV events for routers (``--kv-events-endpoint``)
+        self.events: KVEvents | None = None
+        self.events_error = ""
+        self.node_name = settings.node_name or socket.gethostname()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -206,6 +211,8 @@ class Agent:
                 self.fabric_error = f"{type(exc).__name__}: {exc}"
                 log.error("fabric off: this agent serves local hits only", extra={"error": self.fabric_error})
                 await self._stop_fabric()
+        if self.settings.kv_events_endpoint is not None:
+            self._start_events(self.settings.kv_events_endpoint)
         self._housekeeping = asyncio.create_task(self._housekeep())
         gc.freeze()  # start-up objects never need a collection pass again
         self.started_at = time.time()
@@ -266,6 +273,79 @@ class Agent:
         log.info(
             "fabric on", extra={"listen": st.fabric_listen, "pool": st.fabric_pool, "tls": tls is not None}
         )
+
+    def _start_events(self, endpoint: str) -> None:
+        st = self.settings
+        events = KVEvents(
+            endpoint,
+            st.kv_events_replay_endpoint,
+            st.kv_events_topic,
+            self.node_name,
+            buffer_batches=st.kv_events_buffer_batches,
+        )
+        try:
+            events.start()
+        except Exception as exc:  # zmq missing, address in use: the cache serves on, unseen by routers
+            self.events_error = f"{type(exc).__name__}: {exc}"
+            log.error("KV events off", extra={"error": self.events_error})
+            return
+        self.events = events
+        self.index.commit_listeners.append(self._announce_committed)
+        self.index.drop_listeners.append(self._announce_dropped)
+        if self.tiers is not None:
+            self.tiers.disk_listeners.append(self._announce_disk)
+        log.info(
+            "KV events on", extra={"endpoint": events.bound_endpoint, "replay": events.bound_replay_endpoint}
+        )
+
+    def _announce_committed(self, ns: Namespace, slot: int, key: bytes, session: int) -> None:
+        if self.events is not None:
+            self.events.committed((scoped(ns.tenant, ns.name), key), ns.model)
+
+    def _announce_dropped(self, ns: Namespace, key: bytes) -> None:
+        if self.events is not None:
+            self.events.dropped((scoped(ns.tenant, ns.name), key), ns.model)
+
+    def _announce_disk(self, tenant: str, name: str, key: bytes, stored: bool) -> None:
+        ns = self.index.namespaces.get(scoped(tenant, name))
+        if self.events is not None and ns is not None:
+            ident = (scoped(tenant, name), key)
+            (self.events.on_disk if stored else self.events.off_disk)(ident, ns.model)
+
+    def _annotate(self, request: p.Annotate, tenant: str) -> int:
+        """Records vLLM's names of blocks for the KV events; returns how many were announced."""
+        ns = self.index.namespace(request.namespace, tenant)
+        n, width = len(request.keys), ns.block_tokens
+        if (
+            len(request.hashes) != n
+            or len(request.token_ids) != n * width
+            or (request.extra_keys is not None and len(request.extra_keys) != n)
+        ):
+            raise _ProtocolError(
+                p.E_BAD_REQUEST, f"an annotation needs a hash (and extra keys) and {width} token ids per key"
+            )
+        events = self.events
+        if events is None:
+            return 0
+        name = scoped(ns.tenant, ns.name)
+        tier = self.tiers.tier if self.tiers is not None else None
+        parent = request.parent_hash
+        announced = 0
+        for i, raw in enumerate(request.keys):
+            key = normalize_key(raw)
+            extra = request.extra_keys[i] if request.extra_keys is not None else None
+            block = RouterBlock(
+                request.hashes[i],
+                parent,
+                array.array("l", request.token_ids[i * width : (i + 1) * width]),
+                request.lora_name,
+                tuple(tuple(x) if isinstance(x, list) else x for x in extra) if extra is not None else None,
+            )
+            committed = self.index.committed_slot(ns, key) >= 0
+            on_disk = tier is not None and tier.holds(ns.tenant, ns.name, key, ns.block_bytes)
+            announced += events.annotate((name, key), ns.model, block, committed, on_disk)
+            parent = request.hashes[i]
+        return announced
 
     def _published(self, ns: Namespace, slot: int, key: bytes, session: int) -> None:
         if self.remote_index is not None:
@@ -476,6 +556,9 @@ class Agent:
         if self.tiers is not None:  # its threads use pool memory: before the pool goes
             await loop.run_in_executor(None, self.tiers.close)
         await self._stop_fabric()
+        if self.events is not None:
+            await self.events.stop()
+            self.events = None
         await loop.run_in_executor(None, self._gpu_copies.shutdown, True)
         if self.gpu is not None:
             self.gpu.close()
@@ -734,13 +817,23 @@ class Agent:
                 self._gpu_copies, gpu.register, session.session_id, request
             )
             try:
-                ns = self.index.register(request.namespace, block_bytes, 1, request.description, tenant)
+                ns = self.index.register(
+                    request.namespace,
+                    block_bytes,
+                    request.block_tokens or 1,
+                    request.description,
+                    tenant,
+                    request.model,
+                    request.group,
+                )
             except ValueError:
                 # Not left registered: a kv_id nobody may use (its namespace was refused).
                 await loop.run_in_executor(self._gpu_copies, gpu.unregister, session.session_id, kv_id)
                 raise
             ns.gpu = True  # its blocks live in the segment the agent copies through
             session.gpu_namespaces[kv_id] = ns
+            if self.events is not None:
+                self.events.model_seen(ns.model)
         except GpuError as exc:
             raise _ProtocolError(p.E_GPU, str(exc)) from exc
         except QuotaExceeded as exc:
@@ -867,7 +960,7 @@ class Agent:
             pool_path=str(self.segment.path) if self.segment is not None and not self.isolated else "",
             pool_bytes=self.settings.pool_size,
             protocol_version=p.PROTOCOL_VERSION,
-            features=list(p.FEATURES),
+            features=[*p.FEATURES, p.KV_EVENTS_FEATURE] if self.events is not None else list(p.FEATURES),
             tenant=session.tenant,
             session_token=session.token,
         )
@@ -937,8 +1030,16 @@ class Agent:
                 return p.ReleaseReply(held=held)
             if isinstance(request, p.RegisterNamespace):
                 ns = self.index.register(
-                    request.namespace, request.block_bytes, request.block_tokens, request.description, tenant
+                    request.namespace,
+                    request.block_bytes,
+                    request.block_tokens,
+                    request.description,
+                    tenant,
+                    request.model,
+                    request.group,
                 )
+                if self.events is not None:
+                    self.events.model_seen(ns.model)
                 log.info(
                     "namespace registered",
                     extra={
@@ -949,6 +1050,8 @@ class Agent:
                     },
                 )
                 return p.NamespaceReply(namespace=ns.name, block_bytes=ns.block_bytes)
+            if isinstance(request, p.Annotate):
+                return p.AnnotateReply(announced=self._annotate(request, tenant))
             if isinstance(request, p.Stats):
                 return p.StatsReply(stats=self.stats())
         except LeaseConflict as exc:
@@ -989,6 +1092,10 @@ class Agent:
         if self.tiers is not None:
             out.update(self.tiers.summary())
         out.update(self._fabric_summary())
+        if self.events is not None:
+            out.update(self.events.summary())
+        elif self.events_error:
+            out["kv_events_error"] = self.events_error
         return out
 
     def _fabric_summary(self) -> dict[str, int | float | str]:

@@ -260,6 +260,34 @@ class AgentSettings(BaseSettings):
         "RDMA NICs exist. Without a pin, agents in two network namespaces of one host would use "
         "shared memory instead of the network.",
     )
+    kv_events_endpoint: str | None = Field(
+        default=None,
+        pattern=r"^(tcp|ipc)://\S+$",
+        description="ZMQ PUB endpoint the agent publishes vLLM-schema KV events on (msgpack "
+        "KVEventBatch: BlockStored, BlockRemoved, AllBlocksCleared), e.g. tcp://*:5557; the same "
+        "wire format as vLLM's --kv-events-config, so KV-aware routers consume it (off when unset).",
+    )
+    kv_events_replay_endpoint: str | None = Field(
+        default=None,
+        pattern=r"^(tcp|ipc)://\S+$",
+        description="ZMQ ROUTER endpoint serving missed batches from a sequence number on (vLLM's "
+        "replay protocol), e.g. tcp://*:5558.",
+    )
+    kv_events_topic: str = Field(
+        default="kv@{node}@{model}",
+        max_length=256,
+        description="Topic of each batch; {node} and {model} are replaced by --node-name and the "
+        "served model name the engines registered (llm-d's subscriber reads kv@<pod>@<model>).",
+    )
+    kv_events_buffer_batches: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="Batches kept for replay."
+    )
+    node_name: str = Field(
+        default="",
+        max_length=253,
+        description="This node's name in KV events and prefix lookups (the operator sets it from "
+        "the pod's spec.nodeName; default: the host name).",
+    )
     log_format: str = Field(default="text", description="'text' or 'json' log lines.")
     log_level: str = Field(default="INFO", description="Python logging level name.")
 
@@ -307,6 +335,16 @@ class AgentSettings(BaseSettings):
             raise ValueError("fabric_tls_cert, fabric_tls_key and fabric_tls_ca go together")
         if self.fabric_valkey is not None and self.tenancy == "isolated":
             raise ValueError("the fabric serves shared tenancy only (isolated pools are per-tenant files)")
+        return self
+
+    @model_validator(mode="after")
+    def _events(self) -> AgentSettings:
+        if self.kv_events_replay_endpoint is not None and self.kv_events_endpoint is None:
+            raise ValueError("kv_events_replay_endpoint needs kv_events_endpoint")
+        if self.kv_events_endpoint is not None and self.tenancy == "isolated":
+            # events name cached prefixes (their token ids): under isolated tenancy they would
+            # tell one tenant what another's prompts were
+            raise ValueError("KV events serve shared tenancy only (they carry cached token ids)")
         return self
 
     def to_env(self) -> dict[str, str]:

@@ -102,6 +102,9 @@ class TierService:
         self._writers = ThreadPoolExecutor(threads, "kvfabric-nvme-write")
         self._readers = ThreadPoolExecutor(threads, "kvfabric-nvme-read")
         self._opener: threading.Thread | None = None
+        #: each called on the loop with (tenant, namespace, key, stored) when a block is written
+        #: to the tier (True) or leaves it (False): the KV events
+        self.disk_listeners: list[Callable[[str, str, bytes, bool], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class TierService:
             if self._closing:
                 tier.close()
             else:
+                tier.on_drop = self._left_disk
                 self.tier = tier
         finally:
             self.opened.set()
@@ -175,17 +179,28 @@ class TierService:
         except Exception:
             log.exception("nvme tier: write failed")
         finally:
-            self._on_loop(self._wrote, ns, slot, generation, ok, time.perf_counter() - started)
+            self._on_loop(self._wrote, ns, slot, generation, key, ok, time.perf_counter() - started)
 
-    def _wrote(self, ns: Namespace, slot: int, generation: int, ok: bool, seconds: float) -> None:
+    def _wrote(self, ns: Namespace, slot: int, generation: int, key: bytes, ok: bool, seconds: float) -> None:
         self.writes_queued -= 1
         self.index.unhold(ns, slot, generation)
         if ok:
+            for listener in self.disk_listeners:
+                listener(ns.tenant, ns.name, key, True)
             self.stats.written_blocks += 1
             self.stats.written_bytes += ns.block_bytes
             self.observe("write", seconds)
         else:
             self.stats.writes_failed += 1
+
+    def _left_disk(self, tenant: str, namespace: str, key: bytes) -> None:
+        """From the tier's threads (under its lock): a block left the tier."""
+        if self.disk_listeners:
+            self._on_loop(self._announce_left, tenant, namespace, key)
+
+    def _announce_left(self, tenant: str, namespace: str, key: bytes) -> None:
+        for listener in self.disk_listeners:
+            listener(tenant, namespace, key, False)
 
     # -- promotion (loop, then a reader thread) -------------------------------------------------
 
