@@ -199,6 +199,10 @@ def _child(spec: dict[str, Any], out: Any) -> None:
         seed=0,
     )
     kwargs.update(spec.get("llm", {}))
+    if isinstance(kwargs.get("kv_events_config"), dict):  # vLLM's own KV events, for comparison
+        from vllm.config.kv_events import KVEventsConfig
+
+        kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
     llm = LLM(model=spec["model"], **kwargs)
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()

@@ -35,14 +35,17 @@ def _vllm_events() -> Any:
 
 
 class Subscriber:
-    def __init__(self, endpoint: str, replay_endpoint: str | None = None, topic: str = "") -> None:
+    def __init__(
+        self, endpoint: str, replay_endpoint: str | None = None, topic: str = "", bind: bool = False
+    ) -> None:
+        """``bind``: the subscriber binds and publishers connect to it (as llm-d's indexer does)."""
         batch_type = _vllm_events().KVEventBatch
 
         self._ctx = zmq.Context()
         self.sub = self._ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt_string(zmq.SUBSCRIBE, topic)
-        self.sub.connect(endpoint)
+        (self.sub.bind if bind else self.sub.connect)(endpoint)
         self.replay_endpoint = replay_endpoint
         self.decoder = msgspec.msgpack.Decoder(type=batch_type)
         self.next_seq = 0

@@ -710,3 +710,58 @@ def test_tp_delegated_commit_needs_the_owners_token(agent: AgentProcess) -> None
         assert other.lookup([item.namespace], list(item.keys), 16).hits == 2
     finally:
         other.close()
+
+
+def test_pd_the_prefill_side_promises_its_blocks_and_the_decode_side_waits_for_them_then_gives_up(
+    agent: AgentProcess,
+) -> None:
+    """P/D through one agent, driven by hand: the prefill scheduler's promise names the blocks it
+    planned to save; the decode scheduler waits (None) while they are missing, takes them once
+    committed, and with a promise that never arrives it recomputes after ``handoff_wait_ms``."""
+    cfg = ConnectorConfig(socket_path=str(agent.socket_path), handoff_wait_ms=300)
+    prefill = SchedulerSide(cfg, [SPEC.namespace()], 16, "p")
+    decode = SchedulerSide(cfg, [SPEC.namespace()], 16, "d")
+    try:
+        req = _request("r", 80)
+        req.kv_transfer_params = {"do_remote_decode": True}
+        assert prefill.get_num_new_matched_tokens(req, 0) == (0, False)
+        meta = prefill.build_connector_meta(_step([("r", 80)], set()))
+        (save,) = meta.saves
+        assert len(save.keys) == 5
+        delay, promise = prefill.request_finished(req)
+        assert promise == {"kvfabric": {"blocks": 5, "last_key": save.keys[-1].hex()}}
+        assert delay is False  # not waited for: the decode side waits instead
+        # without do_remote_decode no promise is made
+        plain = _request("plain", 80)
+        prefill.get_num_new_matched_tokens(plain, 0)
+        assert prefill.request_finished(plain) == (False, None)
+
+        # the decode side, before the prefill's save committed: it waits
+        dreq = _request("d1", 81)  # one more token: all 5 promised blocks are usable
+        dreq.kv_transfer_params = promise
+        assert decode.get_num_new_matched_tokens(dreq, 0) == (None, False)
+        assert decode.stats.handoff_waits == 1
+        w, _ = make_worker(agent)
+        w.wait_for_save(meta)  # the prefill engine's worker saves and commits
+        assert decode.get_num_new_matched_tokens(dreq, 0) == (80, False)
+        decode.request_finished(dreq)
+
+        # a promise whose blocks never come: waited for until the deadline, then recomputed
+        other = _request("d2", 161)
+        other.all_token_ids = other.prompt_token_ids = [t + 1000 for t in other.prompt_token_ids]
+        keys = chain_keys(other.prompt_token_ids, 16, request_seed(["", ""]))
+        other.kv_transfer_params = {"kvfabric": {"blocks": 10, "last_key": keys[9].hex()}}
+        started = time.monotonic()
+        while decode.get_num_new_matched_tokens(other, 0) == (None, False):
+            assert time.monotonic() - started < 5
+            time.sleep(0.02)
+        assert time.monotonic() - started >= 0.3
+        assert decode.get_num_new_matched_tokens(other, 0) == (0, False)
+        assert decode.stats.handoffs_short == 1
+        # a promise of other keys (another model or layout) is not waited for at all
+        third = _request("d3", 81)
+        third.kv_transfer_params = {"kvfabric": {"blocks": 5, "last_key": "00" * 16}}
+        assert decode.get_num_new_matched_tokens(third, 0) == (80, False)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()

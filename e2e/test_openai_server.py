@@ -32,10 +32,13 @@ def test_readme_line_is_the_one_the_harness_uses() -> None:
 
 
 class Server:
-    def __init__(self, model_dir: Path, tmp: Path, socket_path: Path, name: str) -> None:
+    def __init__(
+        self, model_dir: Path, tmp: Path, socket_path: Path, name: str, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: more ``KVFABRIC_*`` settings of the connector."""
         self.port = free_port()
         self.log = open(tmp / f"{name}.log", "ab")
-        env = engine_env(tmp, {"KVFABRIC_SOCKET_PATH": str(socket_path)})
+        env = engine_env(tmp, {"KVFABRIC_SOCKET_PATH": str(socket_path), **(env or {})})
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server as users run it: engine in a child
         self.proc = subprocess.Popen(
             [

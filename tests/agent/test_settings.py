@@ -86,3 +86,16 @@ def test_fabric_settings_accept_a_complete_set() -> None:
     assert (
         s.fabric_listen == "0.0.0.0:7450" and s.fabric_ucx_tls == "tcp" and s.fabric_pull_deadline_ms == 1000
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--kv-events-replay-endpoint", "tcp://*:5558"], "needs kv_events_endpoint"),
+        (["--kv-events-endpoint", "tcp://*:5557", "--tenancy", "isolated"], "shared tenancy only"),
+        (["--kv-events-endpoint", "http://x"], "kv_events_endpoint"),
+    ],
+)
+def test_kv_event_settings_that_cannot_work_are_refused(argv: list[str], why: str) -> None:
+    with pytest.raises(SettingsError, match=why):
+        load_settings(argv)

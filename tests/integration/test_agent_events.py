@@ -39,9 +39,9 @@ def _agent(tmp: Path, nvme: Path, pub: int, replay: int) -> AgentProcess:
             "--nvme-size",
             "64MiB",
             "--kv-events-endpoint",
-            f"tcp://127.0.0.1:{pub}",
+            f"tcp://*:{pub}",
             "--kv-events-replay-endpoint",
-            f"tcp://127.0.0.1:{replay}",
+            f"tcp://*:{replay}",
             "--node-name",
             "node-a",
         ],
@@ -186,7 +186,7 @@ def test_annotations_are_checked_and_are_refused_for_other_tenants_namespaces(tm
     with AgentProcess(
         tmp_path,
         "16MiB",
-        extra_args=["--arena-size", "1MiB", "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}"],
+        extra_args=["--arena-size", "1MiB", "--kv-events-endpoint", f"tcp://*:{pub}"],
     ) as a:
         e = Engine(a)
         keys = [b"k" * 16]
@@ -272,3 +272,35 @@ def test_the_prefix_lookup_api_matches_actual_hits_for_full_partial_and_no_overl
         status, reply = _lookup(a, {"model": MODEL, "token_ids": full, "scope": "pool"})
         assert status == 400 and "fabric" in reply["error"]
         assert os.path.exists(nvme)
+
+
+def test_an_agent_connects_to_a_subscriber_that_binds(tmp_path: Path) -> None:
+    """llm-d's indexer binds its SUB socket and publishers connect to it (vLLM's rule: an
+    endpoint without a wildcard is connected to)."""
+    port = free_port()
+    with (
+        Subscriber(f"tcp://127.0.0.1:{port}", bind=True) as s,
+        AgentProcess(
+            tmp_path,
+            "16MiB",
+            extra_args=["--arena-size", "1MiB", "--kv-events-endpoint", f"tcp://127.0.0.1:{port}"],
+        ) as a,
+    ):
+        assert a.stats()["kv_events_endpoint"] == f"tcp://127.0.0.1:{port}"
+        # a slow joiner: registrations until the first batch gets through the new connection
+        n = 0
+
+        def registered() -> bool:
+            nonlocal n
+            n += 1
+            Engine(a, f"ns{n}").client.call(
+                p.RegisterNamespace(
+                    namespace=f"m{n}", block_bytes=BLOCK_BYTES, block_tokens=TOKENS, model=f"model-{n}"
+                ),
+                p.NamespaceReply,
+            )
+            s.poll(0.3)
+            return s.seen.cleared > 0
+
+        wait_until("an event through the agent's connection", registered, timeout=15, every=0)
+        assert any(t.startswith("kv@") and "@model-" in t for t in s.seen.topics)

@@ -230,9 +230,55 @@ def test_remote_sharing_wires_the_fabric_port_valkey_tls_and_a_network_policy(
     assert "KVFABRIC_FABRIC_LISTEN" not in configmap("ml", "pool-a", "uid-1", SPEC)["data"]
 
 
+def test_routing_publishes_kv_events_on_service_ports_and_names_agents_after_their_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = KVCachePoolSpec.model_validate(
+        {
+            "memory": {"size": "8Gi"},
+            "routing": {"eventsPort": 6557, "replayPort": 6558},
+            "remoteSharing": True,
+            "fabric": {"valkeyURL": "valkey://v:6379/0"},
+        }
+    )
+    data = configmap("ml", "pool-a", "uid-1", spec)["data"]
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    settings = AgentSettings()
+    assert settings.kv_events_endpoint == "tcp://*:6557"  # bound: routers subscribe to the agents
+    assert settings.kv_events_replay_endpoint == "tcp://*:6558"
+    assert settings.kv_events_topic == "kv@{node}@{model}"
+    built = children("ml", "pool-a", "uid-1", spec, IMAGE)
+    (container,) = built[1]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KVFABRIC_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert {"name": "kv-events", "containerPort": 6557, "protocol": "TCP"} in container["ports"]
+    assert {"name": "kv-replay", "containerPort": 6558, "protocol": "TCP"} in container["ports"]
+    service_ports = {port["name"]: port for port in built[2]["spec"]["ports"]}
+    assert service_ports["kv-events"] == {
+        "name": "kv-events",
+        "port": 6557,
+        "protocol": "TCP",
+        "targetPort": "kv-events",
+    }
+    assert service_ports["kv-replay"]["port"] == 6558
+    _, open_rule = built[3]["spec"]["ingress"]  # routers reach the event ports from anywhere
+    assert [r["port"] for r in open_rule["ports"]] == [9400, 6557, 6558]
+    # without routing: none of it
+    assert "KVFABRIC_KV_EVENTS_ENDPOINT" not in configmap("ml", "pool-a", "uid-1", SPEC)["data"]
+    assert [p["name"] for p in children("ml", "pool-a", "uid-1", SPEC, IMAGE)[2]["spec"]["ports"]] == [
+        "metrics"
+    ]
+    # kvEvents off: lookups only (the metrics port), no event ports
+    quiet = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "routing": {"kvEvents": False}})
+    assert "KVFABRIC_KV_EVENTS_ENDPOINT" not in configmap("ml", "pool-a", "uid-1", quiet)["data"]
+
+
 @pytest.mark.parametrize(
     ("fields", "why"),
     [
+        ({"routing": {}, "tenancy": "perNamespace"}, "shared tenancy"),
+        ({"routing": {"eventsPort": 7000, "replayPort": 7000}}, "must differ"),
         ({"remoteSharing": True}, "needs fabric"),
         (
             {"remoteSharing": True, "fabric": {"valkeyURL": "valkey://v:6379/0"}, "tenancy": "perNamespace"},

@@ -9,8 +9,10 @@ under-counts this node, it never routes to blocks that are not here.
 Wire format: that of vLLM's ``ZmqEventPublisher`` (``vllm.distributed.kv_events``), so a
 subscriber built for vLLM reads it unchanged (the tests decode it with vLLM's own classes):
 
-- PUB: multipart ``(topic, seq, payload)``; ``seq`` 8-byte big-endian, one counter for every topic;
-  ``payload`` a msgpack ``KVEventBatch`` (``[ts, [event...], dp_rank]``, events tagged by class name);
+- PUB, bound when the endpoint is a wildcard (``tcp://*:5557``), else connected to a subscriber
+  that binds (vLLM's rule): multipart ``(topic, seq, payload)``; ``seq`` 8-byte big-endian, one
+  counter for every topic; ``payload`` a msgpack ``KVEventBatch`` (``[ts, [event...], dp_rank]``,
+  events tagged by class name);
 - replay ROUTER: a DEALER/REQ sends ``(b"", start_seq)`` and gets ``(b"", topic, seq, payload)`` for
   every buffered batch from ``start_seq`` on, then ``(b"", b"", -1, b"")``.
 
@@ -82,6 +84,11 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     ts: float
     events: list[Event]
     data_parallel_rank: int | None = None
+
+
+def binds(endpoint: str) -> bool:
+    """vLLM's rule: wildcard, ``ipc://`` and ``inproc://`` endpoints are bound, others connected."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
 # -- what the agent knows of a block ----------------------------------------------------------
@@ -327,8 +334,12 @@ class KVEvents:
         try:
             pub.setsockopt(zmq.LINGER, 0)
             pub.set_hwm(100_000)
-            pub.bind(self.endpoint)
-            self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            if binds(self.endpoint):
+                pub.bind(self.endpoint)
+                self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            else:  # a subscriber that binds (llm-d's indexer): publishers connect to it
+                pub.connect(self.endpoint)
+                self.bound_endpoint = self.endpoint
             if self.replay_endpoint is not None:
                 replay = ctx.socket(zmq.ROUTER)
                 replay.setsockopt(zmq.LINGER, 0)

@@ -264,14 +264,15 @@ class AgentSettings(BaseSettings):
         default=None,
         pattern=r"^(tcp|ipc)://\S+$",
         description="ZMQ PUB endpoint the agent publishes vLLM-schema KV events on (msgpack "
-        "KVEventBatch: BlockStored, BlockRemoved, AllBlocksCleared), e.g. tcp://*:5557; the same "
-        "wire format as vLLM's --kv-events-config, so KV-aware routers consume it (off when unset).",
+        "KVEventBatch: BlockStored, BlockRemoved, AllBlocksCleared): bound when a wildcard "
+        "(tcp://*:5557), else connected to a subscriber that binds, as vLLM's --kv-events-config "
+        "does, so KV-aware routers consume it unchanged (off when unset).",
     )
     kv_events_replay_endpoint: str | None = Field(
         default=None,
         pattern=r"^(tcp|ipc)://\S+$",
-        description="ZMQ ROUTER endpoint serving missed batches from a sequence number on (vLLM's "
-        "replay protocol), e.g. tcp://*:5558.",
+        description="ZMQ ROUTER endpoint (always bound) serving missed batches from a sequence "
+        "number on (vLLM's replay protocol), e.g. tcp://*:5558.",
     )
     kv_events_topic: str = Field(
         default="kv@{node}@{model}",

@@ -97,9 +97,14 @@ def sharing(spec: KVCachePoolSpec) -> bool:
     return spec.remote_sharing and spec.fabric is not None
 
 
+def events(spec: KVCachePoolSpec) -> bool:
+    return spec.routing is not None and spec.routing.kv_events
+
+
 def agent_settings(spec: KVCachePoolSpec, pool: str = "default") -> AgentSettings:
     """``pool``: the pool's name in the block index (``<namespace>.<name>``)."""
     fabric = spec.fabric if sharing(spec) else None
+    routing = spec.routing if events(spec) else None
     tls = fabric is not None and fabric.tls_secret is not None
     return AgentSettings(
         pool_size=parse_bytes(spec.memory.size),
@@ -121,6 +126,9 @@ def agent_settings(spec: KVCachePoolSpec, pool: str = "default") -> AgentSetting
         fabric_tls_cert=Path(f"{FABRIC_TLS_DIR}/tls.crt") if tls else None,
         fabric_tls_key=Path(f"{FABRIC_TLS_DIR}/tls.key") if tls else None,
         fabric_tls_ca=Path(f"{FABRIC_TLS_DIR}/ca.crt") if tls else None,
+        kv_events_endpoint=f"tcp://*:{routing.events_port}" if routing is not None else None,
+        kv_events_replay_endpoint=f"tcp://*:{routing.replay_port}" if routing is not None else None,
+        kv_events_topic=routing.topic if routing is not None else "kv@{node}@{model}",
     )
 
 
@@ -240,6 +248,10 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
             )
             mounts.append({"name": "fabric-tls", "mountPath": FABRIC_TLS_DIR, "readOnly": True})
         ports.append({"name": "fabric", "containerPort": f.port, "protocol": "TCP"})
+    if spec.routing is not None:
+        # the node's name in events and lookups (routers map it to the engines on that node)
+        env.append({"name": "KVFABRIC_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
+        ports += _event_ports(spec, "containerPort")
     container: Body = {
         "name": "agent",
         "image": image,
@@ -292,6 +304,19 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
     }
 
 
+def _event_ports(spec: KVCachePoolSpec, field: str) -> list[Body]:
+    if not events(spec):
+        return []
+    assert spec.routing is not None
+    r = spec.routing
+    out = [{"name": "kv-events", field: r.events_port}, {"name": "kv-replay", field: r.replay_port}]
+    for port in out:
+        port["protocol"] = "TCP"
+        if field == "port":
+            port["targetPort"] = port["name"]
+    return out
+
+
 def service(namespace: str, name: str, uid: str, spec: KVCachePoolSpec | None = None) -> Body:
     ports: list[Body] = [
         {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
@@ -299,6 +324,8 @@ def service(namespace: str, name: str, uid: str, spec: KVCachePoolSpec | None = 
     if spec is not None and sharing(spec):
         assert spec.fabric is not None
         ports.append({"name": "fabric", "port": spec.fabric.port, "targetPort": "fabric", "protocol": "TCP"})
+    if spec is not None:
+        ports += _event_ports(spec, "port")
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -322,7 +349,12 @@ def network_policy(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -
                     "from": [{"podSelector": {"matchLabels": labels(name)}}],
                     "ports": [{"protocol": "TCP", "port": spec.fabric.port}],
                 },
-                {"ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
+                {  # scrapers, lookups and routers' subscribers: from anywhere
+                    "ports": [
+                        {"protocol": "TCP", "port": port}
+                        for port in [METRICS_PORT, *(p["port"] for p in _event_ports(spec, "port"))]
+                    ]
+                },
             ],
         },
     }

@@ -99,6 +99,35 @@ class Fabric(_Model):
         return self
 
 
+class Routing(_Model):
+    """What KV-aware routers (llm-d, Dynamo, AIBrix) read from the agents: vLLM-schema KV events
+    over ZMQ (stored and removed blocks per tier, named by vLLM's own block hashes) and prefix
+    lookups (``POST /v1/lookup`` on the metrics port). The agents' Service exposes the ports."""
+
+    kv_events: bool = Field(default=True, alias="kvEvents", description="Publish KV events.")
+    events_port: int = Field(
+        default=5557, alias="eventsPort", ge=1024, le=65535, description="ZMQ PUB port of the KV events."
+    )
+    replay_port: int = Field(
+        default=5558,
+        alias="replayPort",
+        ge=1024,
+        le=65535,
+        description="ZMQ ROUTER port that replays missed event batches from a sequence number.",
+    )
+    topic: str = Field(
+        default="kv@{node}@{model}",
+        max_length=256,
+        description="Topic of each batch; {node} is the node's name, {model} the served model name.",
+    )
+
+    @model_validator(mode="after")
+    def _ports(self) -> Routing:
+        if self.events_port == self.replay_port:
+            raise ValueError("eventsPort and replayPort must differ")
+        return self
+
+
 class Resources(_Model):
     cpu: str = Field(default="1", description="Agent CPU request and limit.")
     memory_overhead: Quantity = Field(
@@ -131,6 +160,11 @@ class KVCachePoolSpec(_Model):
     )
     fabric: Fabric | None = Field(
         default=None, description="The block index and the agents' port (remoteSharing)."
+    )
+    routing: Routing | None = Field(
+        default=None,
+        description="KV events and prefix lookups for KV-aware routers; shared tenancy only (they "
+        "name cached prompts' tokens).",
     )
     tenancy: Literal["shared", "perNamespace"] = Field(
         default="shared",
@@ -168,6 +202,8 @@ class KVCachePoolSpec(_Model):
             raise ValueError("remoteSharing needs fabric (valkeyURL or valkeySecret)")
         if self.remote_sharing and self.tenancy == "perNamespace":
             raise ValueError("remoteSharing serves shared tenancy only")
+        if self.routing is not None and self.tenancy == "perNamespace":
+            raise ValueError("routing serves shared tenancy only")
         return self
 
     @model_validator(mode="after")
