@@ -223,6 +223,34 @@ class _RemoteCollector(Collector):
         yield up
 
 
+class _EventsCollector(Collector):
+    """The KV events for routers (``--kv-events-endpoint``), read at scrape."""
+
+    def __init__(self, summary: Callable[[], dict[str, int | str]]) -> None:
+        self._summary = summary
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._summary()
+        events = CounterMetricFamily(
+            "kvfabric_kv_events", "Block events published for routers, by kind.", labels=["kind"]
+        )
+        events.add_metric(["stored"], int(s["kv_events_stored_events"]))
+        events.add_metric(["removed"], int(s["kv_events_removed_events"]))
+        yield events
+        batches = CounterMetricFamily("kvfabric_kv_event_batches", "KV event batches published.")
+        batches.add_metric([], int(s["kv_events_batches"]))
+        yield batches
+        replays = CounterMetricFamily("kvfabric_kv_event_replays", "Replay requests served.")
+        replays.add_metric([], int(s["kv_events_replays"]))
+        yield replays
+        known = GaugeMetricFamily(
+            "kvfabric_kv_events_known_blocks",
+            "Blocks routers were told of (named by an engine's annotation) and still held here.",
+        )
+        known.add_metric([], int(s["kv_events_known_blocks"]))
+        yield known
+
+
 class AgentMetrics:
     def __init__(self, index: BlockIndex, sessions: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -279,6 +307,10 @@ class AgentMetrics:
             buckets=_COPY_BUCKETS,
             registry=self.registry,
         )
+
+    def watch_events(self, summary: Callable[[], dict[str, int | str]]) -> None:
+        """Exposes the KV events' counts (agents started with ``--kv-events-endpoint``)."""
+        self.registry.register(_EventsCollector(summary))
 
     def watch_tier(self, tiers: TierService) -> None:
         """Exposes the NVMe tier's metrics (agents started with ``--nvme-path``)."""

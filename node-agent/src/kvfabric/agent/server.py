@@ -290,6 +290,7 @@ class Agent:
             log.error("KV events off", extra={"error": self.events_error})
             return
         self.events = events
+        self.metrics.watch_events(events.summary)
         self.index.commit_listeners.append(self._announce_committed)
         self.index.drop_listeners.append(self._announce_dropped)
         if self.tiers is not None:
