@@ -172,7 +172,8 @@ def test_events_follow_saves_evictions_the_nvme_tier_and_promotion_and_a_late_su
             assert stats["kv_events_replays"] >= 2 and stats["kv_events_known_blocks"] == 5
             metrics = a.metrics_text()
             assert "kvfabric_kv_events_known_blocks 5.0" in metrics
-            assert f'kvfabric_kv_events_total{{kind="removed"}} {stats["kv_events_removed_events"]}.0' in metrics
+            removed = stats["kv_events_removed_events"]
+            assert f'kvfabric_kv_events_total{{kind="removed"}} {removed}.0' in metrics
     # restarted: its topic starts with AllBlocksCleared once the model registers again
     with (
         _agent(tmp_path / "b", nvme, pub, replay) as b,
