@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from e2e.agent import AgentProcess, wait_until
-from e2e.netns import Fabric, require_netns
+from e2e.netns import FABRIC_PORT, Fabric, require_netns
 from e2e.valkey import ValkeyProcess
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.keys import chain_keys, request_seed
@@ -308,3 +308,52 @@ def test_a_valkey_with_a_password_is_used_with_it_and_a_wrong_one_costs_only_rem
                 )
                 stats = a.stats()
                 assert stats["valkey_up"] == up and (stats["valkey_published"] >= len(keys)) == bool(up)
+
+
+def _lookup_in(fabric: Fabric, n: int, agent: AgentProcess, body: dict[str, object]) -> dict[str, object]:
+    """``POST /v1/lookup`` to an agent on node ``n`` (its admin port is inside that namespace)."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys, urllib.request; "
+        f"req = urllib.request.Request('{agent.url}/v1/lookup', data=sys.stdin.buffer.read(), "
+        "headers={'Content-Type': 'application/json'}); "
+        "print(urllib.request.urlopen(req, timeout=10).read().decode())"
+    )
+    out = subprocess.run(
+        [*fabric.prefix(fabric.nodes[n].name), sys.executable, "-c", script],
+        input=json.dumps(body).encode(),
+        capture_output=True,
+        check=True,
+    )
+    return dict(json.loads(out.stdout))
+
+
+def test_a_pool_lookup_names_the_node_that_holds_a_prefix(
+    fabric: Fabric, valkey: ValkeyProcess, tmp_path: Path
+) -> None:
+    from kvfabric.connector import protocol as p
+
+    tokens = list(range(16 * 6))
+    keys = chain_keys(tokens, 16, request_seed(["", ""]))  # what a request without salt or LoRA keys
+    with fabric_agent(fabric, 0, tmp_path) as a, fabric_agent(fabric, 1, tmp_path) as b:
+        for agent in (a, b):
+            c = AgentClient(str(agent.socket_path), "engine")
+            _CLIENTS.append(c)
+            c.call(
+                p.RegisterNamespace(namespace=NS, block_bytes=BB, block_tokens=16, model="m"),
+                p.NamespaceReply,
+            )
+            if agent is a:
+                assert -1 not in c.reserve(NS, keys[:4], None).slots
+                c.commit(NS, keys[:4], [], 0.0)
+        published(a, 4)
+        reply = _lookup_in(fabric, 1, b, {"model": "m", "token_ids": tokens, "scope": "pool"})
+        assert reply["nodes"][0]["tokens"] == 0  # node B holds none of it
+        holder = f"{fabric.nodes[0].address}:{FABRIC_PORT}"
+        assert reply["pool"] == {"tokens": 64, "blocks_by_holder": {holder: 4}}
+        local = _lookup_in(fabric, 0, a, {"model": "m", "token_ids": tokens, "scope": "pool"})
+        assert local["nodes"][0]["tokens"] == 64 and local["pool"]["tokens"] == 64
+        assert local["nodes"][0]["address"] == holder
