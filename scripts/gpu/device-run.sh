@@ -10,6 +10,7 @@
 #   scripts/gpu/device-run.sh ours|peers [args]     # benchmarks/gpu_vllm.py (needs vLLM)
 #   scripts/gpu/device-run.sh nvme [args]           # benchmarks/gpu_nvme.py
 #   scripts/gpu/device-run.sh vllm-nvme [args]      # benchmarks/gpu_vllm.py nvme (needs vLLM)
+#   scripts/gpu/device-run.sh agent-start [args]    # benchmarks/gpu_agent_start.py
 set -euo pipefail
 parts=/tmp/kvfabric/vllm-parts
 vllm=/tmp/kvfabric/vllm26
@@ -46,8 +47,9 @@ case "$what" in
     exec python3 -m pytest -p no:cacheprovider -q -m gpu "${opts[@]}" "${paths[@]}" ;;
   copy) exec python3 benchmarks/gpu_copy.py "$@" ;;
   nvme) exec python3 benchmarks/gpu_nvme.py "$@" ;;
+  agent-start) exec python3 benchmarks/gpu_agent_start.py "$@" ;;
   ours) exec python3 benchmarks/gpu_vllm.py ours "$@" ;;
   vllm-nvme) exec python3 benchmarks/gpu_vllm.py nvme "$@" ;;
   peers) PYTHONPATH="$PYTHONPATH:/tmp/kvfabric/peg" exec python3 benchmarks/gpu_vllm.py peers "$@" ;;
-  *) echo "unknown command $what (stage, tests, copy, nvme, vllm-nvme, ours, peers)" >&2; exit 2 ;;
+  *) echo "unknown command $what (stage, tests, copy, nvme, vllm-nvme, agent-start, ours, peers)" >&2; exit 2 ;;
 esac

@@ -1,0 +1,109 @@
+"""How long a CUDA agent takes to be ready with a large pinned pool, and what it spends it on.
+
+Starts ``kvfabric-agent --cuda`` with a pool of ``--pool`` (default 64 GiB) once per variant
+(default settings first: the baseline), waits for ``/readyz``, and reports the ready time, the
+pinning wall time and its populate/register split (summed over threads), with each variant's
+ratio to the baseline measured in the same run. Also reports what the host grants: transparent
+huge pages for shared memory (``shmem_enabled``), hugetlbfs pages, ``/dev/shm``'s size.
+
+    python benchmarks/gpu_agent_start.py --pool 64GiB [--variants default,huge,threads32,huge+threads32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from e2e.agent import AgentProcess  # noqa: E402
+
+VARIANTS = {
+    "default": [],
+    "huge": ["--huge-pages"],
+    "threads32": ["--pin-threads", "32"],
+    "huge+threads32": ["--huge-pages", "--pin-threads", "32"],
+}
+
+
+def host_facts() -> dict[str, str]:
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            return f"unreadable: {exc.strerror}"
+
+    shm = shutil.disk_usage("/dev/shm")
+    meminfo = read("/proc/meminfo")
+    huge = {k: v for k, v in re.findall(r"^(\w*Huge\w*):\s+(.*)$", meminfo, re.M)}
+    return {
+        "thp_enabled": read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "thp_shmem_enabled": read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
+        "thp_defrag": read("/sys/kernel/mm/transparent_hugepage/defrag"),
+        "nr_hugepages": read("/proc/sys/vm/nr_hugepages"),
+        "dev_shm_total_gib": f"{shm.total / 2**30:.1f}",
+        "cpus": str(os.cpu_count()),
+        "kernel": os.uname().release,
+        **{f"meminfo_{k}": v for k, v in huge.items()},
+    }
+
+
+def pin_log(agent: AgentProcess) -> dict[str, float]:
+    """The agent's "pool pinned for CUDA" log line's numbers."""
+    for line in agent.log_tail(200_000).splitlines():
+        if "pool pinned for CUDA" in line:
+            return {
+                k: float(v)
+                for k, v in re.findall(r"(seconds|populate_thread_s|register_thread_s)=([\d.]+)", line)
+            }
+    return {}
+
+
+def run(variant: str, pool: str, tmp: Path) -> dict[str, object]:
+    t0 = time.perf_counter()
+    agent = AgentProcess(tmp / variant, pool, extra_args=["--cuda", *VARIANTS[variant]]).start(timeout=600)
+    try:
+        while agent.http_status("/readyz") != 200:
+            time.sleep(0.05)
+        ready = time.perf_counter() - t0
+        shm_huge = re.search(r"ShmemHugePages:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        return {
+            "ready_s": round(ready, 2),
+            **pin_log(agent),
+            "shmem_huge_gib": round(int(shm_huge.group(1)) / 2**20, 1) if shm_huge else None,
+        }
+    finally:
+        agent.stop()
+        agent.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pool", default="64GiB")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    facts = host_facts()
+    print(json.dumps({"host": facts}, indent=1), flush=True)
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvf-start-") as tmp:
+        for variant in args.variants.split(","):
+            results[variant] = run(variant, args.pool, Path(tmp))
+            base = results.get("default", {}).get("ready_s")
+            if isinstance(base, float) and base:
+                results[variant]["ratio_to_default"] = round(float(results[variant]["ready_s"]) / base, 3)  # type: ignore[arg-type]
+            print(json.dumps({variant: results[variant]}), flush=True)
+    report = {"pool": args.pool, "host": facts, "results": results}
+    Path(args.out, "gpu_agent_start.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
