@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "node-agent" / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "connector" / "src"))
 
-from kvfabric.agent.pool import chunks_of, populate  # noqa: E402
-from kvfabric.agent.settings import parse_bytes  # noqa: E402
+from kvfabric.agent.pool import chunks_of, populate
+from kvfabric.agent.settings import parse_bytes
 
 GiB = 1 << 30
 
