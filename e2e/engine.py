@@ -111,12 +111,13 @@ class EngineProcess:
             self._log.flush()
         return self.log_path.read_bytes()[-n:].decode(errors="replace")
 
-    def generate(self, prompts: list[list[int]], max_tokens: int = 16) -> list[Output]:
+    def generate(
+        self, prompts: list[list[int]], max_tokens: int = 16, cache_salt: str | None = None
+    ) -> list[Output]:
         """Greedy generation, one prompt at a time (so ``seconds`` is that prompt's latency)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(
-            (json.dumps({"op": "generate", "prompts": prompts, "max_tokens": max_tokens}) + "\n").encode()
-        )
+        cmd = {"op": "generate", "prompts": prompts, "max_tokens": max_tokens, "cache_salt": cache_salt}
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
         reply = self._read()
         if "error" in reply:
@@ -225,7 +226,10 @@ def _child(spec: dict[str, Any], out: Any) -> None:
             results = []
             for ids in cmd["prompts"]:
                 t0 = time.perf_counter()
-                (res,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+                prompt = TokensPrompt(prompt_token_ids=ids)
+                if cmd.get("cache_salt"):
+                    prompt["cache_salt"] = cmd["cache_salt"]
+                (res,) = llm.generate([prompt], params, use_tqdm=False)
                 results.append(
                     {
                         "tokens": list(res.outputs[0].token_ids),

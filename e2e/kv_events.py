@@ -21,6 +21,7 @@ class Seen:
     held: dict[str, set[Any]] = field(default_factory=lambda: {"CPU": set(), "STORAGE": set(), "GPU": set()})
     tokens: dict[Any, list[int]] = field(default_factory=dict)  # hash -> its block's token ids
     parents: dict[Any, Any] = field(default_factory=dict)
+    extra: dict[Any, Any] = field(default_factory=dict)  # hash -> its extra keys (salt, LoRA, mm)
     topics: set[str] = field(default_factory=set)
     cleared: int = 0
     batches: int = 0
@@ -117,6 +118,7 @@ class Subscriber:
                     s.held[str(ev.medium)].add(h)
                     s.tokens[h] = list(ev.token_ids[i * ev.block_size : (i + 1) * ev.block_size])
                     s.parents[h] = parent
+                    s.extra[h] = tuple(ev.extra_keys[i] or ()) if ev.extra_keys else ()
                     parent = h
             elif isinstance(ev, ev_types.BlockRemoved):
                 for h in ev.block_hashes:

@@ -21,8 +21,8 @@ from e2e.test_vllm import fast_retry, usable_blocks
 pytestmark = pytest.mark.vllm
 
 
-def _lookup(agent: AgentProcess, model: str, prompt: list[int]) -> dict[str, Any]:
-    body = json.dumps({"model": model, "token_ids": prompt}).encode()
+def _lookup(agent: AgentProcess, model: str, prompt: list[int], cache_salt: str = "") -> dict[str, Any]:
+    body = json.dumps({"model": model, "token_ids": prompt, "cache_salt": cache_salt}).encode()
     req = urllib.request.Request(
         agent.url + "/v1/lookup", data=body, headers={"Content-Type": "application/json"}
     )
@@ -68,24 +68,35 @@ def test_agent_events_name_blocks_as_vllm_does_and_lookups_predict_hits(
             ours.poll(0.5)
             (out,) = cold.generate([PROMPTS["P"]], MAX_TOKENS)
             assert out.tokens == baseline["P"]
-            saved = (len(PROMPTS["P"]) + MAX_TOKENS - 1) // BLOCK  # prompt and generated full blocks
-            ours.until("the saves", lambda seen: len(seen.held["CPU"]) >= usable_blocks("P"), 30)
+            (salted,) = cold.generate([PROMPTS["R1"]], MAX_TOKENS, cache_salt="tenant-7")
+            assert salted.tokens == baseline["R1"]
+            saved = sum(
+                (len(PROMPTS[n]) + MAX_TOKENS - 1) // BLOCK for n in ("P", "R1")
+            )  # and generated ones
+            least = usable_blocks("P") + usable_blocks("R1")
+            ours.until("the saves", lambda seen: len(seen.held["CPU"]) >= least, 30)
             theirs.until("vLLM's own", lambda seen: len(_all(seen.held)) >= saved, 30)
         assert ours.seen.topics == {f"kv@node-1@{model}"} and ours.seen.cleared == 1
         mine = ours.seen.held["CPU"]
-        assert usable_blocks("P") <= len(mine) <= saved
+        assert least <= len(mine) <= saved
         # the same names as vLLM's native publisher: hashes, tokens, chain
         assert mine <= _all(theirs.seen.held)
         for h in mine:
             assert ours.seen.tokens[h] == theirs.seen.tokens[h]
             assert ours.seen.parents[h] == theirs.seen.parents[h]
+            assert ours.seen.extra[h] == theirs.seen.extra[h]
         assert sorted(len(t) for t in ours.seen.tokens.values()) == [BLOCK] * len(mine)
+        # the salted prompt's first block carries its cache_salt, as vLLM's own event does
+        assert sum(ours.seen.extra[h] == ("tenant-7",) for h in mine) == 1
 
         # lookups predict what a new engine finds
         partial = PROMPTS["P"][: 5 * BLOCK] + tokens(700, 99)
         cases = {"full": PROMPTS["P"], "partial": partial, "none": PROMPTS["Q"]}
         predicted = {name: _lookup(agent, model, prompt)["nodes"][0] for name, prompt in cases.items()}
-        assert predicted["full"]["tokens"] == len(mine) * BLOCK
+        salted_lookup = _lookup(agent, model, PROMPTS["R1"], cache_salt="tenant-7")["nodes"][0]
+        assert salted_lookup["tokens"] >= usable_blocks("R1") * BLOCK  # under its salt only
+        assert _lookup(agent, model, PROMPTS["R1"])["nodes"][0]["tokens"] == 0
+        assert predicted["full"]["tokens"] == (len(PROMPTS["P"]) + MAX_TOKENS - 1) // BLOCK * BLOCK
         assert predicted["partial"]["tokens"] == 5 * BLOCK and predicted["none"]["tokens"] == 0
         with EngineProcess(model_dir, tmp_path, fast_retry(agent), log_name="warm") as warm:
             outs = warm.generate(list(cases.values()), MAX_TOKENS)

@@ -180,9 +180,18 @@ def test_events_follow_saves_evictions_the_nvme_tier_and_promotion_and_a_late_su
         Subscriber(f"tcp://127.0.0.1:{pub}", f"tcp://127.0.0.1:{replay}") as s2,
     ):
         b.wait_nvme()
-        Engine(b)
+        e = Engine(b)
         s2.until("cleared after the restart", lambda seen: seen.cleared == 1, 10)
         assert not any(s2.seen.held.values())
+        # The disk kept the blocks but not their router names (they are not persisted): an
+        # engine that names them again (its scheduler does on a lookup that promotes them)
+        # makes them known in the tier that holds them, and in memory once promoted.
+        first4 = keys[:4]
+        assert e.client.lookup([e.namespace], first4, TOKENS, promote=True).promoting == 4
+        assert e.annotate(first4, hashes[:4], tokens) == 4
+        s2.until("known on disk again", lambda seen: seen.held["STORAGE"] >= set(hashes[:4]))
+        wait_until("promoted", lambda: e.hits(first4) == 4, timeout=15)
+        s2.until("and in memory", lambda seen: seen.held["CPU"] == set(hashes[:4]))
 
 
 def test_annotations_are_checked_and_are_refused_for_other_tenants_namespaces(tmp_path: Path) -> None:
