@@ -96,11 +96,21 @@ class Subscriber:
             self._apply(topic, seq, payload)
 
     def until(self, what: str, cond: Callable[[Seen], bool], timeout_s: float = 15.0) -> None:
+        """Reads until ``cond`` holds. Idle for a second, it asks the replay endpoint for what
+        came after its last batch: a PUB socket drops what it sends before a new subscriber's
+        connection is up, and a gap is otherwise noticed only when the next batch comes."""
         deadline = time.monotonic() + timeout_s
+        idle_since = time.monotonic()
         while not cond(self.seen):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what}: not seen in {timeout_s} s; seen {self.seen}")
+            batches = self.seen.batches
             self.poll(0.1)
+            if self.seen.batches != batches:
+                idle_since = time.monotonic()
+            elif self.replay_endpoint is not None and time.monotonic() - idle_since > 1.0:
+                self.replay(self.next_seq)
+                idle_since = time.monotonic()
 
     def _apply(self, topic: bytes, seq: int, payload: bytes) -> None:
         ev_types = _vllm_events()
