@@ -205,7 +205,22 @@ def test_annotations_are_checked_and_are_refused_for_other_tenants_namespaces(tm
         keys = [b"k" * 16]
         with pytest.raises(Exception, match="token ids per key"):
             e.annotate(keys, [1], [1, 2, 3])  # one block is 16 tokens
+        # a long one is handled in slices, checked whole first
+        many = [bytes([i % 256, i // 256]) * 8 for i in range(600)]
+        with pytest.raises(Exception, match="token ids per key"):
+            e.annotate(many, list(range(600)), [0] * (600 * TOKENS - 1))
+        assert e.annotate(many, list(range(600)), [0] * (600 * TOKENS)) == 0  # none committed yet
+        e.save(many[:100])
+        assert e.annotate(many, list(range(600)), [0] * (600 * TOKENS)) == 0  # known already
+        assert a.stats()["kv_events_pending_blocks"] == 500
         e2 = Engine(a)
+        with pytest.raises(Exception, match="not registered"):
+            e2.client.call(
+                p.Annotate(
+                    namespace="nope", keys=many, hashes=list(range(600)), token_ids=[0] * 600 * TOKENS
+                ),
+                p.AnnotateReply,
+            )
         with pytest.raises(Exception, match="not registered"):
             e2.client.call(
                 p.Annotate(namespace="nope", keys=keys, hashes=[1], token_ids=[0] * TOKENS), p.AnnotateReply

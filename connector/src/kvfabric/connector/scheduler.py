@@ -241,6 +241,7 @@ class SchedulerSide:
             if reply.promoting:
                 self._annotate(request, st, local + reply.hits, local + reply.hits + reply.promoting)
             return None, False
+        st.promised = 0  # kept (or given up): a later lookup of this request waits no more
         if reply.promoting and wait and self.config.promote_wait_ms:
             if st.promote_until is None:
                 st.promote_until = now + self.config.promote_wait_ms / 1000

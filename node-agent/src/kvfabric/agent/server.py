@@ -316,15 +316,8 @@ class Agent:
     def _annotate(self, request: p.Annotate, tenant: str) -> int:
         """Records vLLM's names of blocks for the KV events; returns how many were announced."""
         ns = self.index.namespace(request.namespace, tenant)
-        n, width = len(request.keys), ns.block_tokens
-        if (
-            len(request.hashes) != n
-            or len(request.token_ids) != n * width
-            or (request.extra_keys is not None and len(request.extra_keys) != n)
-        ):
-            raise _ProtocolError(
-                p.E_BAD_REQUEST, f"an annotation needs a hash (and extra keys) and {width} token ids per key"
-            )
+        width = ns.block_tokens
+        self._check_annotation(request, width)
         events = self.events
         if events is None:
             return 0
@@ -347,6 +340,18 @@ class Agent:
             announced += events.annotate((name, key), ns.model, block, committed, on_disk)
             parent = request.hashes[i]
         return announced
+
+    @staticmethod
+    def _check_annotation(request: p.Annotate, width: int) -> None:
+        n = len(request.keys)
+        if (
+            len(request.hashes) != n
+            or len(request.token_ids) != n * width
+            or (request.extra_keys is not None and len(request.extra_keys) != n)
+        ):
+            raise _ProtocolError(
+                p.E_BAD_REQUEST, f"an annotation needs a hash (and extra keys) and {width} token ids per key"
+            )
 
     def _published(self, ns: Namespace, slot: int, key: bytes, session: int) -> None:
         if self.remote_index is not None:
@@ -670,6 +675,8 @@ class Agent:
                     elif isinstance(request, p.Lookup) and request.promote and self.remote is not None:
                         session.requests += 1
                         reply = await self._remote_lookup(request, session)
+                    elif isinstance(request, p.Annotate) and len(request.keys) > _KEYS_PER_SLICE:
+                        reply = await self._annotate_in_slices(request, session)
                     elif isinstance(request, p.Reserve | p.Commit) and len(request.keys) > _KEYS_PER_SLICE:
                         session.requests += 1
                         reply = await self._save_in_slices(request, session)
@@ -887,6 +894,29 @@ class Agent:
             done += done_reply.committed
             await asyncio.sleep(0)
         return p.CommitReply(committed=done)
+
+    async def _annotate_in_slices(self, request: p.Annotate, session: Session) -> p._Reply:
+        """A long annotation in slices (as a long save), checked whole first."""
+        probe = msgspec.structs.replace(request, keys=[], hashes=[], token_ids=[], extra_keys=None)
+        assert isinstance(self._dispatch(probe, session), p.AnnotateReply)  # the namespace exists
+        width = self.index.namespace(request.namespace, session.tenant).block_tokens
+        self._check_annotation(request, width)
+        n, announced = _KEYS_PER_SLICE, 0
+        for i in range(0, len(request.keys), n):
+            part = p.Annotate(
+                namespace=request.namespace,
+                keys=request.keys[i : i + n],
+                hashes=request.hashes[i : i + n],
+                token_ids=request.token_ids[i * width : (i + n) * width],
+                parent_hash=request.parent_hash if i == 0 else request.hashes[i - 1],
+                lora_name=request.lora_name,
+                extra_keys=request.extra_keys[i : i + n] if request.extra_keys is not None else None,
+            )
+            done = self._dispatch(part, session)
+            assert isinstance(done, p.AnnotateReply)
+            announced += done.announced
+            await asyncio.sleep(0)
+        return p.AnnotateReply(announced=announced)
 
     def _check_gpu_slots(self, request: p.GpuCopy, session: Session) -> None:
         """A save may write only slots this session reserved in the registration's namespace;
