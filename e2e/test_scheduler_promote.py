@@ -40,6 +40,9 @@ class Agent:
     def release(self, ids: list[str]) -> list[bool]:
         return [True for _ in ids]
 
+    def supports(self, feature: str) -> bool:
+        return feature in self.hello.features
+
     def close(self) -> None:
         pass
 
