@@ -897,9 +897,10 @@ class Agent:
 
     async def _annotate_in_slices(self, request: p.Annotate, session: Session) -> p._Reply:
         """A long annotation in slices (as a long save), checked whole first."""
-        probe = msgspec.structs.replace(request, keys=[], hashes=[], token_ids=[], extra_keys=None)
-        assert isinstance(self._dispatch(probe, session), p.AnnotateReply)  # the namespace exists
-        width = self.index.namespace(request.namespace, session.tenant).block_tokens
+        try:
+            width = self.index.namespace(request.namespace, session.tenant).block_tokens
+        except KeyError as exc:
+            raise _ProtocolError(p.E_NAMESPACE, str(exc.args[0] if exc.args else exc)) from exc
         self._check_annotation(request, width)
         n, announced = _KEYS_PER_SLICE, 0
         for i in range(0, len(request.keys), n):
