@@ -143,6 +143,7 @@ class KVEvents:
         self._pending: OrderedDict[tuple[str, bytes], RouterBlock] = OrderedDict()
         self._models: set[str] = set()
         self._topics: dict[str, _Topic] = {}
+        self._by_model: dict[str, _Topic] = {}
         self._queue: queue.SimpleQueue[tuple[bytes, KVEventBatch] | None] = queue.SimpleQueue()
         self._buffer_batches = buffer_batches
         self._thread: threading.Thread | None = None
@@ -304,10 +305,11 @@ class KVEvents:
         self.counters.removed_events += 1
 
     def _events(self, model: str) -> list[Event]:
-        topic = self.topic_format.replace("{node}", self.node).replace("{model}", model)
-        t = self._topics.get(topic)
+        """The pending events of ``model``'s topic (called per block: the topic is formatted once)."""
+        t = self._by_model.get(model)
         if t is None:
-            t = self._topics[topic] = _Topic()
+            topic = self.topic_format.replace("{node}", self.node).replace("{model}", model)
+            t = self._by_model[model] = self._topics.setdefault(topic, _Topic())
         return t.events
 
     def held(self, ident: tuple[str, bytes]) -> RouterBlock | None:
