@@ -489,3 +489,172 @@ def test_the_operator_entry_point_reconciles_serves_and_rotates_its_certificate(
         cluster.kubectl("delete", "mutatingwebhookconfiguration", name, check=False)
     leftovers = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("kvfabric-webhook-*")]
     assert not [p for p in leftovers if (p / "tls.key").exists() and p.stat().st_mtime > time.time() - 120]
+
+
+def test_agents_of_a_sharing_pool_pull_only_from_peers_the_services_endpointslices_list(
+    cluster: k8s_cluster.ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's objects for a sharing pool on the real apiserver, then real agents using
+    them: each lists its peers with the pool's own service-account token (the Role the operator
+    made), from the EndpointSlices the real EndpointSlice controller makes for the agents'
+    Service. Pods do not run here (no kubelet): the test creates the agents' pods and sets their
+    status (address, Ready) as a kubelet would, and runs the agents beside them on loopback
+    addresses (127.0.0.2 and .3; a third, .4, is no pod of the pool)."""
+    import base64
+    import mmap
+
+    from kubernetes import client
+    from kubernetes import config as kube_config
+
+    from e2e.agent import AgentProcess, free_port, wait_until
+    from e2e.valkey import ValkeyProcess
+    from kvfabric.connector.client import AgentClient
+    from kvfabric.connector.keys import chain_keys, request_seed
+    from kvfabric.operator import manifests, reconcile
+
+    monkeypatch.setattr(kube_config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(cluster.kubeconfig))
+    kube_config.load_kube_config(config_file=str(cluster.kubeconfig))
+    core = client.CoreV1Api()
+    name, ns, port = "peers", "kvfabric", free_port()
+    spec = {
+        "memory": {"size": "1Gi"},
+        "remoteSharing": True,
+        "fabric": {"valkeyURL": "valkey://v:1/0", "port": port},
+    }
+    cluster.kubectl("apply", "-f", "-", input=pool_manifest(name, spec))
+    pool = until(lambda: get(cluster, "kvcachepool", name, "-n", ns), what="pool")
+    uid = pool["metadata"]["uid"]
+    objects, why = reconcile.validate(ns, name, uid, spec, reconcile.AgentImages("a:t", "a:t-cuda"))
+    assert not why
+    reconcile.apply_pool(ns, name, uid, spec, objects)  # what the operator's handler does
+    account = manifests.agent_account(name)
+    secret = until(
+        lambda: get(cluster, "secret", f"kvfabric-{name}-fabric-tls", "-n", ns), what="certificates"
+    )
+    reconcile.apply_pool(ns, name, uid, spec, objects)  # a resync keeps the certificates
+    again = get(cluster, "secret", f"kvfabric-{name}-fabric-tls", "-n", ns)
+    assert again is not None and again["data"] == secret["data"]
+    # the agents' token, from the token controller's secret for their service account
+    token_secret = until(
+        lambda: (get(cluster, "serviceaccount", account, "-n", ns) or {}).get("secrets"), what="token"
+    )[0]["name"]
+    token = base64.b64decode(core.read_namespaced_secret(token_secret, ns).data["token"])
+    (tmp_path / "token").write_bytes(token)
+    for key, data in secret["data"].items():
+        (tmp_path / key).write_bytes(base64.b64decode(data))
+
+    # the agents' pods as a kubelet reports them: the controller lists them in the Service's slices
+    ds = get(cluster, "daemonset", f"kvfabric-{name}-agent", "-n", ns)
+    assert ds is not None
+    template = ds["spec"]["template"]
+    assert template["spec"]["serviceAccountName"] == account
+    # the DaemonSet's own controller would adopt these pods and delete those off its nodes
+    cluster.kubectl("delete", "daemonset", f"kvfabric-{name}-agent", "-n", ns, "--wait=true")
+
+    def agent_pod(pod: str, node: str, ip: str, ready: bool) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": ns, "labels": template["metadata"]["labels"]},
+            "spec": {**template["spec"], "nodeName": node, "initContainers": []},
+        }
+        if get(cluster, "pod", pod, "-n", ns) is None:
+            core.create_namespaced_pod(ns, body)
+        status = {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        }
+        core.patch_namespaced_pod_status(pod, ns, {"status": status})
+
+    agent_pod("agent-a", "node-a", "127.0.0.2", True)
+    agent_pod("agent-b", "node-b", "127.0.0.3", True)
+
+    def fabric_agent(host: str, tmp: Path, valkey: ValkeyProcess) -> AgentProcess:
+        return AgentProcess(
+            tmp,
+            "128MiB",
+            extra_args=[
+                "--arena-size", "4MiB",
+                "--fabric-valkey", valkey.url,
+                "--fabric-listen", f"{host}:{port}",
+                "--fabric-pool", f"{ns}.{name}",
+                "--fabric-tls-cert", str(tmp_path / "tls.crt"),
+                "--fabric-tls-key", str(tmp_path / "tls.key"),
+                "--fabric-tls-ca", str(tmp_path / "ca.crt"),
+                "--fabric-peers-service", manifests.service_name(name),
+                "--fabric-peers-namespace", ns,
+                "--fabric-kube-api", cluster.url,
+                "--fabric-kube-token-file", str(tmp_path / "token"),
+                "--fabric-kube-ca-file", str(cluster.ca_file),
+            ],
+        )  # fmt: skip
+
+    bb, space = 64 << 10, "peers-test"
+    clients: list[AgentClient] = []
+
+    def write(agent: AgentProcess, keys: list[bytes], fill: int) -> None:
+        c = AgentClient(str(agent.socket_path), "engine")
+        clients.append(c)
+        c.register_namespace(space, bb, 16)
+        slots = c.reserve(space, keys, None).slots
+        with open(agent.pool_path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            for s in slots:
+                m[s * bb : (s + 1) * bb] = bytes([fill]) * bb
+        c.commit(space, keys, [], 0.0)
+        wait_until("published", lambda: agent.stats()["valkey_published"] >= len(keys), 10)
+
+    def hits(agent: AgentProcess, keys: list[bytes]) -> int:
+        c = AgentClient(str(agent.socket_path), "reader")
+        try:
+            c.register_namespace(space, bb, 16)
+            deadline = time.monotonic() + 10
+            while True:
+                reply = c.lookup([space], keys, 16, lease_id="r", promote=True)
+                if not reply.promoting or time.monotonic() > deadline:
+                    c.release(list(reply.leases))
+                    return reply.hits
+                time.sleep(0.01)
+        finally:
+            c.close()
+
+    def chain(tag: str) -> list[bytes]:
+        return chain_keys(list(range(16 * 4)), 16, request_seed([tag]))
+
+    with (
+        ValkeyProcess(tmp_path / "valkey", "127.0.0.1", free_port()) as valkey,
+        fabric_agent("127.0.0.2", tmp_path / "a", valkey) as a,
+        fabric_agent("127.0.0.3", tmp_path / "b", valkey) as b,
+        fabric_agent("127.0.0.4", tmp_path / "c", valkey) as outsider,
+    ):
+        try:
+            wait_until("peers listed", lambda: b.stats().get("fabric_peers") == 2, 30)
+            assert b.stats()["fabric_discovery_failures"] == 0
+            from_a, from_outsider, later = chain("a"), chain("outsider"), chain("later")
+            write(a, from_a, 1)
+            write(outsider, from_outsider, 2)
+            assert hits(b, from_a) == len(from_a)  # a member: pulled over mutual TLS
+            assert hits(b, from_outsider) == 0  # the index names it, the slices do not: a miss
+            sb = b.stats()
+            assert sb["remote_not_members"] >= 1 and sb["remote_pulled_blocks"] == len(from_a)
+            assert 'kvfabric_remote_failures_total{kind="not_member"}' in b.metrics_text()
+            assert (
+                f'kvfabric_remote_peer_pulls_total{{peer="127.0.0.2:{port}",result="ok"}} 1.0'
+                in b.metrics_text()
+            )
+            # A's pod stops being ready: B stops asking it once the controller updates the slice
+            agent_pod("agent-a", "node-a", "127.0.0.2", False)
+            wait_until("A left the slices", lambda: b.stats().get("fabric_peers") == 1, 30)
+            write(a, later, 3)
+            assert hits(b, later) == 0
+        finally:
+            for c in clients:
+                c.close()
+    cluster.kubectl("delete", "kvcachepool", name, "-n", ns, "--wait=true")
+    until(
+        lambda: get(cluster, "secret", f"kvfabric-{name}-fabric-tls", "-n", ns) is None, what="GC of Secret"
+    )
+    until(lambda: get(cluster, "role", account, "-n", ns) is None, what="GC of Role")
+    for pod in ("agent-a", "agent-b"):
+        cluster.kubectl("delete", "pod", pod, "-n", ns, "--grace-period=0", "--force", check=False)

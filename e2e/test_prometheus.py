@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from e2e import prometheus
-from e2e.agent import AgentProcess
+from e2e.agent import AgentProcess, wait_until
 from e2e.valkey import fabric_args, loopback_valkey
 from kvfabric.connector.client import AgentClient
 
@@ -29,6 +29,8 @@ def test_prometheus_scrapes_the_agent_and_dashboard_queries_have_data(tmp_path: 
     with (
         loopback_valkey(tmp_path) as valkey,  # and the fabric's
         AgentProcess(tmp_path / "agent", "32MiB", extra_args=nvme + fabric_args(valkey)) as agent,
+        # a peer that pulls the agent's blocks: the per-peer panel's data
+        AgentProcess(tmp_path / "peer", "32MiB", extra_args=fabric_args(valkey)) as peer,
     ):
         agent.wait_nvme()
         c = AgentClient(str(agent.socket_path), "traffic")
@@ -36,9 +38,15 @@ def test_prometheus_scrapes_the_agent_and_dashboard_queries_have_data(tmp_path: 
         c.register_namespace("ns", 4096, 16)
         c.reserve("ns", keys, None)
         c.commit("ns", keys, [], 0.002)
-        target = f"127.0.0.1:{agent.http_port}"
+        pc = AgentClient(str(peer.socket_path), "puller")
+        pc.register_namespace("ns", 4096, 16)
+        wait_until(
+            "pulled from the agent", lambda: pc.lookup(["ns"], keys, 16, promote=True).hits == len(keys), 30
+        )
+        pc.close()
+        targets = [f"127.0.0.1:{a.http_port}" for a in (agent, peer)]
         prom, port = prometheus.start(
-            tmp_path, [{"job_name": "kvfabric", "static_configs": [{"targets": [target]}]}]
+            tmp_path, [{"job_name": "kvfabric", "static_configs": [{"targets": targets}]}]
         )
         try:
             deadline = time.monotonic() + 60

@@ -1,7 +1,11 @@
 """What a KVCachePool turns into (pure builders; e2e/test_k8s_kubelet.py runs them on a real node)."""
 
+import base64
+from pathlib import Path
+
 import pytest
 
+from kvfabric.agent.remote import PeerTLS
 from kvfabric.agent.settings import AgentSettings
 from kvfabric.operator.manifests import (
     AGENT_UID,
@@ -12,6 +16,8 @@ from kvfabric.operator.manifests import (
     configmap,
     daemonset,
     invalid_name,
+    issued_tls_secret,
+    service,
     spec_hash,
 )
 from kvfabric.operator.spec import KVCachePoolSpec
@@ -214,9 +220,35 @@ def test_remote_sharing_wires_the_fabric_port_valkey_tls_and_a_network_policy(
     assert {"name": "fabric-tls", "secret": {"secretName": "pool-tls", "defaultMode": 0o400}} in pod[
         "volumes"
     ]
-    kinds = [c["kind"] for c in children("ml", "pool-a", "uid-1", spec, IMAGE)]
-    assert kinds == ["ConfigMap", "DaemonSet", "Service", "NetworkPolicy"]
-    policy = children("ml", "pool-a", "uid-1", spec, IMAGE)[-1]["spec"]
+    assert settings.fabric_peers_service == "kvfabric-pool-a-agents"  # peers: the Service's slices
+    built = children("ml", "pool-a", "uid-1", spec, IMAGE)
+    kinds = [c["kind"] for c in built]
+    assert kinds == [
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "DaemonSet",
+        "Service",
+        "NetworkPolicy",
+    ]
+    # the agents' token reads EndpointSlices and nothing else
+    account, role, binding = built[1:4]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "kvfabric-pool-a-agent"
+    assert pod["automountServiceAccountToken"] is True
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kvfabric-pool-a-agent", "namespace": "ml"}
+    ]
+    assert issued_tls_secret("ml", "pool-a", "uid-1", spec) is None  # the user's Secret (tlsSecret)
+    policy = built[-1]["spec"]
     fabric_rule, metrics_rule = policy["ingress"]
     assert fabric_rule["from"] == [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]
     assert fabric_rule["ports"] == [{"protocol": "TCP", "port": 7451}]
@@ -227,6 +259,8 @@ def test_remote_sharing_wires_the_fabric_port_valkey_tls_and_a_network_policy(
         "DaemonSet",
         "Service",
     ]
+    plain = daemonset("ml", "pool-a", "uid-1", SPEC, IMAGE)["spec"]["template"]["spec"]
+    assert plain["automountServiceAccountToken"] is False and "serviceAccountName" not in plain
     assert "KVFABRIC_FABRIC_LISTEN" not in configmap("ml", "pool-a", "uid-1", SPEC)["data"]
 
 
@@ -248,13 +282,13 @@ def test_routing_publishes_kv_events_on_service_ports_and_names_agents_after_the
     assert settings.kv_events_endpoint == "tcp://*:6557"  # bound: routers subscribe to the agents
     assert settings.kv_events_replay_endpoint == "tcp://*:6558"
     assert settings.kv_events_topic == "kv@{node}@{model}"
-    built = children("ml", "pool-a", "uid-1", spec, IMAGE)
-    (container,) = built[1]["spec"]["template"]["spec"]["containers"]
+    built = {c["kind"]: c for c in children("ml", "pool-a", "uid-1", spec, IMAGE)}
+    (container,) = built["DaemonSet"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["KVFABRIC_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert {"name": "kv-events", "containerPort": 6557, "protocol": "TCP"} in container["ports"]
     assert {"name": "kv-replay", "containerPort": 6558, "protocol": "TCP"} in container["ports"]
-    service_ports = {port["name"]: port for port in built[2]["spec"]["ports"]}
+    service_ports = {port["name"]: port for port in built["Service"]["spec"]["ports"]}
     assert service_ports["kv-events"] == {
         "name": "kv-events",
         "port": 6557,
@@ -262,13 +296,11 @@ def test_routing_publishes_kv_events_on_service_ports_and_names_agents_after_the
         "targetPort": "kv-events",
     }
     assert service_ports["kv-replay"]["port"] == 6558
-    _, open_rule = built[3]["spec"]["ingress"]  # routers reach the event ports from anywhere
+    _, open_rule = built["NetworkPolicy"]["spec"]["ingress"]  # routers reach the event ports from anywhere
     assert [r["port"] for r in open_rule["ports"]] == [9400, 6557, 6558]
     # without routing: none of it
     assert "KVFABRIC_KV_EVENTS_ENDPOINT" not in configmap("ml", "pool-a", "uid-1", SPEC)["data"]
-    assert [p["name"] for p in children("ml", "pool-a", "uid-1", SPEC, IMAGE)[2]["spec"]["ports"]] == [
-        "metrics"
-    ]
+    assert [p["name"] for p in service("ml", "pool-a", "uid-1", SPEC)["spec"]["ports"]] == ["metrics"]
     # kvEvents off: lookups only (the metrics port), no event ports
     quiet = KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, "routing": {"kvEvents": False}})
     assert "KVFABRIC_KV_EVENTS_ENDPOINT" not in configmap("ml", "pool-a", "uid-1", quiet)["data"]
@@ -291,3 +323,34 @@ def test_routing_publishes_kv_events_on_service_ports_and_names_agents_after_the
 def test_remote_sharing_specs_that_cannot_work_are_refused(fields: dict, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         KVCachePoolSpec.model_validate({"memory": {"size": "8Gi"}, **fields})
+
+
+def test_a_sharing_pool_without_a_tls_secret_gets_operator_issued_certificates_of_its_own_ca(
+    tmp_path: Path,
+) -> None:
+    spec = KVCachePoolSpec.model_validate(
+        {"memory": {"size": "8Gi"}, "remoteSharing": True, "fabric": {"valkeyURL": "valkey://v:6379/0"}}
+    )
+    secret = issued_tls_secret("ml", "pool-a", "uid-1", spec)
+    assert secret is not None and secret["metadata"]["name"] == "kvfabric-pool-a-fabric-tls"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"  # goes with the pool
+    pod = daemonset("ml", "pool-a", "uid-1", spec, IMAGE)["spec"]["template"]["spec"]
+    assert {
+        "name": "fabric-tls",
+        "secret": {"secretName": "kvfabric-pool-a-fabric-tls", "defaultMode": 0o400},
+    } in pod["volumes"]
+    files = {}
+    for name, data in secret["data"].items():
+        files[name] = tmp_path / name
+        files[name].write_bytes(base64.b64decode(data))
+    # what the agents do with them: each presents the certificate and checks the peer's against the CA
+    tls = PeerTLS(str(files["tls.crt"]), str(files["tls.key"]), str(files["ca.crt"]))
+    tls.server(), tls.client()
+    other = issued_tls_secret("ml", "pool-b", "uid-2", spec)
+    assert other is not None and other["data"]["ca.crt"] != secret["data"]["ca.crt"]  # a CA per pool
+    off = spec.model_copy(update={"fabric": spec.fabric.model_copy(update={"issue_certificates": False})})  # type: ignore[union-attr]
+    assert issued_tls_secret("ml", "pool-a", "uid-1", off) is None
+    assert not any(
+        v["name"] == "fabric-tls"
+        for v in daemonset("ml", "pool-a", "uid-1", off, IMAGE)["spec"]["template"]["spec"]["volumes"]
+    )

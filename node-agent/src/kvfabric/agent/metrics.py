@@ -183,11 +183,36 @@ class _TierCollector(Collector):
 class _RemoteCollector(Collector):
     """The fabric's counts (``--fabric-valkey``), read from the remote tier and index at scrape."""
 
-    def __init__(self, summary: Callable[[], dict[str, int | float | str]]) -> None:
+    def __init__(
+        self,
+        summary: Callable[[], dict[str, int | float | str]],
+        peers: Callable[[], dict[str, tuple[int, int, int]]],
+    ) -> None:
         self._summary = summary
+        self._peers = peers
 
     def collect(self) -> Iterator[Metric]:
         s = self._summary()
+        pulls = CounterMetricFamily(
+            "kvfabric_remote_peer_pulls",
+            "Pulls from each holder of the pool, by result (ok: brought blocks).",
+            labels=["peer", "result"],
+        )
+        peer_bytes = CounterMetricFamily(
+            "kvfabric_remote_peer_pulled_bytes", "Bytes pulled from each holder.", labels=["peer"]
+        )
+        for peer, (n, failed, nbytes) in sorted(self._peers().items()):
+            pulls.add_metric([peer, "ok"], n - failed)
+            pulls.add_metric([peer, "failed"], failed)
+            peer_bytes.add_metric([peer], nbytes)
+        yield pulls
+        yield peer_bytes
+        if "fabric_peers" in s and int(s["fabric_peers"]) >= 0:
+            members = GaugeMetricFamily(
+                "kvfabric_fabric_peers", "Agents of the pool the EndpointSlices list (this one included)."
+            )
+            members.add_metric([], int(s["fabric_peers"]))
+            yield members
         blocks = CounterMetricFamily(
             "kvfabric_remote_blocks", "Blocks moved between agents of the pool.", labels=["direction"]
         )
@@ -204,7 +229,7 @@ class _RemoteCollector(Collector):
             "kvfabric_remote_failures",
             "Pulls that brought nothing, blocks that failed their checksum, pulls this agent could "
             "not serve, lookups that skipped a failing peer, pulls not started because the measured "
-            "rate could not meet the pull deadline.",
+            "rate could not meet the pull deadline, holders the pool's EndpointSlices do not list.",
             labels=["kind"],
         )
         failures.add_metric(["pull"], int(s["remote_pull_failures"]))
@@ -212,6 +237,7 @@ class _RemoteCollector(Collector):
         failures.add_metric(["serve"], int(s["remote_serve_failures"]))
         failures.add_metric(["peer_backoff"], int(s["remote_peer_backoffs"]))
         failures.add_metric(["too_slow"], int(s["remote_pulls_skipped_slow"]))
+        failures.add_metric(["not_member"], int(s["remote_not_members"]))
         yield failures
         index = CounterMetricFamily(
             "kvfabric_valkey_failures", "Calls to the pool's Valkey block index that failed."
@@ -298,9 +324,14 @@ class AgentMetrics:
         )
         self.up = Gauge("kvfabric_agent_ready", "1 when the agent serves requests.", registry=self.registry)
 
-    def watch_remote(self, summary: Callable[[], dict[str, int | float | str]]) -> Histogram:
-        """Exposes the fabric's metrics; returns the pull-time histogram to observe."""
-        self.registry.register(_RemoteCollector(summary))
+    def watch_remote(
+        self,
+        summary: Callable[[], dict[str, int | float | str]],
+        peers: Callable[[], dict[str, tuple[int, int, int]]],
+    ) -> Histogram:
+        """Exposes the fabric's metrics (``peers``: holder -> pulls, failed, bytes); returns the
+        pull-time histogram to observe."""
+        self.registry.register(_RemoteCollector(summary, peers))
         return Histogram(
             "kvfabric_remote_pull_seconds",
             "Time one pull from a peer took, from the lookup that started it to its commit.",

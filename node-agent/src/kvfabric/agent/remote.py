@@ -129,6 +129,26 @@ class RemoteStats:
     located_blocks: int = 0  # blocks the index said a peer holds
     peer_backoffs: int = 0  # lookups that skipped a peer backing off after a failure
     pulls_skipped_slow: int = 0  # pulls not started: the measured rate could not meet the deadline
+    not_members: int = 0  # holders the index named that the pool's EndpointSlices do not list
+
+
+@dataclass
+class PeerStats:
+    """One holder's pulls as this agent saw them (per-peer metrics, and the estimate of a pull)."""
+
+    pulls: int = 0
+    failures: int = 0
+    pulled_bytes: int = 0
+    #: bytes/s of its completed pulls and seconds to connect (moving averages; 0: none yet)
+    rate: float = 0.0
+    connect_s: float = 0.0
+    #: bytes of pulls from it under way
+    queued_bytes: int = 0
+
+
+#: Peers tracked for metrics and estimates; past it the longest-known one is forgotten (a pool's
+#: agents are far fewer; a flood of addresses from the index must not grow the agent).
+MAX_PEERS = 1024
 
 
 @dataclass(frozen=True)
@@ -181,7 +201,6 @@ class RemoteTier:
         self.rate = 0.0
         #: peer -> (a late pull's bound on its rate, until when it keeps slower pulls off)
         self._slow: dict[str, tuple[float, float]] = {}
-        self.pulls_queued_bytes = 0
         self._pulling: set[tuple[str, bytes]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pullers = ThreadPoolExecutor(threads, "kvfabric-pull")
@@ -191,12 +210,16 @@ class RemoteTier:
         self._streams = ThreadPoolExecutor(threads, "kvfabric-pull-stream")
         self._closing = False
         self._server: asyncio.AbstractServer | None = None
+        self.peers: dict[str, PeerStats] = {}
         #: peer -> (failures in a row, not asked before this monotonic time)
         self._backoff: dict[str, tuple[int, float]] = {}
         #: pulls that ended (committed or not): a lookup that waited meanwhile looks again
         self.settled = 0
         #: seconds of each pull that ended, for the metrics (set by the agent)
         self.observe: Callable[[float], None] = lambda seconds: None
+        #: whether a holder the index names may be asked (set by the agent from the pool's
+        #: EndpointSlices when it has them; else every holder is)
+        self.admits: Callable[[str], bool] = lambda peer: True
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -227,6 +250,9 @@ class RemoteTier:
         if self._closing or not keys or not holders or holders[0] is None:
             return 0
         peer = holders[0]
+        if not self.admits(peer):
+            self.stats.not_members += 1
+            return 0
         failures, until = self._backoff.get(peer, (0, 0.0))
         if failures and time.monotonic() < until:
             self.stats.peer_backoffs += 1
@@ -255,10 +281,20 @@ class RemoteTier:
             if run:
                 jobs.append((ns, wanted[:run], slots[:run]))
                 self._pulling.update((scoped(ns.tenant, ns.name), k) for k in wanted[:run])
-                self.pulls_queued_bytes += run * ns.block_bytes
         if run:
+            self._peer(peer).queued_bytes += sum(len(k) * ns.block_bytes for ns, k, _ in jobs)
             self._pullers.submit(self._pull, peer, jobs, time.monotonic() + self.pull_deadline_s)
         return run
+
+    def _peer(self, peer: str) -> PeerStats:
+        st = self.peers.get(peer)
+        if st is None:
+            if len(self.peers) >= MAX_PEERS:
+                idle = next((k for k, v in self.peers.items() if not v.queued_bytes), None)
+                if idle is not None:
+                    del self.peers[idle]
+            st = self.peers[peer] = PeerStats()
+        return st
 
     def coming(self, spaces: list[Namespace], keys: list[bytes]) -> int:
         """How many leading ``keys`` (normalized) pulls under way bring in every namespace."""
@@ -277,8 +313,15 @@ class RemoteTier:
             self.index.commit(ns.name, [], keys, PROMOTER_SESSION, ns.tenant)
 
     def eta_s(self) -> float:
-        """Seconds until the queued pulls should be in, at the measured rate (0: unknown)."""
-        return self.pulls_queued_bytes / self.rate if self.rate and self.pulls_queued_bytes else 0.0
+        """Seconds until the queued pulls should be in (0: unknown): per holder, its connect
+        time plus its queued bytes at its measured rate (the pool's, before it has one); the
+        holders send in parallel, so the slowest decides."""
+        eta = 0.0
+        for st in self.peers.values():
+            rate = st.rate or self.rate
+            if st.queued_bytes and rate:
+                eta = max(eta, st.connect_s + st.queued_bytes / rate)
+        return eta
 
     def _connect(self, peer: str, deadline: float) -> socket.socket:
         host, _, port = peer.rpartition(":")
@@ -289,8 +332,10 @@ class RemoteTier:
         started = time.perf_counter()
         results: list[tuple[Namespace, list[bytes], list[int], int]] = []  # ..., verified run
         timed_out = False
+        connect_s = 0.0
         try:
             with self._connect(peer, deadline) as sock:
+                connect_s = time.perf_counter() - started
                 for ns, keys, slots in jobs:
                     sock.settimeout(max(0.01, deadline - time.monotonic()))
                     if self.transport is None and len(keys) >= 2 * SPLIT_BLOCKS:
@@ -301,7 +346,7 @@ class RemoteTier:
         except (OSError, ConnectionError, msgspec.DecodeError, ValueError) as exc:
             timed_out = isinstance(exc, TimeoutError | socket.timeout)
             log.info("pull from a peer failed; recomputing", extra={"peer": peer, "error": str(exc)})
-        self._on_loop(self._pulled, peer, jobs, results, timed_out, time.perf_counter() - started)
+        self._on_loop(self._pulled, peer, jobs, results, timed_out, time.perf_counter() - started, connect_s)
 
     def _pull_split(
         self,
@@ -385,13 +430,18 @@ class RemoteTier:
         results: list[tuple[Namespace, list[bytes], list[int], int]],
         timed_out: bool,
         seconds: float,
+        connect_s: float = 0.0,
     ) -> None:
         """On the loop: commit the run every namespace verified, free (or quarantine) the rest."""
         self.settled += 1
+        ps = self._peer(peer)
+        ps.pulls += 1
+        ps.queued_bytes = max(0, ps.queued_bytes - sum(len(k) * ns.block_bytes for ns, k, _ in jobs))
+        if connect_s:
+            ps.connect_s = connect_s if not ps.connect_s else 0.7 * ps.connect_s + 0.3 * connect_s
         good = min((r[3] for r in results), default=0) if len(results) == len(jobs) else 0
         moved = 0
         for ns, keys, _slots in jobs:
-            self.pulls_queued_bytes -= len(keys) * ns.block_bytes
             for k in keys:
                 self._pulling.discard((scoped(ns.tenant, ns.name), k))
             if good:
@@ -411,13 +461,17 @@ class RemoteTier:
             self.stats.pulled_bytes += moved
             rate = moved / max(seconds, 1e-6)
             self.rate = rate if not self.rate else 0.7 * self.rate + 0.3 * rate
+            ps.rate = rate if not ps.rate else 0.7 * ps.rate + 0.3 * rate
+            ps.pulled_bytes += moved
             self._backoff.pop(peer, None)
             self._slow.pop(peer, None)
         else:
             self.stats.pull_failures += 1
+            ps.failures += 1
             if timed_out:  # less than what was asked arrived in the time: assume half of it did
                 asked = sum(len(keys) * ns.block_bytes for ns, keys, _ in jobs) / max(seconds, 1e-6) / 2
                 self.rate = min(self.rate, asked) if self.rate else asked
+                ps.rate = min(ps.rate, asked) if ps.rate else asked
                 self._slow[peer] = (asked, time.monotonic() + SLOW_LINK_S)
             failures = self._backoff.get(peer, (0, 0.0))[0] + 1
             first, longest = PEER_BACKOFF_S
@@ -551,6 +605,10 @@ class RemoteTier:
         out: dict[str, int | float | str] = {f"remote_{k}": v for k, v in vars(self.stats).items()}
         out["remote_pull_rate_bytes_per_s"] = round(self.rate)
         return out
+
+    def peer_counts(self) -> dict[str, tuple[int, int, int]]:
+        """holder -> (pulls, failed pulls, bytes pulled), for the per-peer metrics."""
+        return {peer: (st.pulls, st.failures, st.pulled_bytes) for peer, st in list(self.peers.items())}
 
     def _on_loop(self, fn: Callable[..., None], *args: object) -> None:
         on_loop(self._loop, fn, *args)

@@ -36,6 +36,7 @@ from pathlib import Path
 import msgspec
 
 from kvfabric.agent import nics
+from kvfabric.agent.discovery import KubeAPI, PeerDiscovery, pod_namespace
 from kvfabric.agent.events import KVEvents, RouterBlock
 from kvfabric.agent.gpu_service import GpuError, GpuService
 from kvfabric.agent.index import BlockIndex, LeaseConflict, Namespace, QuotaExceeded, normalize_key, scoped
@@ -172,6 +173,8 @@ class Agent:
         #: the fabric (``--fabric-valkey``): the pool's block index and pulls from peers
         self.remote_index: ValkeyIndex | None = None
         self.remote: RemoteTier | None = None
+        #: the pool's members (--fabric-peers-service); None: any holder the index names
+        self.discovery: PeerDiscovery | None = None
         self.fabric_error = ""  # why the fabric is off although configured
         self.nics: list[nics.RdmaDevice] = []  # the node's RDMA devices, found when the fabric starts
         #: KV events for routers (``--kv-events-endpoint``)
@@ -261,6 +264,13 @@ class Agent:
             pull_deadline_s=st.fabric_pull_deadline_ms / 1000,
             tls=tls,
         )
+        if st.fabric_peers_service is not None:
+            api = KubeAPI.in_cluster(st.fabric_kube_api, st.fabric_kube_token_file, st.fabric_kube_ca_file)
+            self.discovery = PeerDiscovery(
+                api, st.fabric_peers_namespace or pod_namespace(), st.fabric_peers_service
+            )
+            self.remote.admits = self.discovery.admits
+            self.discovery.start()
         host, _, port = st.fabric_listen.rpartition(":")
         await self.remote.start(host, int(port))
         self.remote_index = index = ValkeyIndex(
@@ -269,7 +279,7 @@ class Agent:
         self.index.commit_listeners.append(self._published)
         self.index.drop_listeners.append(self._unpublished)
         index.start()
-        self.remote.observe = self.metrics.watch_remote(self._fabric_summary).observe
+        self.remote.observe = self.metrics.watch_remote(self._fabric_summary, self.remote.peer_counts).observe
         log.info(
             "fabric on", extra={"listen": st.fabric_listen, "pool": st.fabric_pool, "tls": tls is not None}
         )
@@ -363,6 +373,9 @@ class Agent:
 
     async def _stop_fabric(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.discovery is not None:
+            await loop.run_in_executor(None, self.discovery.stop)
+            self.discovery = None
         if self._published in self.index.commit_listeners:
             self.index.commit_listeners.remove(self._published)
         if self._unpublished in self.index.drop_listeners:
@@ -1144,4 +1157,5 @@ class Agent:
             "valkey_removed": i.removed,
             "valkey_failures": i.failures,
             "valkey_lookups": i.lookups,
+            **(self.discovery.summary() if self.discovery is not None else {}),
         }

@@ -260,6 +260,29 @@ class AgentSettings(BaseSettings):
         "RDMA NICs exist. Without a pin, agents in two network namespaces of one host would use "
         "shared memory instead of the network.",
     )
+    fabric_peers_service: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="The agents' headless Service: with it the agent pulls only from addresses its "
+        "EndpointSlices list as ready (port 'fabric'), read with the pod's service account "
+        "(the operator sets it).",
+    )
+    fabric_peers_namespace: str | None = Field(
+        default=None,
+        description="That Service's namespace (default: the pod's, from its service account).",
+    )
+    fabric_kube_api: str | None = Field(
+        default=None,
+        pattern=r"^https://\S+$",
+        description="The apiserver for --fabric-peers-service (default: in-cluster, from "
+        "KUBERNETES_SERVICE_HOST and _PORT).",
+    )
+    fabric_kube_token_file: Path | None = Field(
+        default=None, description="Bearer token file for it (default: the pod's service-account token)."
+    )
+    fabric_kube_ca_file: Path | None = Field(
+        default=None, description="CA of its certificate (default: the service account's ca.crt)."
+    )
     kv_events_endpoint: str | None = Field(
         default=None,
         pattern=r"^(tcp|ipc)://\S+$",
@@ -336,6 +359,8 @@ class AgentSettings(BaseSettings):
             raise ValueError("fabric_tls_cert, fabric_tls_key and fabric_tls_ca go together")
         if self.fabric_valkey is not None and self.tenancy == "isolated":
             raise ValueError("the fabric serves shared tenancy only (isolated pools are per-tenant files)")
+        if self.fabric_peers_service is not None and self.fabric_valkey is None:
+            raise ValueError("fabric_peers_service needs the fabric (fabric_valkey and fabric_listen)")
         return self
 
     @model_validator(mode="after")

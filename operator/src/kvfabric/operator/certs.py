@@ -1,5 +1,6 @@
-"""Serving certificate for the admission webhook: self-signed and rotated by the operator, or
-files (cert-manager's secret) reloaded when they change."""
+"""Certificates the operator makes: the admission webhook's serving certificate (self-signed and
+rotated, or files from cert-manager's secret reloaded when they change), and each sharing pool's
+agent certificates for mutual TLS between its agents."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def self_signed(hosts: list[str], days: float = 365) -> tuple[bytes, bytes]:
@@ -47,6 +48,50 @@ def self_signed(hosts: list[str], days: float = 365) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def pool_certificates(pool: str, days: float = 3650) -> tuple[bytes, bytes, bytes]:
+    """(certificate, key, CA certificate) PEMs for the agents of ``pool``: a CA of the pool's own
+    signs one client-and-server certificate every agent presents. Peers are named by address, so
+    the CA, not a host name, is what a peer checks; another pool's CA never signed it. The CA's
+    key is dropped here: nothing else is ever signed with it."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kvfabric pool CA {pool}")])
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kvfabric agent {pool}")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(pem), key_pem, ca.public_bytes(pem)
 
 
 def not_after(cert_pem: bytes) -> datetime.datetime:

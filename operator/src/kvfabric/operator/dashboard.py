@@ -125,6 +125,16 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         [("{{kind}}", f"sum by (kind) (rate(kvfabric_remote_failures_total[{RATE}]))")],
     ),
     (
+        "Fabric: pulls per peer",
+        "short",
+        [
+            (
+                "{{peer}} {{result}}",
+                f"sum by (peer, result) (rate(kvfabric_remote_peer_pulls_total[{RATE}]))",
+            )
+        ],
+    ),
+    (
         "Fabric: pull time p99",
         "s",
         [
@@ -199,12 +209,23 @@ ALERTS: list[dict[str, Any]] = [
     },
     {
         "alert": "KVFabricPeerPullsFailing",
-        "expr": 'sum by (instance) (rate(kvfabric_remote_failures_total{kind=~"pull|bad_block"}[10m])) > 0',
+        # per holder: the one peer that is gone or partitioned, named by its label
+        "expr": 'sum by (instance, peer) (rate(kvfabric_remote_peer_pulls_total{result="failed"}[10m])) > 0',
         "for": "10m",
         "labels": {"severity": "warning"},
         "annotations": {
-            "summary": "Pulls from peer agents keep failing (peer gone, partitioned, too slow, or blocks "
-            "failing their checksum): engines recompute what they could have pulled."
+            "summary": "Pulls from peer agent {{ $labels.peer }} keep failing (gone, partitioned or too "
+            "slow): engines recompute what they could have pulled."
+        },
+    },
+    {
+        "alert": "KVFabricBadBlocks",
+        "expr": 'sum by (instance) (rate(kvfabric_remote_failures_total{kind="bad_block"}[10m])) > 0',
+        "for": "10m",
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "Blocks pulled from peers fail the holder's checksum (corrupted in flight or "
+            "in a peer's memory): they are discarded and recomputed."
         },
     },
     {

@@ -19,6 +19,7 @@ descriptor passing and mounts no shared memory at all.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvfabric.agent.settings import AgentSettings, parse_bytes
+from kvfabric.operator.certs import pool_certificates
 from kvfabric.operator.spec import GROUP, KIND, VERSION, KVCachePoolSpec
 
 RUN_DIR = "/kvfabric/run"
@@ -101,11 +103,11 @@ def events(spec: KVCachePoolSpec) -> bool:
     return spec.routing is not None and spec.routing.kv_events
 
 
-def agent_settings(spec: KVCachePoolSpec, pool: str = "default") -> AgentSettings:
-    """``pool``: the pool's name in the block index (``<namespace>.<name>``)."""
+def agent_settings(spec: KVCachePoolSpec, namespace: str = "default", name: str = "default") -> AgentSettings:
+    """The agents' settings of the pool ``name`` in ``namespace``."""
     fabric = spec.fabric if sharing(spec) else None
     routing = spec.routing if events(spec) else None
-    tls = fabric is not None and fabric.tls_secret is not None
+    tls = fabric is not None and fabric.tls_secret_name(name) is not None
     return AgentSettings(
         pool_size=parse_bytes(spec.memory.size),
         pool_path=Path(POOL_PATH),
@@ -122,7 +124,9 @@ def agent_settings(spec: KVCachePoolSpec, pool: str = "default") -> AgentSetting
         # A Valkey URL from a Secret reaches the agent as an env var of its own (see daemonset).
         fabric_valkey=(fabric.valkey_url or "valkey://from-secret") if fabric is not None else None,
         fabric_listen=f"0.0.0.0:{fabric.port}" if fabric is not None else None,
-        fabric_pool=pool,
+        fabric_pool=f"{namespace}.{name}",
+        # peers only from the agents' own Service (read with the agents' service account)
+        fabric_peers_service=service_name(name) if fabric is not None else None,
         fabric_tls_cert=Path(f"{FABRIC_TLS_DIR}/tls.crt") if tls else None,
         fabric_tls_key=Path(f"{FABRIC_TLS_DIR}/tls.key") if tls else None,
         fabric_tls_ca=Path(f"{FABRIC_TLS_DIR}/ca.crt") if tls else None,
@@ -141,6 +145,11 @@ def _meta(namespace: str, name: str, uid: str, suffix: str) -> Body:
     }
 
 
+def service_name(name: str) -> str:
+    """The agents' headless Service (:func:`service`)."""
+    return f"kvfabric-{name}-agents"
+
+
 def configmap(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Body:
     return {
         "apiVersion": "v1",
@@ -148,7 +157,7 @@ def configmap(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Bod
         "metadata": _meta(namespace, name, uid, "-agent"),
         "data": {
             k: v
-            for k, v in agent_settings(spec, f"{namespace}.{name}").to_env().items()
+            for k, v in agent_settings(spec, namespace, name).to_env().items()
             # from its Secret (the daemonset's env), never in a ConfigMap
             if not (k == "KVFABRIC_FABRIC_VALKEY" and spec.fabric is not None and spec.fabric.valkey_secret)
         },
@@ -242,10 +251,9 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
         if f.valkey_secret is not None:
             ref = {"name": f.valkey_secret.name, "key": f.valkey_secret.key}
             env.append({"name": "KVFABRIC_FABRIC_VALKEY", "valueFrom": {"secretKeyRef": ref}})
-        if f.tls_secret is not None:
-            volumes.append(
-                {"name": "fabric-tls", "secret": {"secretName": f.tls_secret, "defaultMode": 0o400}}
-            )
+        tls_secret = f.tls_secret_name(name)
+        if tls_secret is not None:
+            volumes.append({"name": "fabric-tls", "secret": {"secretName": tls_secret, "defaultMode": 0o400}})
             mounts.append({"name": "fabric-tls", "mountPath": FABRIC_TLS_DIR, "readOnly": True})
         ports.append({"name": "fabric", "containerPort": f.port, "protocol": "TCP"})
     if spec.routing is not None:
@@ -290,6 +298,12 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
                     "annotations": {"kvfabric.io/spec-hash": spec_hash(spec)},
                 },
                 "spec": {
+                    # only agents that list their peers get a token, and it reads EndpointSlices only
+                    **(
+                        {"serviceAccountName": agent_account(name), "automountServiceAccountToken": True}
+                        if sharing(spec)
+                        else {"automountServiceAccountToken": False}
+                    ),
                     **({"hostIPC": True} if spec.host_ipc else {}),
                     **({"runtimeClassName": runtime_class} if runtime_class else {}),
                     "nodeSelector": dict(spec.node_selector),
@@ -360,13 +374,62 @@ def network_policy(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -
     }
 
 
-def children(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> list[Body]:
-    """Everything the operator applies for one pool, in apply order."""
-    out = [
-        configmap(namespace, name, uid, spec),
-        daemonset(namespace, name, uid, spec, agent_image),
-        service(namespace, name, uid, spec),
+def agent_account(name: str) -> str:
+    return f"kvfabric-{name}-agent"
+
+
+def agent_rbac(namespace: str, name: str, uid: str) -> list[Body]:
+    """The agents' service account, allowed to read EndpointSlices (their peers) and nothing else."""
+    meta = _meta(namespace, name, uid, "-agent")
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": meta["name"]},
+            "subjects": [{"kind": "ServiceAccount", "name": meta["name"], "namespace": namespace}],
+        },
     ]
+
+
+def issued_tls_secret(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Body | None:
+    """The Secret of the agents' operator-issued certificates, or None (none to issue). Created
+    once and kept: :func:`kvfabric.operator.reconcile` never replaces it."""
+    f = spec.fabric
+    if f is None or not sharing(spec) or f.tls_secret is not None or not f.issue_certificates:
+        return None
+    cert, key, ca = pool_certificates(f"{namespace}.{name}")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(namespace, name, uid, "-fabric-tls"),
+        "type": "kubernetes.io/tls",
+        "data": {
+            k: base64.b64encode(v).decode() for k, v in (("tls.crt", cert), ("tls.key", key), ("ca.crt", ca))
+        },
+    }
+
+
+def children(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> list[Body]:
+    """Everything the operator applies for one pool, in apply order (certificates are not
+    among them: see :func:`issued_tls_secret`)."""
+    out = [configmap(namespace, name, uid, spec)]
+    if sharing(spec):
+        out += agent_rbac(namespace, name, uid)
+    out += [daemonset(namespace, name, uid, spec, agent_image), service(namespace, name, uid, spec)]
     if sharing(spec):
         out.append(network_policy(namespace, name, uid, spec))
     return out

@@ -27,7 +27,7 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from kvfabric.operator.manifests import children, invalid_name
+from kvfabric.operator.manifests import children, invalid_name, issued_tls_secret
 from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,14 @@ def _apply(body: dict[str, Any]) -> None:
     """Create, or replace when it exists (idempotent)."""
     kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
     core, apps, net = client.CoreV1Api(), client.AppsV1Api(), client.NetworkingV1Api()
+    rbac = client.RbacAuthorizationV1Api()
     create, replace = {
         "ConfigMap": (core.create_namespaced_config_map, core.replace_namespaced_config_map),
         "Service": (core.create_namespaced_service, core.patch_namespaced_service),
+        # patched, not replaced: the token controller adds the account's secrets to it
+        "ServiceAccount": (core.create_namespaced_service_account, core.patch_namespaced_service_account),
+        "Role": (rbac.create_namespaced_role, rbac.replace_namespaced_role),
+        "RoleBinding": (rbac.create_namespaced_role_binding, rbac.replace_namespaced_role_binding),
         "DaemonSet": (apps.create_namespaced_daemon_set, apps.replace_namespaced_daemon_set),
         "NetworkPolicy": (net.create_namespaced_network_policy, net.replace_namespaced_network_policy),
     }[kind]
@@ -120,6 +125,27 @@ def _apply(body: dict[str, Any]) -> None:
         if exc.status != 409:
             raise kopf.TemporaryError(f"creating {kind} {name}: {exc.reason}", delay=10) from exc
         replace(name, ns, body)
+
+
+def ensure_certificates(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> None:
+    """Creates the pool's operator-issued agent certificates unless they exist: they are kept
+    (a new CA on every reconcile would split running agents from new ones)."""
+    core = client.CoreV1Api()
+    secret_name = f"kvfabric-{name}-fabric-tls"
+    try:
+        core.read_namespaced_secret(secret_name, namespace)
+        return
+    except ApiException as exc:
+        if exc.status != 404:
+            raise kopf.TemporaryError(f"reading Secret {secret_name}: {exc.reason}", delay=10) from exc
+    body = issued_tls_secret(namespace, name, uid, spec)
+    if body is None:
+        return
+    try:
+        core.create_namespaced_secret(namespace, body)
+    except ApiException as exc:
+        if exc.status != 409:  # 409: another reconcile made it first; that one stands
+            raise kopf.TemporaryError(f"creating Secret {secret_name}: {exc.reason}", delay=10) from exc
 
 
 def pool_status(
@@ -184,6 +210,16 @@ def validate(
         return [], "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
+def apply_pool(
+    namespace: str, name: str, uid: str, spec: Mapping[str, Any], objects: list[dict[str, Any]]
+) -> None:
+    """Applies a valid pool's children (from :func:`validate`), its certificates first: the
+    agents' pods mount them."""
+    ensure_certificates(namespace, name, uid, KVCachePoolSpec.model_validate(dict(spec)))
+    for child in objects:
+        _apply(child)
+
+
 def resync_all(images: AgentImages, namespaces: list[str]) -> int:
     """Re-applies every valid pool's children (in ``namespaces``, or all); how many pools."""
     api = client.CustomObjectsApi()
@@ -201,13 +237,14 @@ def resync_all(images: AgentImages, namespaces: list[str]) -> int:
         if meta.get("deletionTimestamp"):
             continue
         objects, why = validate(meta["namespace"], meta["name"], meta["uid"], pool.get("spec") or {}, images)
+        if why:
+            continue
         try:
-            for child in objects:
-                _apply(child)
+            apply_pool(meta["namespace"], meta["name"], meta["uid"], pool.get("spec") or {}, objects)
         except kopf.TemporaryError as exc:  # one pool's failure does not stop the others'
             log.warning("resync of a pool failed", extra={"pool": meta["name"], "error": str(exc)})
             continue
-        done += not why
+        done += 1
     RECONCILES.labels("resynced").inc(done)
     return done
 
@@ -257,8 +294,7 @@ def register(
             kopf.warn(body, reason="InvalidSpec", message=why)
             RECONCILES.labels("invalid_spec").inc()
             return
-        for child in objects:
-            _apply(child)
+        apply_pool(namespace, name, uid, spec, objects)
         update_status(
             namespace,
             name,
@@ -266,7 +302,7 @@ def register(
             {"observedGeneration": generation},
         )
         RECONCILES.labels("applied").inc()
-        kopf.info(body, reason="Reconciled", message=f"applied ConfigMap, DaemonSet and Service for {name}")
+        kopf.info(body, reason="Reconciled", message=f"applied the agents' objects for {name}")
 
     # Drift correction is a plain background loop, not a kopf timer: kopf puts a finalizer on
     # every object with a timer, and a pool would then hang in deletion once the operator is gone
@@ -292,9 +328,9 @@ def register(
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return  # the pool is being deleted; its children follow by garbage collection
         if type == "DELETED":  # deleted by hand: put the agents back now, not at the next resync
-            objects, _why = validate(namespace, pool, obj["metadata"]["uid"], obj["spec"], images)
-            for child in objects:
-                _apply(child)
+            objects, why = validate(namespace, pool, obj["metadata"]["uid"], obj["spec"], images)
+            if not why:
+                apply_pool(namespace, pool, obj["metadata"]["uid"], obj["spec"], objects)
             return
         try:
             size = KVCachePoolSpec.model_validate(obj["spec"]).memory.size

@@ -92,11 +92,26 @@ class Fabric(_Model):
         "one): agents talk mutual TLS and accept only peers that CA signed.",
     )
 
+    issue_certificates: bool = Field(
+        default=True,
+        alias="issueCertificates",
+        description="Without tlsSecret: the operator makes the pool a CA of its own and one agent "
+        "certificate it signs, in the Secret kvfabric-<pool>-fabric-tls (kept while the pool lives; "
+        "delete it to issue new ones), so agents talk mutual TLS and refuse other pools' agents. "
+        "false: the agents' transfers are plain TCP.",
+    )
+
     @model_validator(mode="after")
     def _one_valkey(self) -> Fabric:
         if (self.valkey_url is None) == (self.valkey_secret is None):
             raise ValueError("fabric needs exactly one of valkeyURL and valkeySecret")
         return self
+
+    def tls_secret_name(self, pool: str) -> str | None:
+        """The Secret the agents' certificates come from (None: no TLS)."""
+        if self.tls_secret is not None:
+            return self.tls_secret
+        return f"kvfabric-{pool}-fabric-tls" if self.issue_certificates else None
 
 
 class Routing(_Model):
