@@ -91,3 +91,55 @@ def test_the_wait_ends_at_promote_wait_ms(monkeypatch: pytest.MonkeyPatch) -> No
 def test_no_wait_configured_never_defers() -> None:
     s = scheduler(Agent(eta_ms=1), wait_ms=0)
     assert s.get_num_new_matched_tokens(request("r"), 0) == (0, False)
+
+
+def step(tokens: int) -> SimpleNamespace:
+    """A scheduled step of ``tokens`` computed tokens and no requests of ours."""
+    cached = SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[])
+    return SimpleNamespace(
+        total_num_scheduled_tokens=tokens,
+        preempted_req_ids=set(),
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=cached,
+        num_scheduled_tokens={},
+    )
+
+
+def run_steps(s: SchedulerSide, now: list[float], steps: list[tuple[int, float]]) -> None:
+    """Each (tokens, seconds): scheduled, then its output back that much later."""
+    for tokens, seconds in steps:
+        s.build_connector_meta(step(tokens))  # type: ignore[arg-type]
+        now[0] += seconds
+        s.update_connector_output(0, 0)
+
+
+def test_the_prefill_rate_is_measured_from_prefill_sized_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(sched_mod.time, "monotonic", lambda: now[0])
+    s = scheduler(Agent(eta_ms=0), wait_ms=500)
+    run_steps(s, now, [(8, 0.5)])  # a decode step: says nothing about prefill
+    assert s.prefill_tokens_per_s == 0.0
+    run_steps(s, now, [(2048, 0.2)])
+    assert s.prefill_tokens_per_s == pytest.approx(10240)
+    run_steps(s, now, [(1024, 0.2)])  # a slower step moves the average part of the way
+    assert s.prefill_tokens_per_s == pytest.approx(0.7 * 10240 + 0.3 * 5120)
+
+
+@pytest.mark.parametrize(
+    ("step_seconds", "waits"),
+    [
+        (0.05, False),  # 40k tokens/s: 80 tokens in 2 ms, far sooner than the 200 ms the link needs
+        (20.0, True),  # 102 tokens/s: 80 tokens take 0.78 s, the link's 200 ms win
+    ],
+)
+def test_promoted_blocks_are_waited_for_only_when_they_come_sooner_than_the_engine_computes_them(
+    monkeypatch: pytest.MonkeyPatch, step_seconds: float, waits: bool
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(sched_mod.time, "monotonic", lambda: now[0])
+    s = scheduler(Agent(eta_ms=200), wait_ms=500)  # due within the wait: without rates, it waits
+    run_steps(s, now, [(2048, step_seconds)])
+    got = s.get_num_new_matched_tokens(request("r"), 0)
+    assert got == ((None, False) if waits else (0, False))
+    assert s.stats.promote_recompute_sooner == (0 if waits else 1)
+    assert s.stats.promote_waits == (1 if waits else 0)

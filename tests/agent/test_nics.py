@@ -56,3 +56,28 @@ def test_the_self_test_says_tcp_where_there_is_no_rdma_port() -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "fabric uses TCP" in out.stdout
+
+
+def test_ucx_uses_the_active_ports_of_the_nic_nearest_the_agents_cpus(tmp_path: Path) -> None:
+    sysfs, nodes = tmp_path / "ib", tmp_path / "node"
+    for name, numa, state in (
+        ("mlx5_0", "0", "4: ACTIVE"),
+        ("mlx5_1", "1", "4: ACTIVE"),
+        ("mlx5_2", "1", "1: DOWN"),
+    ):
+        dev = sysfs / name
+        (dev / "device").mkdir(parents=True)
+        (dev / "device" / "numa_node").write_text(numa + "\n")
+        _port(dev, 1, state, "InfiniBand", [])
+    _port(sysfs / "mlx5_1", 2, "4: ACTIVE", "InfiniBand", [])
+    for node, cpus in (("node0", "0-15,32-47"), ("node1", "16-31,48-63")):
+        (nodes / node).mkdir(parents=True)
+        (nodes / node / "cpulist").write_text(cpus + "\n")
+    found = nics.discover(sysfs)
+    assert nics.numa_node_of({20, 21, 50}, nodes) == 1
+    assert nics.numa_node_of({0, 1, 20}, nodes) == 0  # most of them
+    assert nics.numa_node_of({200}, nodes) == -1
+    assert nics.ucx_net_devices(found, 1) == "mlx5_1:1,mlx5_1:2"
+    assert nics.ucx_net_devices(found, 0) == "mlx5_0:1"
+    assert nics.ucx_net_devices(found, -1) == "mlx5_0:1"  # unknown node: any active one
+    assert nics.ucx_net_devices([], 0) == ""

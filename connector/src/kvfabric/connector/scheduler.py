@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,6 +45,9 @@ _LOAD_BACKOFF_S = (10.0, 300.0)  # first pause, longest pause
 _VOIDED_REQUESTS = 65536
 #: Reports a delegated commit is retried in while the agent cannot be reached.
 _COMMIT_ATTEMPTS = 3
+#: A step schedules at least this many tokens to count as a sample of the engine's prefill rate
+#: (fewer: decode steps, whose time per token says nothing about prefill).
+_PREFILL_SAMPLE_TOKENS = 256
 
 
 @dataclass
@@ -102,6 +105,9 @@ class SchedulerStats:
     blocks_to_save: int = 0
     promote_waits: int = 0
     promote_too_slow: int = 0
+    #: promotions (NVMe reads, pulls from peers) not waited for: recomputing those blocks at the
+    #: engine's measured prefill rate is sooner than the agent's estimate of their arrival
+    promote_recompute_sooner: int = 0
     #: P/D: promises made (prefill side); waits for promised blocks and handoffs that ended
     #: with fewer blocks than promised (decode side)
     handoffs_promised: int = 0
@@ -144,6 +150,12 @@ class SchedulerSide:
         #: vLLM's names of blocks planned this step, for an agent that publishes KV events
         self._annotations: list[p.Annotate] = []
         self.stats = SchedulerStats()
+        #: the engine's prefill rate, tokens/s (a moving average of prefill-sized steps, from the
+        #: schedule of a step to its output); 0: not measured yet
+        self.prefill_tokens_per_s = 0.0
+        #: (when scheduled, tokens) of steps whose output has not come back (async scheduling
+        #: keeps one step ahead)
+        self._steps_in_flight: deque[tuple[float, int]] = deque(maxlen=4)
         if not self.client.connect():  # early, so the agent lists this engine; failure is fine
             log.warning("agent not reachable yet; serving without it", extra={"socket": config.socket_path})
 
@@ -245,11 +257,17 @@ class SchedulerSide:
         if reply.promoting and wait and self.config.promote_wait_ms:
             if st.promote_until is None:
                 st.promote_until = now + self.config.promote_wait_ms / 1000
-            if reply.promote_eta_ms / 1000 > st.promote_until - now:
+            eta_s = reply.promote_eta_ms / 1000
+            if eta_s > st.promote_until - now:
                 # They would come later than we may wait: recomputing is sooner. (They still
                 # land in the pool, for the requests after this one.)
                 st.promote_until = now
                 self.stats.promote_too_slow += 1
+            elif self.prefill_tokens_per_s and eta_s > self._recompute_s(reply.promoting):
+                # The cost model: this engine computes those blocks sooner than the link (or
+                # disk) brings them, at the rates measured for both.
+                st.promote_until = now
+                self.stats.promote_recompute_sooner += 1
         if reply.promoting and st.promote_until is not None and now < st.promote_until:
             # Blocks are on their way from the agent's NVMe tier: ask again in a later step
             # (vLLM defers only this request). The lease of the hits so far is replaced then.
@@ -270,6 +288,21 @@ class SchedulerSide:
             st.saved_upto = max(st.saved_upto, local + reply.hits)
         self.stats.hit_tokens += reply.hits * self.block_size
         return reply.hits * self.block_size, False
+
+    def _recompute_s(self, blocks: int) -> float:
+        """Seconds this engine takes to compute ``blocks`` blocks, at its measured prefill rate."""
+        return blocks * self.block_size / self.prefill_tokens_per_s
+
+    def _step_done(self) -> None:
+        """A step's output came back: its time is a sample of the prefill rate if it was large."""
+        if not self._steps_in_flight:
+            return
+        started, tokens = self._steps_in_flight.popleft()
+        if tokens < _PREFILL_SAMPLE_TOKENS:
+            return
+        rate = tokens / max(time.monotonic() - started, 1e-6)
+        r = self.prefill_tokens_per_s
+        self.prefill_tokens_per_s = rate if not r else 0.7 * r + 0.3 * rate
 
     def _awaited_blocks(self, request: Request, st: _RequestState, usable: int, now: float) -> int:
         """P/D decode side: how many leading blocks to wait for (0: none, or no longer).
@@ -377,6 +410,7 @@ class SchedulerSide:
 
     def build_connector_meta(self, out: SchedulerOutput) -> KVFabricMetadata:
         self._step += 1
+        self._steps_in_flight.append((time.monotonic(), out.total_num_scheduled_tokens))
         while self._deferred and self._deferred[0][0] <= self._step - _RELEASE_AFTER_STEPS:
             _, lease_ids = self._deferred.pop(0)
             with contextlib.suppress(AgentError):
@@ -470,6 +504,7 @@ class SchedulerSide:
         ``staged``: blocks TP workers wrote this step (or, saving in the background, lately).
         A load failure of a step reaches us no later than that step's saves, so the epochs
         voided by now are final for them: the rest are committed, the voided aborted."""
+        self._step_done()
         if invalid_block_ids:
             self._recompute_from(set(invalid_block_ids))
         if staged or self._undelivered:

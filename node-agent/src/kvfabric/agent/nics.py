@@ -91,6 +91,30 @@ def nearest(devices: list[RdmaDevice], numa_node: int) -> RdmaDevice | None:
     return next((d for d in active if d.numa_node == numa_node), active[0] if active else None)
 
 
+def numa_node_of(cpus: set[int], root: Path = Path("/sys/devices/system/node")) -> int:
+    """The NUMA node holding most of ``cpus`` (the CPUs this agent runs on), -1 when unknown."""
+    best, most = -1, 0
+    for node in sorted(root.glob("node[0-9]*")):
+        listed: set[int] = set()
+        for part in _read(node / "cpulist").split(","):
+            lo, _, hi = part.partition("-")
+            if lo.isdigit():
+                listed.update(range(int(lo), int(hi or lo) + 1))
+        if len(listed & cpus) > most:
+            best, most = int(node.name[4:]), len(listed & cpus)
+    return best
+
+
+def ucx_net_devices(devices: list[RdmaDevice], numa_node: int) -> str:
+    """``UCX_NET_DEVICES`` for RDMA transfers: the active ports of the device nearest
+    ``numa_node`` (e.g. ``mlx5_0:1``), so UCX does not pick a NIC across the socket
+    interconnect; "" when no port is active."""
+    dev = nearest(devices, numa_node)
+    if dev is None:
+        return ""
+    return ",".join(f"{dev.name}:{p.port}" for p in dev.ports if p.state == "ACTIVE")
+
+
 def summary(devices: list[RdmaDevice]) -> dict[str, int | str]:
     """What ``/stats`` says about the NICs."""
     return {

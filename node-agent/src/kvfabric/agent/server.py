@@ -251,6 +251,10 @@ class Agent:
             # Before NIXL creates its UCX context: two network namespaces of one host would
             # otherwise talk through shared memory, and small socket buffers halve TCP throughput.
             os.environ["UCX_TLS"] = st.fabric_ucx_tls
+            if rdma:  # the NIC nearest this agent's CPUs (and so its pool), unless set already
+                near = nics.ucx_net_devices(self.nics, nics.numa_node_of(os.sched_getaffinity(0)))
+                if near:
+                    os.environ.setdefault("UCX_NET_DEVICES", near)
             os.environ.setdefault("UCX_TCP_SNDBUF", "4m")
             os.environ.setdefault("UCX_TCP_RCVBUF", "4m")
             transport = NixlTransport(self.agent_id, pool_regions(self.segment.map))
@@ -1151,6 +1155,7 @@ class Agent:
             **self.remote.summary(),
             **nics.summary(self.nics),
             "fabric_ucx_tls": self.settings.fabric_ucx_tls,
+            "fabric_ucx_net_devices": os.environ.get("UCX_NET_DEVICES", ""),
             "fabric_transport": "nixl" if self.remote.transport is not None else "stream",
             "valkey_up": int(i.up),
             "valkey_published": i.published,
