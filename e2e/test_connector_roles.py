@@ -103,6 +103,38 @@ def test_save_then_load_through_the_pool_and_lost_lease_is_a_load_error(agent: A
         sched.close()
 
 
+def test_a_pool_kept_in_several_files_is_one_range_to_the_agent_and_the_worker(tmp_path: Path) -> None:
+    """``--pool-files 4``: blocks past the first file's 16 MiB land in the others, and a
+    worker maps all four back to back: what it saved, it loads back byte for byte."""
+    n = 9000  # 4 KiB blocks: slots in the first three of four 16 MiB files
+    args = ["--arena-size", "4MiB", "--pool-files", "4", "--no-prefault", "--session-share", "1"]
+    with AgentProcess(tmp_path / "agent", "64MiB", extra_args=args) as agent:
+        keys = chain_keys(list(range(16 * n)), 16, request_seed(["files"]))
+        w, kv = make_worker(agent, num_blocks=n + 1)
+        w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", tuple(range(1, n + 1)), tuple(keys), None)]))
+        assert w.stats.saved_blocks == n
+        parts = sorted(agent.pool_path.parent.glob(agent.pool_path.name + "*"))
+        assert [p.stat().st_size for p in parts] == [16 << 20] * 4
+        with open(parts[2], "rb") as f:  # the third file holds blocks: the range spans files
+            assert any(f.read(1 << 20))
+        sched = AgentClient(str(agent.socket_path), "sched")
+        try:
+            reply = sched.lookup([SPEC.namespace()], keys, 16, lease_id="L")
+            assert w.copier is not None and w.copier.block_bytes == 4096
+            assert reply.hits == n and max(reply.slots[0]) * 4096 > 32 << 20
+            w2, kv2 = make_worker(agent, num_blocks=n + 1)
+            intent = LoadIntent(
+                "r", "L", reply.pool_id, tuple(range(1, n + 1)), tuple(tuple(s) for s in reply.slots)
+            )
+            w2.start_load_kv(KVFabricMetadata(loads=[intent]))
+            assert w2.get_block_ids_with_load_errors() == set()
+            for a, b in zip(kv, kv2, strict=True):
+                assert torch.equal(a[1:], b[1:])
+        finally:
+            sched.close()
+    assert not list(agent.pool_path.parent.glob(agent.pool_path.name + "*"))  # every file removed
+
+
 def test_worker_with_agent_gone_reports_every_load_as_failed(agent: AgentProcess) -> None:
     keys = chain_keys(list(range(32)), 16, request_seed())
     w, _ = make_worker(agent)

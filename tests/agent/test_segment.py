@@ -58,3 +58,22 @@ def test_a_pool_larger_than_the_filesystem_is_refused_either_way(shm_dir: Path) 
     for reserve in (True, False):
         with pytest.raises(PoolError, match="does not fit"):
             Segment(shm_dir / "pool", too_big, reserve=reserve)
+
+
+def test_a_segment_in_several_files_is_one_range_and_replaces_a_crashed_agents_parts(shm_dir: Path) -> None:
+    shm_dir.mkdir()
+    (shm_dir / "pool.7").write_bytes(b"x")  # a part of an earlier, larger pool of a crashed agent
+    seg = Segment(shm_dir / "pool", SIZE, threads=4, parts=4)
+    try:
+        assert sorted(p.name for p in shm_dir.iterdir()) == ["pool", "pool.1", "pool.2", "pool.3"]
+        assert [allocated(p) for p in seg.paths] == [SIZE // 4] * 4  # reserved, each file
+        view = memoryview(seg.map)
+        view[SIZE // 4 - 1 : SIZE // 4 + 1] = b"ab"  # across the first boundary
+        view[SIZE - 1 :] = b"z"
+        assert (shm_dir / "pool").read_bytes()[-1:] == b"a"
+        assert (shm_dir / "pool.1").read_bytes()[:1] == b"b"
+        assert (shm_dir / "pool.3").read_bytes()[-1:] == b"z"
+        del view
+    finally:
+        seg.close()
+    assert not list(shm_dir.iterdir())

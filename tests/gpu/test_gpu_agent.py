@@ -159,8 +159,10 @@ def _layered_engine_body(socket_path: str, conn: Any) -> None:
     conn.send(results)
 
 
-def test_layered_load_orders_the_engine_stream_after_each_layer(tmp_path: Path) -> None:
-    with AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda", "--pin-threads", "8"]) as agent:
+@pytest.mark.parametrize("pool_files", [1, 16])  # 16: 128 MiB files, the 256 MiB saved span three
+def test_layered_load_orders_the_engine_stream_after_each_layer(tmp_path: Path, pool_files: int) -> None:
+    args = ["--cuda", "--pin-threads", "8", "--pool-files", str(pool_files)]
+    with AgentProcess(tmp_path / "agent", "2GiB", extra_args=args) as agent:
         parent, proc = _spawn_engine(agent, _layered_engine_body)
         try:
             assert parent.poll(180), "engine did not finish"

@@ -291,6 +291,9 @@ class HelloReply(_Reply, frozen=True, tag="hello"):
     #: A secret naming this session in a delegated :class:`Commit` (``delegated_commit``): session
     #: ids repeat after an agent restart, tokens do not.
     session_token: str = ""
+    #: Files the pool at ``pool_path`` is kept in, mapped back to back (``pool_path``,
+    #: ``pool_path.1``, ...: :mod:`kvfabric.connector.pool_files`).
+    pool_files: int = 1
 
 
 class NamespaceReply(_Reply, frozen=True, tag="namespace"):

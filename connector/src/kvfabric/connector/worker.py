@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +31,7 @@ from kvfabric.connector.metadata import (
     SaveIntent,
     StagedSave,
 )
+from kvfabric.connector.pool_files import PoolBuffer, advise, map_parts, part_path, part_sizes
 
 if TYPE_CHECKING:
     from kvfabric.connector.cuda_kv import CudaKV
@@ -40,14 +42,14 @@ _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 _PREFAULT_CHUNK = 64 << 20
 
 
-def _prefault(m: mmap.mmap) -> None:
+def _prefault(m: PoolBuffer) -> None:
     """Maps the pool's pages into this process in the background, so the first copies into a
     fresh engine do not take a page fault per 4 KiB. Chunked: the GIL is free between chunks.
     Best effort: a kernel without MADV_POPULATE_WRITE just faults lazily.
     """
     try:
         for start in range(0, len(m), _PREFAULT_CHUNK):
-            m.madvise(_MADV_POPULATE_WRITE, start, min(_PREFAULT_CHUNK, len(m) - start))
+            advise(m, start, min(_PREFAULT_CHUNK, len(m) - start), _MADV_POPULATE_WRITE)
     except (OSError, ValueError):
         pass  # unsupported, or the mapping was replaced meanwhile
 
@@ -103,7 +105,7 @@ class WorkerSide:
         self.cuda: CudaKV | None = None  # set for GPU engines: the agent does the copies
         self.kv_id = 0
         self.pool_id: str | None = None
-        self._map: mmap.mmap | None = None
+        self._map: PoolBuffer | None = None
         self._load_errors: set[int] = set()
         #: Requests a load of which failed: what the forward computed for them on top of the
         #: suspect blocks is never saved (that would poison the pool for every engine).
@@ -222,9 +224,13 @@ class WorkerSide:
             raise AgentRejected("pool", "the agent offers no pool this connector can map")
         else:
             fd = os.open(hello.pool_path, os.O_RDWR if writable else os.O_RDONLY)
+        m: PoolBuffer
         try:
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            m = mmap.mmap(fd, hello.pool_bytes, mmap.MAP_SHARED, prot)
+            if hello.pool_files > 1 and not by_fd:
+                m = self._map_parts(hello, fd, writable)
+            else:
+                prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+                m = mmap.mmap(fd, hello.pool_bytes, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
         self._map = m
@@ -233,6 +239,23 @@ class WorkerSide:
             threading.Thread(target=_prefault, args=(m,), name="kvfabric-prefault", daemon=True).start()
         self.pool_id = hello.pool_id
         log.info("pool mapped", extra={"pool_id": hello.pool_id, "pool_bytes": hello.pool_bytes})
+
+    @staticmethod
+    def _map_parts(hello: p.HelloReply, first: int, writable: bool) -> PoolBuffer:
+        """The pool's files, the first already open, as one range."""
+        sizes = part_sizes(hello.pool_bytes, hello.pool_files)
+        if len(sizes) != hello.pool_files:
+            raise AgentRejected("pool", f"{hello.pool_files} pool files cannot hold {hello.pool_bytes} bytes")
+        fds = [first]
+        try:
+            for i in range(1, len(sizes)):
+                fds.append(
+                    os.open(part_path(Path(hello.pool_path), i), os.O_RDWR if writable else os.O_RDONLY)
+                )
+            return map_parts(fds, sizes, writable)
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)
 
     # -- loads ---------------------------------------------------------------------------------------------
 

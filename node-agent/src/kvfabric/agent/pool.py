@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvfabric.connector.pool_files import PoolBuffer, map_parts, part_path, part_sizes
+
 log = logging.getLogger(__name__)
 
 
@@ -59,16 +61,24 @@ def populate(
     return time.perf_counter() - started
 
 
-def _fallocate(fd: int, size: int, threads: int, chunk: int = 1 << 30) -> None:
-    """Reserves ``size`` bytes, chunks in parallel: on tmpfs reserving means allocating and
+def _fallocate(fds: list[int], sizes: list[int], threads: int, chunk: int = 1 << 30) -> None:
+    """Reserves every file's bytes, chunks in parallel: on tmpfs reserving means allocating and
     zeroing every page, which one thread does at a few GB/s (on the H200 host, 16 threads made a
     64 GiB agent ready 10 s sooner)."""
-    chunks = chunks_of(size, chunk)
-    with ThreadPoolExecutor(max(1, min(threads, len(chunks))), "kvfabric-fallocate") as ex:
-        list(ex.map(lambda c: os.posix_fallocate(fd, c[0], c[1]), chunks))
+    jobs = [(fd, a, n) for fd, size in zip(fds, sizes, strict=True) for a, n in chunks_of(size, chunk)]
+    with ThreadPoolExecutor(max(1, min(threads, len(jobs))), "kvfabric-fallocate") as ex:
+        list(ex.map(lambda j: os.posix_fallocate(*j), jobs))
 
 
-def address_of(buffer: mmap.mmap) -> int:
+def _madvise(address: int, size: int, advice: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(address, size, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def address_of(buffer: PoolBuffer) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
@@ -81,17 +91,29 @@ class PoolDoesNotFit(PoolError):
 
 
 class Segment:
-    """The pool's backing file, reserved up front so an undersized tmpfs fails now, not later."""
+    """The pool's backing files, reserved up front so an undersized tmpfs fails now, not later."""
 
     def __init__(
-        self, path: Path, size: int, huge_pages: bool = False, threads: int = 16, reserve: bool = True
+        self,
+        path: Path,
+        size: int,
+        huge_pages: bool = False,
+        threads: int = 16,
+        reserve: bool = True,
+        parts: int = 1,
     ) -> None:
         """``reserve``: allocate every page now (fallocate). An agent that pins the pool right
         away passes False: pinning touches every page anyway, and on tmpfs the first touch is
         what costs (allocating and zeroing), so reserving first would pay for it in a step
-        that cannot overlap the registration."""
+        that cannot overlap the registration.
+
+        ``parts``: files to keep the pool in (``path``, ``path.1``, ...), mapped back to back
+        (:mod:`kvfabric.connector.pool_files`): faults into one tmpfs file do not run in
+        parallel, faults into several do."""
         self.path = path
         self.size = size
+        self.sizes = part_sizes(size, parts)
+        self.paths = [part_path(path, i) for i in range(len(self.sizes))]
         self.pool_id = uuid.uuid4().hex
         self.prefaulted_bytes = 0
         #: set when the agent stops: background populating and pinning end at their next chunk,
@@ -99,8 +121,10 @@ class Segment:
         self.stopping = threading.Event()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._refuse_if_in_use(path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # stale segment of a crashed agent (a live one holds its lock)
+        # stale segment of a crashed agent (a live one holds its lock), in as many parts as it had
+        for stale in [path, *path.parent.glob(f"{path.name}.[0-9]*")]:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         # Checked before fallocate: on tmpfs an oversized fallocate fills RAM before it fails.
         fs = os.statvfs(path.parent)
         if size > fs.f_bavail * fs.f_frsize:
@@ -108,29 +132,40 @@ class Segment:
                 f"pool of {size} bytes does not fit in {path.parent} "
                 f"({fs.f_bavail * fs.f_frsize} bytes free); lower --pool-size or grow the filesystem"
             )
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+        fds: list[int] = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held while the agent lives
-            os.fchmod(fd, 0o660)  # not the umask's choice: group-member engines open it O_RDWR
-            os.ftruncate(fd, size)
+            for part, part_size in zip(self.paths, self.sizes, strict=True):
+                fds.append(os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660))
+                os.fchmod(fds[-1], 0o660)  # not the umask's choice: group-member engines open it O_RDWR
+                os.ftruncate(fds[-1], part_size)
+            fcntl.flock(fds[0], fcntl.LOCK_SH | fcntl.LOCK_NB)  # held while the agent lives
             try:
                 if reserve:
-                    _fallocate(fd, size, threads)
+                    _fallocate(fds, self.sizes, threads)
             except OSError as exc:
                 raise PoolError(
                     f"cannot reserve {size} bytes for the pool at {path}: {exc.strerror} "
                     f"(is the filesystem large enough? lower --pool-size)"
                 ) from exc
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if len(fds) == 1:
+                self.map: PoolBuffer = mmap.mmap(
+                    fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+                )
+            else:
+                self.map = map_parts(fds, self.sizes, writable=True)
         except BaseException:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            for fd in fds:
+                os.close(fd)
+            for part in self.paths:
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
             raise
-        self._lock_fd = fd  # kept open: its shared lock marks the pool as in use
+        for fd in fds[1:]:
+            os.close(fd)
+        self._lock_fd = fds[0]  # kept open: its shared lock marks the pool as in use
         if huge_pages:
             try:
-                self.map.madvise(mmap.MADV_HUGEPAGE)
+                _madvise(address_of(self.map), size, mmap.MADV_HUGEPAGE)
             except (OSError, AttributeError) as exc:
                 log.warning("huge pages refused for the pool", extra={"reason": str(exc)})
 
@@ -158,11 +193,14 @@ class Segment:
             log.info("pool not prefaulted", extra={"reason": str(exc)})
 
     def close(self) -> None:
-        """Unmaps and removes the segment (engines that still map it keep their pages)."""
-        with contextlib.suppress(BufferError, ValueError):
-            self.map.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        """Unmaps and removes the segment (engines that still map it keep their pages; a
+        several-file range goes when the last view of it does)."""
+        if isinstance(self.map, mmap.mmap):
+            with contextlib.suppress(BufferError, ValueError):
+                self.map.close()
+        for part in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
 

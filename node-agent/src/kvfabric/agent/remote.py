@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import mmap
 import socket
 import ssl
 import time
@@ -42,6 +41,7 @@ from kvfabric.agent.pool import address_of
 from kvfabric.agent.tiering import PROMOTER_SESSION, on_loop
 from kvfabric.agent.transport import TransferFailed, Transport
 from kvfabric.connector import protocol as p
+from kvfabric.connector.pool_files import PoolBuffer
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class RemoteTier:
     def __init__(
         self,
         index: BlockIndex,
-        memory: Callable[[Namespace], mmap.mmap],
+        memory: Callable[[Namespace], PoolBuffer],
         transport: Transport | None,
         *,
         pull_deadline_s: float,
@@ -595,7 +595,7 @@ class RemoteTier:
         return checksums.result()
 
     @staticmethod
-    def _checksums(mem: mmap.mmap, slots: list[int], bb: int) -> list[int]:
+    def _checksums(mem: PoolBuffer, slots: list[int], bb: int) -> list[int]:
         with memoryview(mem) as whole:
             return [xxhash.xxh3_64_intdigest(whole[s * bb : (s + 1) * bb]) for s in slots]
 
@@ -614,5 +614,5 @@ class RemoteTier:
         on_loop(self._loop, fn, *args)
 
 
-def pool_regions(memory: mmap.mmap) -> list[tuple[int, int]]:
+def pool_regions(memory: PoolBuffer) -> list[tuple[int, int]]:
     return [(address_of(memory), len(memory))]

@@ -21,7 +21,6 @@ import gc
 import hmac
 import itertools
 import logging
-import mmap
 import os
 import secrets
 import socket
@@ -48,6 +47,7 @@ from kvfabric.agent.settings import AgentSettings
 from kvfabric.agent.tenancy import TENANT_RE, PeerCredentials, TenantPools, peer_credentials, tenant_of_uid
 from kvfabric.agent.tiering import TierService
 from kvfabric.connector import protocol as p
+from kvfabric.connector.pool_files import PoolBuffer
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +451,7 @@ class Agent:
                     self.settings.huge_pages,
                     threads=self.settings.pin_threads,
                     reserve=not self.settings.cuda,  # pinning populates it (statvfs checked it fits)
+                    parts=1 if self.isolated else self.settings.pool_parts,
                 )
             except PoolDoesNotFit as exc:
                 if time.monotonic() >= deadline:
@@ -959,7 +960,7 @@ class Agent:
                 + " in the registration's namespace",
             )
 
-    def _pool_memory(self, ns: Namespace) -> mmap.mmap:
+    def _pool_memory(self, ns: Namespace) -> PoolBuffer:
         """The mapping that holds ``ns``'s slots: its tenant's own file (isolated tenancy, CPU
         engines), else the shared segment."""
         if self.tenant_pools is not None and not ns.gpu:
@@ -1008,6 +1009,7 @@ class Agent:
             # No path to open with isolated tenancy: the pool comes by descriptor (OpenPool).
             pool_path=str(self.segment.path) if self.segment is not None and not self.isolated else "",
             pool_bytes=self.settings.pool_size,
+            pool_files=len(self.segment.sizes) if self.segment is not None else 1,
             protocol_version=p.PROTOCOL_VERSION,
             features=[*p.FEATURES, p.KV_EVENTS_FEATURE] if self.events is not None else list(p.FEATURES),
             tenant=session.tenant,

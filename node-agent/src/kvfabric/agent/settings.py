@@ -73,6 +73,15 @@ class AgentSettings(BaseSettings):
         description="File backing the pool; engines map it. Put it on a hugetlbfs mount for "
         "huge pages. Removed on clean exit; a stale one from a crashed agent is replaced.",
     )
+    pool_files: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Files the pool is kept in (<pool-path>, <pool-path>.1, ...), mapped back to "
+        "back: faulting pages into one tmpfs file does not scale across threads, into several "
+        "it does (a 64 GiB CUDA pool pins in a third of the time with 16). 0: 16 for --cuda "
+        "pools of 16 GiB or more, else 1. Shared tenancy only.",
+    )
     arena_size: ByteSize = Field(
         default=64 * 1024**2,
         ge=1024**2,
@@ -348,6 +357,19 @@ class AgentSettings(BaseSettings):
     def _nvme(self) -> AgentSettings:
         if (self.nvme_path is None) != (self.nvme_size is None):
             raise ValueError("nvme_path and nvme_size go together (set both, or neither)")
+        return self
+
+    @property
+    def pool_parts(self) -> int:
+        """How many files the pool is kept in (``pool_files``, its default resolved)."""
+        if self.pool_files:
+            return self.pool_files
+        return 16 if self.cuda and self.pool_size >= 16 << 30 else 1
+
+    @model_validator(mode="after")
+    def _pool_files(self) -> AgentSettings:
+        if self.pool_files > 1 and self.tenancy == "isolated":
+            raise ValueError("pool_files serves shared tenancy only (isolated pools are per-tenant files)")
         return self
 
     @model_validator(mode="after")

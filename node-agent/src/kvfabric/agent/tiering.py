@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mmap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from kvfabric.agent.index import BlockIndex, Namespace, normalize_key, scoped
 from kvfabric.agent.nvme import NvmeTier, TierUnavailable
+from kvfabric.connector.pool_files import PoolBuffer
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class TierService:
         directory: Path,
         capacity_bytes: int,
         index: BlockIndex,
-        memory: Callable[[Namespace], mmap.mmap],
+        memory: Callable[[Namespace], PoolBuffer],
         *,
         threads: int,
         queue_blocks: int,
