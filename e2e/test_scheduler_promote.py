@@ -97,11 +97,10 @@ def step(tokens: int) -> SimpleNamespace:
     """A scheduled step of ``tokens`` computed tokens and no requests of ours."""
     cached = SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[])
     return SimpleNamespace(
-        total_num_scheduled_tokens=tokens,
         preempted_req_ids=set(),
         scheduled_new_reqs=[],
         scheduled_cached_reqs=cached,
-        num_scheduled_tokens={},
+        num_scheduled_tokens={"other-engine-request": tokens},  # none of ours
     )
 
 

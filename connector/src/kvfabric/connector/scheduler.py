@@ -410,7 +410,7 @@ class SchedulerSide:
 
     def build_connector_meta(self, out: SchedulerOutput) -> KVFabricMetadata:
         self._step += 1
-        self._steps_in_flight.append((time.monotonic(), out.total_num_scheduled_tokens))
+        self._steps_in_flight.append((time.monotonic(), sum(out.num_scheduled_tokens.values())))
         while self._deferred and self._deferred[0][0] <= self._step - _RELEASE_AFTER_STEPS:
             _, lease_ids = self._deferred.pop(0)
             with contextlib.suppress(AgentError):
