@@ -658,3 +658,46 @@ def test_agents_of_a_sharing_pool_pull_only_from_peers_the_services_endpointslic
     until(lambda: get(cluster, "role", account, "-n", ns) is None, what="GC of Role")
     for pod in ("agent-a", "agent-b"):
         cluster.kubectl("delete", "pod", pod, "-n", ns, "--grace-period=0", "--force", check=False)
+
+
+def test_a_pool_with_its_own_valkey_gets_it_from_the_operator_on_a_real_apiserver(
+    cluster: k8s_cluster.ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spec.fabric.valkey: the apiserver takes the StatefulSet, its Service and NetworkPolicy and
+    the password Secret; the real StatefulSet controller makes the Valkey pod from them (no
+    kubelet runs it here: the test node has no cluster DNS, by which agents reach it); a resync
+    keeps the password; deleting the pool collects all of it."""
+    from kubernetes import config as kube_config
+
+    from kvfabric.operator import reconcile
+
+    monkeypatch.setattr(kube_config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(cluster.kubeconfig))
+    kube_config.load_kube_config(config_file=str(cluster.kubeconfig))
+    name, ns = "ownvalkey", "kvfabric"
+    spec = {"memory": {"size": "1Gi"}, "remoteSharing": True, "fabric": {"valkey": {"memory": "512Mi"}}}
+    cluster.kubectl("apply", "-f", "-", input=pool_manifest(name, spec))
+    pool = until(lambda: get(cluster, "kvcachepool", name, "-n", ns), what="pool")
+    uid = pool["metadata"]["uid"]
+    images = reconcile.AgentImages("a:t", "a:t-cuda", "vk:t")
+    objects, why = reconcile.validate(ns, name, uid, spec, images)
+    assert not why
+    reconcile.apply_pool(ns, name, uid, spec, objects)
+    child = f"kvfabric-{name}-valkey"
+    secret = get(cluster, "secret", child, "-n", ns)
+    assert secret is not None and {"password", "url"} <= set(secret["data"])
+    pod = until(lambda: get(cluster, "pod", f"{child}-0", "-n", ns), what="the Valkey pod")
+    assert pod["spec"]["containers"][0]["image"] == "vk:t"
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "kvfabric-valkey"
+    assert get(cluster, "networkpolicy", child, "-n", ns) is not None
+    svc = get(cluster, "service", child, "-n", ns)
+    assert svc is not None and svc["spec"]["ports"][0]["port"] == 6379
+    ds = get(cluster, "daemonset", f"kvfabric-{name}-agent", "-n", ns)
+    assert ds is not None
+    env = {e["name"]: e for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KVFABRIC_FABRIC_VALKEY"]["valueFrom"]["secretKeyRef"] == {"name": child, "key": "url"}
+    reconcile.apply_pool(ns, name, uid, spec, objects)  # a resync
+    again = get(cluster, "secret", child, "-n", ns)
+    assert again is not None and again["data"] == secret["data"]  # the same password
+    cluster.kubectl("delete", "kvcachepool", name, "-n", ns, "--wait=true")
+    until(lambda: get(cluster, "statefulset", child, "-n", ns) is None, what="GC of the StatefulSet")
+    until(lambda: get(cluster, "secret", child, "-n", ns) is None, what="GC of the Secret")

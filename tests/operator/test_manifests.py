@@ -1,6 +1,7 @@
 """What a KVCachePool turns into (pure builders; e2e/test_k8s_kubelet.py runs them on a real node)."""
 
 import base64
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from kvfabric.operator.manifests import (
     issued_tls_secret,
     service,
     spec_hash,
+    valkey_password_secret,
 )
 from kvfabric.operator.spec import KVCachePoolSpec
 
@@ -316,7 +318,8 @@ def test_routing_publishes_kv_events_on_service_ports_and_names_agents_after_the
             {"remoteSharing": True, "fabric": {"valkeyURL": "valkey://v:6379/0"}, "tenancy": "perNamespace"},
             "shared tenancy",
         ),
-        ({"fabric": {}}, "exactly one of valkeyURL and valkeySecret"),
+        ({"fabric": {}}, "exactly one of valkeyURL, valkeySecret and valkey"),
+        ({"fabric": {"valkeyURL": "valkey://v:6379/0", "valkey": {}}}, "exactly one of"),
         ({"fabric": {"valkeyURL": "redis://v"}}, "pattern"),
     ],
 )
@@ -354,3 +357,66 @@ def test_a_sharing_pool_without_a_tls_secret_gets_operator_issued_certificates_o
         v["name"] == "fabric-tls"
         for v in daemonset("ml", "pool-a", "uid-1", off, IMAGE)["spec"]["template"]["spec"]["volumes"]
     )
+
+
+def test_a_pool_can_run_its_own_valkey_reachable_only_from_its_agents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from e2e.agent import free_port
+    from e2e.valkey import valkey_binary
+
+    spec = KVCachePoolSpec.model_validate(
+        {"memory": {"size": "8Gi"}, "remoteSharing": True, "fabric": {"valkey": {"memory": "256Mi"}}}
+    )
+    built = {
+        (c["kind"], c["metadata"]["name"]): c for c in children("ml", "pool-a", "uid-1", spec, IMAGE, "vk:1")
+    }
+    sts = built[("StatefulSet", "kvfabric-pool-a-valkey")]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "vk:1" and container["resources"]["limits"]["memory"] == str(256 << 20)
+    assert sts["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == "kvfabric-valkey"
+    # the agents' Service does not select it: the Valkey pod is no peer
+    agents = built[("Service", "kvfabric-pool-a-agents")]["spec"]["selector"]
+    assert not set(agents.items()) <= set(sts["spec"]["template"]["metadata"]["labels"].items())
+    policy = built[("NetworkPolicy", "kvfabric-pool-a-valkey")]["spec"]
+    assert policy["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": agents}}], "ports": [{"protocol": "TCP", "port": 6379}]}
+    ]
+    # the agents get its URL from the Secret the operator writes, never from the ConfigMap
+    secret = valkey_password_secret("ml", "pool-a", "uid-1", spec)
+    assert secret is not None
+    url = secret["stringData"]["url"]
+    assert url.startswith("valkey://:") and url.endswith("@kvfabric-pool-a-valkey.ml.svc:6379/0")
+    assert "KVFABRIC_FABRIC_VALKEY" not in configmap("ml", "pool-a", "uid-1", spec)["data"]
+    pod = built[("DaemonSet", "kvfabric-pool-a-agent")]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["KVFABRIC_FABRIC_VALKEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "kvfabric-pool-a-valkey", "key": "url"}
+    }
+    assert valkey_password_secret("ml", "pool-a", "uid-1", SPEC) is None
+    # the container's arguments start a real valkey-server, which takes the password and no other
+    port = free_port()
+    args = [a.replace("$(VALKEY_PASSWORD)", secret["stringData"]["password"]) for a in container["args"]]
+    args[args.index("--port") + 1], args[args.index("--bind") + 1] = str(port), "127.0.0.1"
+    args[args.index("--dir") + 1] = str(tmp_path)
+    server = subprocess.Popen([valkey_binary(), *args], stdout=subprocess.DEVNULL)
+    try:
+        import valkey
+
+        local = url.replace("kvfabric-pool-a-valkey.ml.svc:6379", f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 10
+        while True:  # until it listens
+            try:
+                assert valkey.Valkey.from_url(local).ping()
+                break
+            except valkey.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        with pytest.raises(valkey.AuthenticationError):
+            valkey.Valkey.from_url(f"valkey://127.0.0.1:{port}/0").set("k", "v")
+        assert valkey.Valkey.from_url(local).config_get("maxmemory")["maxmemory"] == str((256 << 20) * 4 // 5)
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -28,7 +28,7 @@ def build(settings: OperatorSettings) -> tuple[kopf.OperatorRegistry, kopf.Opera
     kopf.on.login(registry=registry)(kopf.login_via_client)
     reconcile.register(
         registry,
-        reconcile.AgentImages(settings.agent_image, settings.agent_cuda_image),
+        reconcile.AgentImages(settings.agent_image, settings.agent_cuda_image, settings.valkey_image),
         settings.resync_seconds,
     )
     return registry, kopf.OperatorSettings()

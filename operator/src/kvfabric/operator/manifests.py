@@ -24,13 +24,18 @@ import hashlib
 import json
 import math
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 from kvfabric.agent.settings import AgentSettings, parse_bytes
+from kvfabric.operator import __version__
 from kvfabric.operator.certs import pool_certificates
 from kvfabric.operator.spec import GROUP, KIND, VERSION, KVCachePoolSpec
 
+#: The Valkey image of pools that deploy one without naming an image (the operator's setting
+#: overrides it): built by scripts/k8s/build-images.sh valkey.
+DEFAULT_VALKEY_IMAGE = f"kvfabric/valkey:{__version__}"
 RUN_DIR = "/kvfabric/run"
 SHM_DIR = "/kvfabric/shm"
 SOCKET_PATH = f"{RUN_DIR}/agent.sock"
@@ -145,6 +150,19 @@ def _meta(namespace: str, name: str, uid: str, suffix: str) -> Body:
     }
 
 
+def valkey_url_secret(spec: KVCachePoolSpec, name: str) -> Body | None:
+    """The Secret key the agents' Valkey URL comes from (credentials stay out of ConfigMaps):
+    the user's, or the one the operator writes for a Valkey it runs; None: a plain valkeyURL."""
+    f = spec.fabric
+    if f is None:
+        return None
+    if f.valkey is not None:
+        return {"name": f"kvfabric-{name}-valkey", "key": "url"}
+    if f.valkey_secret is not None:
+        return {"name": f.valkey_secret.name, "key": f.valkey_secret.key}
+    return None
+
+
 def service_name(name: str) -> str:
     """The agents' headless Service (:func:`service`)."""
     return f"kvfabric-{name}-agents"
@@ -159,7 +177,7 @@ def configmap(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Bod
             k: v
             for k, v in agent_settings(spec, namespace, name).to_env().items()
             # from its Secret (the daemonset's env), never in a ConfigMap
-            if not (k == "KVFABRIC_FABRIC_VALKEY" and spec.fabric is not None and spec.fabric.valkey_secret)
+            if not (k == "KVFABRIC_FABRIC_VALKEY" and valkey_url_secret(spec, name) is not None)
         },
     }
 
@@ -248,8 +266,8 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "KVFABRIC_FABRIC_ADVERTISE", "value": f"$(POD_IP):{f.port}"},
         ]
-        if f.valkey_secret is not None:
-            ref = {"name": f.valkey_secret.name, "key": f.valkey_secret.key}
+        ref = valkey_url_secret(spec, name)
+        if ref is not None:
             env.append({"name": "KVFABRIC_FABRIC_VALKEY", "valueFrom": {"secretKeyRef": ref}})
         tls_secret = f.tls_secret_name(name)
         if tls_secret is not None:
@@ -423,12 +441,141 @@ def issued_tls_secret(namespace: str, name: str, uid: str, spec: KVCachePoolSpec
     }
 
 
-def children(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> list[Body]:
-    """Everything the operator applies for one pool, in apply order (certificates are not
-    among them: see :func:`issued_tls_secret`)."""
+VALKEY_PORT = 6379
+
+
+def valkey_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kvfabric-valkey", "kvfabric.io/pool": name}
+
+
+def valkey_password_secret(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Body | None:
+    """The password of the Valkey the operator runs for the pool, and the agents' URL with it;
+    None when it runs none. Created once and kept, like the certificates."""
+    f = spec.fabric
+    if f is None or f.valkey is None or not sharing(spec):
+        return None
+    password = secrets.token_urlsafe(32)
+    host = f"kvfabric-{name}-valkey.{namespace}.svc"
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(namespace, name, uid, "-valkey"),
+        "type": "Opaque",
+        "stringData": {"password": password, "url": f"valkey://:{password}@{host}:{VALKEY_PORT}/0"},
+    }
+
+
+def valkey_objects(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, image: str) -> list[Body]:
+    """A Valkey for the pool's block index: one replica without persistence (agents publish again
+    into an empty one), its Service, and a NetworkPolicy that admits only the pool's agents."""
+    assert spec.fabric is not None and spec.fabric.valkey is not None
+    v = spec.fabric.valkey
+    memory = parse_bytes(v.memory)
+    meta = {**_meta(namespace, name, uid, "-valkey"), "labels": valkey_labels(name)}
+    password = {"secretKeyRef": {"name": meta["name"], "key": "password"}}
+    container: Body = {
+        "name": "valkey",
+        "image": v.image or image,
+        "command": ["valkey-server"],
+        "args": [
+            "--port",
+            str(VALKEY_PORT),
+            "--bind",
+            "0.0.0.0",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/data",
+            "--requirepass",
+            "$(VALKEY_PASSWORD)",
+            "--maxmemory",
+            str(memory * 4 // 5),
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ],
+        "env": [{"name": "VALKEY_PASSWORD", "valueFrom": password}],
+        "ports": [{"name": "valkey", "containerPort": VALKEY_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": "valkey"}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": "valkey"}, "periodSeconds": 10},
+        "resources": {
+            "requests": {"cpu": "250m", "memory": str(memory)},
+            "limits": {"memory": str(memory)},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "securityContext": {
+            "runAsUser": AGENT_UID,
+            "runAsGroup": AGENT_UID,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    statefulset = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": meta,
+        "spec": {
+            "serviceName": meta["name"],
+            "replicas": 1,
+            "selector": {"matchLabels": valkey_labels(name)},
+            "template": {
+                "metadata": {"labels": valkey_labels(name)},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{"name": "data", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "selector": valkey_labels(name),
+            "ports": [{"name": "valkey", "port": VALKEY_PORT, "targetPort": "valkey", "protocol": "TCP"}],
+        },
+    }
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta,
+        "spec": {
+            "podSelector": {"matchLabels": valkey_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": labels(name)}}],
+                    "ports": [{"protocol": "TCP", "port": VALKEY_PORT}],
+                }
+            ],
+        },
+    }
+    return [statefulset, svc, policy]
+
+
+def children(
+    namespace: str,
+    name: str,
+    uid: str,
+    spec: KVCachePoolSpec,
+    agent_image: str,
+    valkey_image: str = DEFAULT_VALKEY_IMAGE,
+) -> list[Body]:
+    """Everything the operator applies for one pool, in apply order (its Secrets are not among
+    them: see :func:`issued_tls_secret` and :func:`valkey_password_secret`)."""
     out = [configmap(namespace, name, uid, spec)]
     if sharing(spec):
         out += agent_rbac(namespace, name, uid)
+        if spec.fabric is not None and spec.fabric.valkey is not None:
+            out += valkey_objects(namespace, name, uid, spec, valkey_image)
     out += [daemonset(namespace, name, uid, spec, agent_image), service(namespace, name, uid, spec)]
     if sharing(spec):
         out.append(network_policy(namespace, name, uid, spec))

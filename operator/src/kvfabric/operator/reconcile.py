@@ -27,7 +27,13 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from kvfabric.operator.manifests import children, invalid_name, issued_tls_secret
+from kvfabric.operator.manifests import (
+    DEFAULT_VALKEY_IMAGE,
+    children,
+    invalid_name,
+    issued_tls_secret,
+    valkey_password_secret,
+)
 from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,7 @@ def _apply(body: dict[str, Any]) -> None:
         "Role": (rbac.create_namespaced_role, rbac.replace_namespaced_role),
         "RoleBinding": (rbac.create_namespaced_role_binding, rbac.replace_namespaced_role_binding),
         "DaemonSet": (apps.create_namespaced_daemon_set, apps.replace_namespaced_daemon_set),
+        "StatefulSet": (apps.create_namespaced_stateful_set, apps.replace_namespaced_stateful_set),
         "NetworkPolicy": (net.create_namespaced_network_policy, net.replace_namespaced_network_policy),
     }[kind]
     try:
@@ -127,25 +134,27 @@ def _apply(body: dict[str, Any]) -> None:
         replace(name, ns, body)
 
 
-def ensure_certificates(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> None:
-    """Creates the pool's operator-issued agent certificates unless they exist: they are kept
-    (a new CA on every reconcile would split running agents from new ones)."""
+def ensure_secrets(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> None:
+    """Creates the pool's operator-made Secrets (agent certificates, its Valkey's password)
+    unless they exist: they are kept (a new CA or password on every reconcile would split
+    running agents from new ones)."""
     core = client.CoreV1Api()
-    secret_name = f"kvfabric-{name}-fabric-tls"
-    try:
-        core.read_namespaced_secret(secret_name, namespace)
-        return
-    except ApiException as exc:
-        if exc.status != 404:
-            raise kopf.TemporaryError(f"reading Secret {secret_name}: {exc.reason}", delay=10) from exc
-    body = issued_tls_secret(namespace, name, uid, spec)
-    if body is None:
-        return
-    try:
-        core.create_namespaced_secret(namespace, body)
-    except ApiException as exc:
-        if exc.status != 409:  # 409: another reconcile made it first; that one stands
-            raise kopf.TemporaryError(f"creating Secret {secret_name}: {exc.reason}", delay=10) from exc
+    for suffix, make in (("-fabric-tls", issued_tls_secret), ("-valkey", valkey_password_secret)):
+        secret_name = f"kvfabric-{name}{suffix}"
+        try:
+            core.read_namespaced_secret(secret_name, namespace)
+            continue
+        except ApiException as exc:
+            if exc.status != 404:
+                raise kopf.TemporaryError(f"reading Secret {secret_name}: {exc.reason}", delay=10) from exc
+        body = make(namespace, name, uid, spec)
+        if body is None:
+            continue
+        try:
+            core.create_namespaced_secret(namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: another reconcile made it first; that one stands
+                raise kopf.TemporaryError(f"creating Secret {secret_name}: {exc.reason}", delay=10) from exc
 
 
 def pool_status(
@@ -188,10 +197,12 @@ def pool_status(
 
 
 class AgentImages(NamedTuple):
-    """The operator's agent images, for pools that do not pin ``spec.image``."""
+    """The operator's agent images, for pools that do not pin ``spec.image``, and the Valkey
+    image of pools whose Valkey it runs."""
 
     cpu: str
     cuda: str
+    valkey: str = DEFAULT_VALKEY_IMAGE
 
 
 def validate(
@@ -205,7 +216,8 @@ def validate(
         # The spec model and the agent's own settings model (via the manifests) both decide:
         # a size the CRD pattern allows may still be below the agent's minimum pool.
         model = KVCachePoolSpec.model_validate(dict(spec))
-        return children(namespace, name, uid, model, images.cuda if model.cuda else images.cpu), ""
+        agent_image = images.cuda if model.cuda else images.cpu
+        return children(namespace, name, uid, model, agent_image, images.valkey), ""
     except ValidationError as exc:
         return [], "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
@@ -213,9 +225,9 @@ def validate(
 def apply_pool(
     namespace: str, name: str, uid: str, spec: Mapping[str, Any], objects: list[dict[str, Any]]
 ) -> None:
-    """Applies a valid pool's children (from :func:`validate`), its certificates first: the
-    agents' pods mount them."""
-    ensure_certificates(namespace, name, uid, KVCachePoolSpec.model_validate(dict(spec)))
+    """Applies a valid pool's children (from :func:`validate`), its Secrets first: the pods
+    mount them."""
+    ensure_secrets(namespace, name, uid, KVCachePoolSpec.model_validate(dict(spec)))
     for child in objects:
         _apply(child)
 

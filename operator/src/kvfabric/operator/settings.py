@@ -41,6 +41,12 @@ class OperatorSettings(BaseSettings):
         description="Agent image of cuda pools that do not pin spec.image (CuPy and the CUDA "
         "libraries it needs; the chart's agent.image with -cuda appended).",
     )
+    valkey_image: str = Field(
+        default=f"kvfabric/valkey:{__version__}",
+        min_length=1,
+        description="Image of the Valkey the operator runs for pools with spec.fabric.valkey that "
+        "name no image (the chart's valkey.image).",
+    )
     resync_seconds: float = Field(
         default=60.0,
         gt=0,

@@ -68,6 +68,25 @@ class SecretKey(_Model):
     key: str = Field(min_length=1, description="The key in it.")
 
 
+class DeployedValkey(_Model):
+    """A Valkey the operator runs for the pool: one replica, no persistence (agents publish
+    everything again when it restarts empty), a password of its own, reachable only from the
+    pool's agents."""
+
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Its image (default: the operator's kvfabric/valkey of its version, built by "
+        "scripts/k8s/build-images.sh valkey; any valkey-server image with the binary on PATH "
+        "as valkey-server works).",
+    )
+    memory: Quantity = Field(
+        default="1Gi",
+        description="Its memory limit; Valkey evicts least recently used entries at 80% of it "
+        "(about 160 bytes per block and namespace: 1Gi holds about 5 million).",
+    )
+
+
 class Fabric(_Model):
     """How the agents of a pool share blocks (``remoteSharing: true``)."""
 
@@ -82,6 +101,11 @@ class Fabric(_Model):
         default=None,
         alias="valkeySecret",
         description="A Secret key holding the Valkey URL with its credentials.",
+    )
+    valkey: DeployedValkey | None = Field(
+        default=None,
+        description="Run the pool's Valkey (a StatefulSet kvfabric-<pool>-valkey and its Service) "
+        "instead of naming one with valkeyURL or valkeySecret.",
     )
     port: int = Field(default=7450, ge=1024, le=65535, description="The agents' port for each other's pulls.")
     tls_secret: str | None = Field(
@@ -103,8 +127,8 @@ class Fabric(_Model):
 
     @model_validator(mode="after")
     def _one_valkey(self) -> Fabric:
-        if (self.valkey_url is None) == (self.valkey_secret is None):
-            raise ValueError("fabric needs exactly one of valkeyURL and valkeySecret")
+        if sum(x is not None for x in (self.valkey_url, self.valkey_secret, self.valkey)) != 1:
+            raise ValueError("fabric needs exactly one of valkeyURL, valkeySecret and valkey")
         return self
 
     def tls_secret_name(self, pool: str) -> str | None:
