@@ -22,16 +22,18 @@ land late (a partitioned link holds a transfer in progress), so its slots stay r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 import xxhash
@@ -44,6 +46,7 @@ from kvfabric.connector import protocol as p
 from kvfabric.connector.pool_files import PoolBuffer
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MAX_PULL_BLOCKS = 8192
 #: A streamed pull of at least twice this many blocks goes over two connections in parallel (one
@@ -56,6 +59,8 @@ PEER_BACKOFF_S = (0.5, 30.0)
 #: starting; after it, one pull measures the link again (it may have recovered).
 SLOW_LINK_S = 10.0
 _MAX_FRAME = 4 << 20
+#: A peer connection that sends no request this long is closed (its serving thread is freed).
+IDLE_CONNECTION_S = 30.0
 
 
 class PullRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -209,7 +214,12 @@ class RemoteTier:
         self._hash_threads = threads
         self._streams = ThreadPoolExecutor(threads, "kvfabric-pull-stream")
         self._closing = False
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._server_tls: ssl.SSLContext | None = None
+        #: one thread per peer connection being served (more wait for one to end)
+        self._servers = ThreadPoolExecutor(max(4, 2 * threads), "kvfabric-serve-conn")
+        self._connections: set[socket.socket] = set()
         self.peers: dict[str, PeerStats] = {}
         #: peer -> (failures in a row, not asked before this monotonic time)
         self._backoff: dict[str, tuple[int, float]] = {}
@@ -224,18 +234,29 @@ class RemoteTier:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> None:
+        """Listens for the peers' pulls. Served by threads, not the loop: a stream sends from
+        pool memory with blocking ``sendall`` (one core per connection; on the loop every
+        connection's bytes went through one thread), and only the index's part (holding blocks)
+        runs on the loop."""
         self._loop = asyncio.get_running_loop()
-        ctx = self.tls.server() if self.tls is not None else None
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=ctx)
+        self._server_tls = self.tls.server() if self.tls is not None else None
+        self._listener = socket.create_server((host, port), backlog=64, reuse_port=False)
+        self._acceptor = threading.Thread(target=self._accept, name="kvfabric-fabric-accept", daemon=True)
+        self._acceptor.start()
 
     async def stop(self) -> None:
         self._closing = True
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
         loop = asyncio.get_running_loop()
-        for pool in (self._pullers, self._writers, self._hashers, self._streams):
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        for conn in list(self._connections):  # serving threads blocked in a read end now
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self._acceptor is not None:
+            await loop.run_in_executor(None, self._acceptor.join, 10)
+        for pool in (self._pullers, self._writers, self._hashers, self._streams, self._servers):
             await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True, cancel_futures=True))
         if self.transport is not None:
             self.transport.close()
@@ -398,10 +419,18 @@ class RemoteTier:
         if reply.streamed:  # the bytes follow, straight into the slots, then their checksums
             n = min(reply.streamed, len(slots))
             whole = memoryview(mem)
+            landed = []
             for s in slots[:n]:
-                _recv_into(sock, whole[s * bb : (s + 1) * bb], deadline)
+                block = whole[s * bb : (s + 1) * bb]
+                _recv_into(sock, block, deadline)
+                # hashed as it lands, while its bytes are still in the cache (a pass over the
+                # whole pull afterwards read them all again from memory, after the last byte)
+                landed.append(xxhash.xxh3_64_intdigest(block))
             reply = _recv(sock, PullReply)
             assert isinstance(reply, PullReply)
+            if reply.error:
+                log.info("a peer could not serve a pull", extra={"error": reply.error})
+            return self._matching(landed, reply.checksums)
         if reply.error:
             log.info("a peer could not serve a pull", extra={"error": reply.error})
         return self._verified(ns, slots, reply.checksums)
@@ -415,10 +444,13 @@ class RemoteTier:
         parts = [
             self._hashers.submit(self._checksums, mem, slots[i : i + step], bb) for i in range(0, n, step)
         ]
-        landed = [c for part in parts for c in part.result()]
-        good = next(
-            (i for i, (got, want) in enumerate(zip(landed, checksums, strict=False)) if got != want), n
-        )
+        return self._matching([c for part in parts for c in part.result()], checksums)
+
+    def _matching(self, landed: list[int], checksums: list[int]) -> int:
+        """How many leading ``landed`` checksums are the holder's."""
+        n = min(len(landed), len(checksums))
+        pairs = zip(landed, checksums, strict=False)
+        good = next((i for i, (got, want) in enumerate(pairs) if got != want), n)
         if good < n:
             self.stats.pull_bad_blocks += 1
         return good
@@ -477,34 +509,61 @@ class RemoteTier:
             first, longest = PEER_BACKOFF_S
             self._backoff[peer] = (failures, time.monotonic() + min(longest, first * 2 ** (failures - 1)))
 
-    # -- holder (loop, then a writer thread) ------------------------------------------------
+    # -- holder (a thread per connection; holding blocks on the loop) ------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._closing:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed: the agent stops
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._servers.submit(self._serve, conn)
+
+    def _serve(self, raw: socket.socket) -> None:
+        """One peer connection: pull requests until it closes (or sends something malformed)."""
+        conn = raw
+        self._connections.add(raw)
         try:
+            if self._server_tls is not None:
+                raw.settimeout(10.0)  # a handshake that never comes does not hold the thread
+                conn = self._server_tls.wrap_socket(raw, server_side=True)
             while not self._closing:
+                conn.settimeout(IDLE_CONNECTION_S)  # requesters connect per pull: idle ones go
                 try:
-                    head = await reader.readexactly(p.HEADER.size)
-                except (asyncio.IncompleteReadError, ConnectionError):
+                    request = _recv(conn, PullRequest)
+                except (ConnectionError, msgspec.DecodeError, msgspec.ValidationError):
                     return
-                (n,) = p.HEADER.unpack(head)
-                if n > _MAX_FRAME:
-                    return
-                try:
-                    request = msgspec.msgpack.decode(await reader.readexactly(n), type=PullRequest)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    return
+                assert isinstance(request, PullRequest)
                 if request.stream:
-                    await self._serve_stream(request, writer)
-                    continue
-                writer.write(_frame(await self._serve_one(request)))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                    self._serve_stream(request, conn)
+                else:
+                    conn.sendall(_frame(self._serve_one(request)))
+        except (OSError, ssl.SSLError):
             return
         finally:
-            writer.close()
+            self._connections.discard(raw)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _on_loop_wait(self, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)`` run on the loop (which owns the index), its result here."""
+        assert self._loop is not None
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:  # handed to the waiting thread
+                done.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return done.result(timeout=30)
 
     def _hold(self, request: PullRequest) -> tuple[Namespace | None, list[tuple[int, int]]]:
-        """The request's namespace and its leading committed blocks, pinned: (slot, generation)."""
+        """(On the loop) the request's namespace and its leading committed blocks, pinned:
+        (slot, generation)."""
         ns = self.index.namespaces.get(scoped(request.tenant, request.namespace))
         if ns is None or ns.block_bytes != request.block_bytes:
             return None, []
@@ -516,65 +575,64 @@ class RemoteTier:
             held.append((slot, self.index.hold(ns, slot)))
         return ns, held
 
-    async def _serve_stream(self, request: PullRequest, writer: asyncio.StreamWriter) -> None:
-        """Sends the held blocks' bytes from pool memory, hashing them meanwhile (pinned: the
-        bytes hashed are the bytes sent), then their checksums; gives up at the deadline."""
-        ns, held = self._hold(request)
+    def _served(self, ns: Namespace, held: list[tuple[int, int]], blocks: int, ok: bool) -> None:
+        """(On the loop) the pins of a served pull end; its counts."""
+        for slot, gen in held:
+            self.index.unhold(ns, slot, gen)
+        if ok:
+            self.stats.served_blocks += blocks
+            self.stats.served_bytes += blocks * ns.block_bytes
+        else:
+            self.stats.serve_failures += 1
+
+    def _serve_stream(self, request: PullRequest, conn: socket.socket) -> None:
+        """Sends the held blocks' bytes from pool memory, each hashed just before it goes
+        (pinned: the bytes hashed are the bytes sent; the send's copy then reads them from the
+        cache), then their checksums; gives up at the deadline."""
+        deadline = time.monotonic() + request.deadline_ms / 1000
+        ns, held = self._on_loop_wait(self._hold, request)
         if ns is None or not held:
-            writer.write(_frame(PullReply(checksums=[], error="not held")))
-            await writer.drain()
+            conn.sendall(_frame(PullReply(checksums=[], error="not held")))
             return
         slots, bb = [slot for slot, _ in held], ns.block_bytes
-        mem = self.memory(ns)
-        loop = asyncio.get_running_loop()
+        ok = False
         try:
-            hashing = loop.run_in_executor(self._hashers, self._checksums, mem, slots, bb)
-
-            async def send() -> list[int]:
-                writer.write(_frame(PullReply(checksums=[], streamed=len(slots))))
-                whole = memoryview(mem)
+            conn.sendall(_frame(PullReply(checksums=[], streamed=len(slots))))
+            checksums = []
+            with memoryview(self.memory(ns)) as whole:
                 for slot in slots:
-                    writer.write(whole[slot * bb : (slot + 1) * bb])
-                    await writer.drain()  # the loop serves others while the socket drains
-                return await hashing
-
-            checksums = await asyncio.wait_for(send(), max(0.0, request.deadline_ms / 1000))
-            writer.write(_frame(PullReply(checksums=checksums)))
-            await writer.drain()
-        except (TimeoutError, ConnectionError) as exc:
-            self.stats.serve_failures += 1
+                    block = whole[slot * bb : (slot + 1) * bb]
+                    checksums.append(xxhash.xxh3_64_intdigest(block))
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("stream past its deadline")
+                    conn.settimeout(left)
+                    conn.sendall(block)
+            conn.sendall(_frame(PullReply(checksums=checksums)))
+            ok = True
+        except OSError as exc:  # TimeoutError among them
             log.info("serving a pull failed", extra={"peer": request.requester, "error": str(exc)})
-            writer.close()  # mid-stream: the requester must not read on
-            raise ConnectionError("stream abandoned") from exc
+            raise ConnectionError("stream abandoned") from exc  # mid-stream: the connection goes
         finally:
-            for slot, gen in held:
-                self.index.unhold(ns, slot, gen)
-        self.stats.served_blocks += len(slots)
-        self.stats.served_bytes += len(slots) * bb
+            self._on_loop(self._served, ns, held, len(slots), ok)
 
-    async def _serve_one(self, request: PullRequest) -> PullReply:
+    def _serve_one(self, request: PullRequest) -> PullReply:
         if self.transport is None:
             return PullReply(checksums=[], error="this agent sends blocks as a stream (no NIXL)")
         if len(request.dst) != len(request.keys):
             return PullReply(checksums=[], error="one destination per key")
-        ns, held = self._hold(request)
+        deadline = time.monotonic() + request.deadline_ms / 1000
+        ns, held = self._on_loop_wait(self._hold, request)
         if ns is None or not held:
             return PullReply(checksums=[], error="not held")
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + request.deadline_ms / 1000
+        checksums: list[int] = []
         try:
-            checksums = await loop.run_in_executor(
-                self._writers, self._write, ns, request, [s for s, _ in held], deadline
-            )
+            checksums = self._write(ns, request, [s for s, _ in held], deadline)
         except TransferFailed as exc:
-            self.stats.serve_failures += 1
             log.info("serving a pull failed", extra={"peer": request.requester, "error": str(exc)})
             return PullReply(checksums=[], error=str(exc))
         finally:
-            for slot, gen in held:
-                self.index.unhold(ns, slot, gen)
-        self.stats.served_blocks += len(checksums)
-        self.stats.served_bytes += len(checksums) * ns.block_bytes
+            self._on_loop(self._served, ns, held, len(checksums), bool(checksums))
         return PullReply(checksums=checksums)
 
     def _write(self, ns: Namespace, request: PullRequest, slots: list[int], deadline: float) -> list[int]:
