@@ -76,10 +76,22 @@ def test_daemonset_places_agents_and_shares_host_dirs_per_pool() -> None:
     }
 
 
-def test_rdma_adds_only_ipc_lock() -> None:
-    spec = SPEC.model_copy(update={"rdma": SPEC.rdma.model_copy(update={"enabled": True})})
+def test_rdma_adds_ipc_lock_the_device_resource_and_ucxs_rdma_transports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rdma = {"enabled": True, "resourceName": "rdma/rdma_shared_device_a"}
+    spec = KVCachePoolSpec.model_validate({**SPEC.model_dump(by_alias=True), "rdma": rdma})
     (container,) = daemonset("ml", "p", "u", spec, IMAGE)["spec"]["template"]["spec"]["containers"]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert container["resources"]["limits"]["rdma/rdma_shared_device_a"] == "1"
+    for key, value in configmap("ml", "p", "u", spec)["data"].items():
+        monkeypatch.setenv(key, value)
+    settings = AgentSettings()
+    # NIXL over RDMA where the agent finds an active port (auto), TCP streams where it finds none
+    assert settings.fabric_ucx_tls == "rc,tcp" and settings.fabric_transport == "auto"
+    (plain,) = daemonset("ml", "p", "u", SPEC, IMAGE)["spec"]["template"]["spec"]["containers"]
+    assert "add" not in plain["securityContext"]["capabilities"]
+    assert "rdma/rdma_shared_device_a" not in plain["resources"]["limits"]
 
 
 def test_a_spec_change_rolls_the_agents() -> None:

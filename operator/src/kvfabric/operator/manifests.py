@@ -135,6 +135,8 @@ def agent_settings(spec: KVCachePoolSpec, namespace: str = "default", name: str 
         fabric_tls_cert=Path(f"{FABRIC_TLS_DIR}/tls.crt") if tls else None,
         fabric_tls_key=Path(f"{FABRIC_TLS_DIR}/tls.key") if tls else None,
         fabric_tls_ca=Path(f"{FABRIC_TLS_DIR}/ca.crt") if tls else None,
+        # RDMA: NIXL over UCX's RDMA transports where a port is active (auto), TCP streams where not
+        fabric_ucx_tls=spec.rdma.ucx_tls if spec.rdma.enabled else "tcp",
         kv_events_endpoint=f"tcp://*:{routing.events_port}" if routing is not None else None,
         kv_events_replay_endpoint=f"tcp://*:{routing.replay_port}" if routing is not None else None,
         kv_events_topic=routing.topic if routing is not None else "kv@{node}@{model}",
@@ -235,8 +237,11 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
     pool_bytes = parse_bytes(spec.memory.size)
     memory = pool_bytes + parse_bytes(spec.resources.memory_overhead)  # the pool is charged to the agent
     capabilities: Body = {"drop": ["ALL"]}
+    rdma_device: Body = {}
     if spec.rdma.enabled:  # pinning memory for RDMA registration needs IPC_LOCK, nothing more
         capabilities["add"] = ["IPC_LOCK"]
+        if spec.rdma.resource_name is not None:
+            rdma_device[spec.rdma.resource_name] = "1"
     env: list[Body] = []
     volumes: list[Body] = [
         {"name": "run", "hostPath": {"path": run_dir, "type": "DirectoryOrCreate"}},
@@ -289,8 +294,8 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
         "resources": {
-            "requests": {"cpu": spec.resources.cpu, "memory": str(memory)},
-            "limits": {"cpu": spec.resources.cpu, "memory": str(memory)},
+            "requests": {"cpu": spec.resources.cpu, "memory": str(memory), **rdma_device},
+            "limits": {"cpu": spec.resources.cpu, "memory": str(memory), **rdma_device},
         },
         "volumeMounts": mounts,
         "securityContext": {

@@ -58,8 +58,23 @@ class Nvme(_Model):
 class Rdma(_Model):
     enabled: bool = Field(
         default=False,
-        description="Pull blocks from peers over RDMA where NICs exist. Reserved: only grants the "
-        "agent IPC_LOCK (to pin memory) so far.",
+        description="Pull blocks from peers over RDMA where NICs exist (with remoteSharing): the "
+        "agents get IPC_LOCK (to pin memory for registration), UCX's RDMA transports (ucxTLS) and "
+        "the device resource; each agent moves blocks with NIXL when it finds an active RDMA port "
+        "and over TCP when not (said in its /stats).",
+    )
+    ucx_tls: str = Field(
+        default="rc,tcp",
+        alias="ucxTLS",
+        pattern=r"^[a-z0-9_,]+$",
+        description="UCX transports the agents' NIXL uses (UCX_TLS) when RDMA is enabled.",
+    )
+    resource_name: str | None = Field(
+        default=None,
+        alias="resourceName",
+        min_length=1,
+        description="The extended resource of the node's RDMA device plugin the agents request "
+        "one of (e.g. rdma/rdma_shared_device_a): it gives the pod /dev/infiniband.",
     )
 
 
