@@ -77,7 +77,14 @@ python_image() {
   if fresh "$name" "$key"; then echo "$name: up to date"; return; fi
   echo ">> $name image"
   repo_wheels
-  dependency_wheels deps wheels/repo/*.whl
+  # the repository's wheels, with the extras the image installs ($pkg's, e.g. kvfabric-agent[events])
+  local extras="" wheel
+  case "$pkg" in *"["*) extras="[${pkg#*[}" ;; esac
+  local wanted=()
+  for wheel in wheels/repo/*.whl; do
+    case "$wheel" in *"/$(echo "${pkg%%[*}" | tr - _)-"*) wanted+=("$wheel$extras") ;; *) wanted+=("$wheel") ;; esac
+  done
+  dependency_wheels deps "${wanted[@]}"
   rm -rf "root-$name" && cp -a base "root-$name"
   # the image's user has a name (getpass and kopf's peering ask for it; distroless calls it nonroot)
   echo "nonroot:x:${user%%:*}:${user##*:}:nonroot:/nonexistent:/usr/sbin/nologin" >>"root-$name/etc/passwd"
@@ -151,7 +158,9 @@ for image in "${@:-pause agent operator engine}"; do
   for one in $image; do
     case "$one" in
       pause) pause_image ;;
-      agent) base_rootfs; python_image agent kvfabric-agent '["/opt/kvfabric/bin/kvfabric-agent"]' 65532:65532 ;;
+      # [events]: pyzmq, for spec.routing's KV events. Not [fabric]: its Valkey client needs
+      # async-timeout on the image's Python 3.11.2, which the package index here lacks.
+      agent) base_rootfs; python_image agent 'kvfabric-agent[events]' '["/opt/kvfabric/bin/kvfabric-agent"]' 65532:65532 ;;
       operator) base_rootfs; python_image operator kvfabric-operator '["/opt/kvfabric/bin/kvfabric-operator"]' 65532:65532 ;;
       engine) base_rootfs; engine_image ;;
       valkey) base_rootfs; valkey_image ;;  # not in the default set: the tests run Valkey on the host
