@@ -193,50 +193,17 @@ def test_a_link_slower_than_the_deadline_costs_one_late_pull_then_none(
 
 
 def _certs(tmp: Path, pool: str) -> tuple[Path, Path, Path]:
-    """A CA for ``pool`` and one certificate it signed (cert, key, ca) in PEM."""
-    import datetime
+    """A CA for ``pool`` and one certificate it signed (cert, key, ca) in PEM: what the operator
+    issues a pool's agents."""
+    from kvfabric.operator.certs import pool_certificates
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{pool} CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{pool} agent")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(ca_key, hashes.SHA256())
-    )
     out = tmp / pool
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    os.chmod(out / "key.pem", 0o600)
-    return out / "cert.pem", out / "key.pem", out / "ca.pem"
+    paths = out / "cert.pem", out / "key.pem", out / "ca.pem"
+    for path, pem in zip(paths, pool_certificates(pool, days=1), strict=True):
+        path.write_bytes(pem)
+    os.chmod(paths[1], 0o600)
+    return paths
 
 
 def _tls(paths: tuple[Path, Path, Path]) -> list[str]:
@@ -285,6 +252,21 @@ def test_an_agent_whose_fabric_cannot_start_serves_local_hits_and_says_why(tmp_p
             )
 
 
+def assert_index_state(a: AgentProcess, tag: str, up: int) -> None:
+    """Blocks saved on ``a`` are local hits either way; its Valkey index answers (and holds them)
+    exactly when ``up``."""
+    keys = chain_keys(list(range(32)), 16, request_seed([tag]))
+    write_blocks(a, keys, 1)
+    assert pull(a, keys)[0] == len(keys)
+    wait_until(
+        "the index's state known",
+        lambda: a.stats()["valkey_published"] + a.stats()["valkey_failures"] > 0,
+        5,
+    )
+    stats = a.stats()
+    assert stats["valkey_up"] == up and (stats["valkey_published"] >= len(keys)) == bool(up)
+
+
 def test_a_valkey_with_a_password_is_used_with_it_and_a_wrong_one_costs_only_remote_hits(
     tmp_path: Path,
 ) -> None:
@@ -299,16 +281,7 @@ def test_a_valkey_with_a_password_is_used_with_it_and_a_wrong_one_costs_only_rem
             with AgentProcess(
                 tmp_path / f"agent{up}", "64MiB", extra_args=["--arena-size", "4MiB", *extra]
             ) as a:
-                keys = chain_keys(list(range(32)), 16, request_seed([f"auth{up}"]))
-                write_blocks(a, keys, 1)
-                assert pull(a, keys)[0] == len(keys)
-                wait_until(
-                    "the index's state known",
-                    lambda a=a: a.stats()["valkey_published"] + a.stats()["valkey_failures"] > 0,
-                    5,
-                )
-                stats = a.stats()
-                assert stats["valkey_up"] == up and (stats["valkey_published"] >= len(keys)) == bool(up)
+                assert_index_state(a, f"auth{up}", up)
 
 
 class _TLSFront:
@@ -385,16 +358,7 @@ def test_a_valkey_behind_tls_is_used_only_with_its_ca(tmp_path: Path) -> None:
                 extra = ["--fabric-valkey", url, "--fabric-listen", f"127.0.0.1:{free_port()}"]
                 args = ["--arena-size", "4MiB", *extra]
                 with AgentProcess(tmp_path / f"agent{up}", "64MiB", extra_args=args) as a:
-                    keys = chain_keys(list(range(32)), 16, request_seed([f"tls{up}"]))
-                    write_blocks(a, keys, 1)
-                    assert pull(a, keys)[0] == len(keys)
-                    wait_until(
-                        "the index's state known",
-                        lambda a=a: a.stats()["valkey_published"] + a.stats()["valkey_failures"] > 0,
-                        5,
-                    )
-                    stats = a.stats()
-                    assert stats["valkey_up"] == up and (stats["valkey_published"] >= len(keys)) == bool(up)
+                    assert_index_state(a, f"tls{up}", up)
             assert front.handshakes_failed >= 1  # the client refused the server it could not verify
             import valkey
 

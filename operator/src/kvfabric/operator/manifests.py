@@ -230,6 +230,18 @@ def prepare_dirs(image: str, nvme: bool = False) -> Body:
     return chown_init("prepare-dirs", image, mounts)
 
 
+def restricted_container(capabilities: Body) -> Body:
+    """A container's security context: the image's non-root user, read-only root, no escalation."""
+    return {
+        "runAsUser": AGENT_UID,
+        "runAsGroup": AGENT_UID,
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": capabilities,
+    }
+
+
 def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_image: str) -> Body:
     """``agent_image``: the operator's agent image, used unless the pool pins ``spec.image``."""
     run_dir, shm_dir = host_dirs(namespace, name)
@@ -298,14 +310,7 @@ def daemonset(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, agent_
             "limits": {"cpu": spec.resources.cpu, "memory": str(memory), **rdma_device},
         },
         "volumeMounts": mounts,
-        "securityContext": {
-            "runAsUser": AGENT_UID,
-            "runAsGroup": AGENT_UID,
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": capabilities,
-        },
+        "securityContext": restricted_container(capabilities),
     }
     runtime_class = spec.runtime_class_name or (GPU_RUNTIME_CLASS if spec.cuda else None)
     return {
@@ -511,14 +516,7 @@ def valkey_objects(namespace: str, name: str, uid: str, spec: KVCachePoolSpec, i
             "limits": {"memory": str(memory)},
         },
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-        "securityContext": {
-            "runAsUser": AGENT_UID,
-            "runAsGroup": AGENT_UID,
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": restricted_container({"drop": ["ALL"]}),
     }
     statefulset = {
         "apiVersion": "apps/v1",
