@@ -14,6 +14,8 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
          pool new and empty, tier kept) from the tier, waiting for every block
          (``promote_wait_ms`` 10 s) and with the default wait (500 ms: what is not in the pool by
          then is recomputed); cold TTFT without a connector in the same run.
+  cold   where the cold path's cost is: no connector (before and after), KVFabric, KVFabric with
+         saves off, with loads off; fresh prompts for each engine.
   peers  vLLM's native CPU offloading (prefix caching on; hits forced out of the GPU cache by
          other prompts) and PegaFlow (``pegaflow-llm-cu13``, prefix caching off), same prompts.
 
@@ -299,6 +301,33 @@ def phase_ours(b: Bench, pool: str, compare_whole: bool) -> None:
     )
 
 
+def phase_cold(b: Bench, pool: str) -> None:
+    """Where the cold path's cost is: TTFT of prompts no tier holds, without a connector (before
+    and after, for drift), with KVFabric, with its saves off (lookups only) and with its loads off
+    (saves only). Each engine gets prompts of its own (a pool holding the previous engine's
+    prompts would turn them into hits)."""
+    agent = AgentProcess(b.tmp / "agent", pool, extra_args=["--cuda"]).start(timeout=600)
+    cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000}
+    variants: list[tuple[str, dict[str, Any] | None]] = [
+        ("none", None),
+        ("kvfabric", cfg),
+        ("kvfabric_no_save", {**cfg, "save": False}),
+        ("kvfabric_no_load", {**cfg, "load": False}),
+        ("none_again", None),
+    ]
+    try:
+        for i, (label, connector) in enumerate(variants):
+            e = b.engine(label, "kvfabric" if connector else "none", connector=connector)
+            b.ttft(e, b.warmup)
+            b.record(f"cold_{label}", summary(b.ttft(e, prompts(len(b.timed), seed=100 + i))))
+            close(e)
+    finally:
+        agent.cleanup()
+    r = b.results
+    base = (r["cold_none"]["mean_ms"] + r["cold_none_again"]["mean_ms"]) / 2
+    b.record("ratios_to_none", {k: round(r[f"cold_{k}"]["mean_ms"] / base, 3) for k, _ in variants})
+
+
 def phase_nvme(b: Bench, pool: str, nvme_dir: Path) -> None:
     flags = [
         "--cuda",
@@ -462,7 +491,7 @@ def phase_peers(b: Bench, pega_pool: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["ours", "peers", "nvme"])
+    ap.add_argument("phase", choices=["ours", "peers", "nvme", "cold"])
     ap.add_argument(
         "--nvme-dir", type=Path, default=None, help="nvme: the tier's directory (default: under --out)"
     )
@@ -495,6 +524,8 @@ def main() -> None:
             phase_ours(b, args.pool, args.compare_whole)
         elif args.phase == "nvme":
             phase_nvme(b, args.pool, args.nvme_dir or args.out / "nvme")
+        elif args.phase == "cold":
+            phase_cold(b, args.pool)
         else:
             phase_peers(b, args.pega_pool)
     finally:
