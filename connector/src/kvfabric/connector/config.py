@@ -44,7 +44,9 @@ class ConnectorConfig(BaseModel):
         description="How long a request waits, at most, for blocks the agent reads from its NVMe "
         "tier into the pool (vLLM schedules other requests meanwhile); past it the request goes on "
         "with the hits already in the pool and computes the rest. It does not wait at all when the "
-        "agent expects the blocks later than that (a disk slower than recomputing). 0: never wait.",
+        "agent expects the blocks later than that, nor when this engine, at its measured prefill "
+        "rate, computes them sooner than they would arrive (a disk or link slower than "
+        "recomputing). 0: never wait.",
     )
     handoff_wait_ms: int = Field(
         default=3000,
