@@ -22,7 +22,6 @@ land late (a partitioned link holds a transfer in progress), so its slots stay r
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -209,7 +208,6 @@ class RemoteTier:
         self._pulling: set[tuple[str, bytes]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pullers = ThreadPoolExecutor(threads, "kvfabric-pull")
-        self._writers = ThreadPoolExecutor(threads, "kvfabric-serve")
         self._hashers = ThreadPoolExecutor(threads, "kvfabric-hash")  # xxhash frees the GIL
         self._hash_threads = threads
         self._streams = ThreadPoolExecutor(threads, "kvfabric-pull-stream")
@@ -256,7 +254,7 @@ class RemoteTier:
                 conn.shutdown(socket.SHUT_RDWR)
         if self._acceptor is not None:
             await loop.run_in_executor(None, self._acceptor.join, 10)
-        for pool in (self._pullers, self._writers, self._hashers, self._streams, self._servers):
+        for pool in (self._pullers, self._hashers, self._streams, self._servers):
             await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True, cancel_futures=True))
         if self.transport is not None:
             self.transport.close()
@@ -303,7 +301,7 @@ class RemoteTier:
                 jobs.append((ns, wanted[:run], slots[:run]))
                 self._pulling.update((scoped(ns.tenant, ns.name), k) for k in wanted[:run])
         if run:
-            self._peer(peer).queued_bytes += sum(len(k) * ns.block_bytes for ns, k, _ in jobs)
+            self._peer(peer).queued_bytes += _jobs_bytes(jobs)
             self._pullers.submit(self._pull, peer, jobs, time.monotonic() + self.pull_deadline_s)
         return run
 
@@ -416,6 +414,7 @@ class RemoteTier:
         sock.sendall(_frame(request))
         reply = _recv(sock, PullReply)
         assert isinstance(reply, PullReply)
+        landed: list[int] | None = None
         if reply.streamed:  # the bytes follow, straight into the slots, then their checksums
             n = min(reply.streamed, len(slots))
             whole = memoryview(mem)
@@ -428,11 +427,10 @@ class RemoteTier:
                 landed.append(xxhash.xxh3_64_intdigest(block))
             reply = _recv(sock, PullReply)
             assert isinstance(reply, PullReply)
-            if reply.error:
-                log.info("a peer could not serve a pull", extra={"error": reply.error})
-            return self._matching(landed, reply.checksums)
         if reply.error:
             log.info("a peer could not serve a pull", extra={"error": reply.error})
+        if landed is not None:
+            return self._matching(landed, reply.checksums)
         return self._verified(ns, slots, reply.checksums)
 
     def _verified(self, ns: Namespace, slots: list[int], checksums: list[int]) -> int:
@@ -468,9 +466,9 @@ class RemoteTier:
         self.settled += 1
         ps = self._peer(peer)
         ps.pulls += 1
-        ps.queued_bytes = max(0, ps.queued_bytes - sum(len(k) * ns.block_bytes for ns, k, _ in jobs))
+        ps.queued_bytes = max(0, ps.queued_bytes - _jobs_bytes(jobs))
         if connect_s:
-            ps.connect_s = connect_s if not ps.connect_s else 0.7 * ps.connect_s + 0.3 * connect_s
+            ps.connect_s = _moving_average(ps.connect_s, connect_s)
         good = min((r[3] for r in results), default=0) if len(results) == len(jobs) else 0
         moved = 0
         for ns, keys, _slots in jobs:
@@ -492,8 +490,8 @@ class RemoteTier:
             self.stats.pulled_blocks += good * len(jobs)
             self.stats.pulled_bytes += moved
             rate = moved / max(seconds, 1e-6)
-            self.rate = rate if not self.rate else 0.7 * self.rate + 0.3 * rate
-            ps.rate = rate if not ps.rate else 0.7 * ps.rate + 0.3 * rate
+            self.rate = _moving_average(self.rate, rate)
+            ps.rate = _moving_average(ps.rate, rate)
             ps.pulled_bytes += moved
             self._backoff.pop(peer, None)
             self._slow.pop(peer, None)
@@ -501,7 +499,7 @@ class RemoteTier:
             self.stats.pull_failures += 1
             ps.failures += 1
             if timed_out:  # less than what was asked arrived in the time: assume half of it did
-                asked = sum(len(keys) * ns.block_bytes for ns, keys, _ in jobs) / max(seconds, 1e-6) / 2
+                asked = _jobs_bytes(jobs) / max(seconds, 1e-6) / 2
                 self.rate = min(self.rate, asked) if self.rate else asked
                 ps.rate = min(ps.rate, asked) if ps.rate else asked
                 self._slow[peer] = (asked, time.monotonic() + SLOW_LINK_S)
@@ -550,16 +548,11 @@ class RemoteTier:
     def _on_loop_wait(self, fn: Callable[..., _T], *args: object) -> _T:
         """``fn(*args)`` run on the loop (which owns the index), its result here."""
         assert self._loop is not None
-        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
-        def run() -> None:
-            try:
-                done.set_result(fn(*args))
-            except BaseException as exc:  # handed to the waiting thread
-                done.set_exception(exc)
+        async def run() -> _T:
+            return fn(*args)
 
-        self._loop.call_soon_threadsafe(run)
-        return done.result(timeout=30)
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
 
     def _hold(self, request: PullRequest) -> tuple[Namespace | None, list[tuple[int, int]]]:
         """(On the loop) the request's namespace and its leading committed blocks, pinned:
@@ -670,6 +663,16 @@ class RemoteTier:
 
     def _on_loop(self, fn: Callable[..., None], *args: object) -> None:
         on_loop(self._loop, fn, *args)
+
+
+def _jobs_bytes(jobs: list[tuple[Namespace, list[bytes], list[int]]]) -> int:
+    """Bytes a pull's jobs (namespace, keys, slots) move."""
+    return sum(len(keys) * ns.block_bytes for ns, keys, _ in jobs)
+
+
+def _moving_average(old: float, sample: float) -> float:
+    """The estimates' moving average (the first sample stands alone)."""
+    return sample if not old else 0.7 * old + 0.3 * sample
 
 
 def pool_regions(memory: PoolBuffer) -> list[tuple[int, int]]:
