@@ -95,10 +95,14 @@ def map_parts(fds: list[int], sizes: list[int], writable: bool) -> memoryview:
 PoolBuffer = mmap.mmap | memoryview
 
 
-def advise(buf: PoolBuffer, start: int, length: int, advice: int) -> None:
-    """``madvise`` on ``[start, start + length)`` of a writable pool buffer (either kind);
-    through ctypes, so the GIL is free meanwhile. Raises OSError."""
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    if _libc.madvise(address + start, length, advice) != 0:
+def madvise(address: int, length: int, advice: int) -> None:
+    """``madvise`` through ctypes, so the GIL is free meanwhile (CPython's ``mmap.madvise``
+    holds it: threads populating a pool would run one at a time). Raises OSError."""
+    if _libc.madvise(address, length, advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def advise(buf: PoolBuffer, start: int, length: int, advice: int) -> None:
+    """:func:`madvise` on ``[start, start + length)`` of a writable pool buffer (either kind)."""
+    madvise(ctypes.addressof(ctypes.c_char.from_buffer(buf)) + start, length, advice)

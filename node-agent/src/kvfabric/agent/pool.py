@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvfabric.connector.pool_files import PoolBuffer, map_parts, part_path, part_sizes
+from kvfabric.connector.pool_files import PoolBuffer, advise, madvise, map_parts, part_path, part_sizes
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,16 @@ def populate(
     """Faults every page of ``[address, address + size)`` in (tmpfs allocates and zeroes a page
     at its first touch), one thread per chunk. Through ctypes, so the threads really run in
     parallel: CPython's ``mmap.madvise`` holds the GIL. Returns seconds; raises OSError."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     chunks = chunks_of(size, chunk)
     started = time.perf_counter()
 
     def one(c: tuple[int, int]) -> None:
         if stop is not None and stop.is_set():
             return  # the agent is stopping: the mapping is about to go
-        if libc.madvise(address + c[0], c[1], MADV_POPULATE_WRITE) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"populating the pool failed: {os.strerror(err)}")
+        try:
+            madvise(address + c[0], c[1], MADV_POPULATE_WRITE)
+        except OSError as exc:
+            raise OSError(exc.errno, f"populating the pool failed: {exc.strerror}") from exc
 
     with ThreadPoolExecutor(max(1, threads), "kvfabric-populate") as ex:
         list(ex.map(one, chunks))
@@ -68,14 +67,6 @@ def _fallocate(fds: list[int], sizes: list[int], threads: int, chunk: int = 1 <<
     jobs = [(fd, a, n) for fd, size in zip(fds, sizes, strict=True) for a, n in chunks_of(size, chunk)]
     with ThreadPoolExecutor(max(1, min(threads, len(jobs))), "kvfabric-fallocate") as ex:
         list(ex.map(lambda j: os.posix_fallocate(*j), jobs))
-
-
-def _madvise(address: int, size: int, advice: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(address, size, advice) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def address_of(buffer: PoolBuffer) -> int:
@@ -165,7 +156,7 @@ class Segment:
         self._lock_fd = fds[0]  # kept open: its shared lock marks the pool as in use
         if huge_pages:
             try:
-                _madvise(address_of(self.map), size, mmap.MADV_HUGEPAGE)
+                advise(self.map, 0, size, mmap.MADV_HUGEPAGE)
             except (OSError, AttributeError) as exc:
                 log.warning("huge pages refused for the pool", extra={"reason": str(exc)})
 
