@@ -524,14 +524,14 @@ def test_agents_of_a_sharing_pool_pull_only_from_peers_the_services_endpointslic
     cluster.kubectl("apply", "-f", "-", input=pool_manifest(name, spec))
     pool = until(lambda: get(cluster, "kvcachepool", name, "-n", ns), what="pool")
     uid = pool["metadata"]["uid"]
-    objects, why = reconcile.validate(ns, name, uid, spec, reconcile.AgentImages("a:t", "a:t-cuda"))
-    assert not why
-    reconcile.apply_pool(ns, name, uid, spec, objects)  # what the operator's handler does
+    plan = reconcile.validate(ns, name, uid, spec, reconcile.AgentImages("a:t", "a:t-cuda"))
+    assert not plan.why
+    reconcile.apply_pool(ns, name, uid, plan)  # what the operator's handler does
     account = manifests.agent_account(name)
     secret = until(
         lambda: get(cluster, "secret", f"kvfabric-{name}-fabric-tls", "-n", ns), what="certificates"
     )
-    reconcile.apply_pool(ns, name, uid, spec, objects)  # a resync keeps the certificates
+    reconcile.apply_pool(ns, name, uid, plan)  # a resync keeps the certificates
     again = get(cluster, "secret", f"kvfabric-{name}-fabric-tls", "-n", ns)
     assert again is not None and again["data"] == secret["data"]
     # the agents' token, from the token controller's secret for their service account
@@ -679,9 +679,9 @@ def test_a_pool_with_its_own_valkey_gets_it_from_the_operator_on_a_real_apiserve
     pool = until(lambda: get(cluster, "kvcachepool", name, "-n", ns), what="pool")
     uid = pool["metadata"]["uid"]
     images = reconcile.AgentImages("a:t", "a:t-cuda", "vk:t")
-    objects, why = reconcile.validate(ns, name, uid, spec, images)
-    assert not why
-    reconcile.apply_pool(ns, name, uid, spec, objects)
+    plan = reconcile.validate(ns, name, uid, spec, images)
+    assert not plan.why
+    reconcile.apply_pool(ns, name, uid, plan)
     child = f"kvfabric-{name}-valkey"
     secret = get(cluster, "secret", child, "-n", ns)
     assert secret is not None and {"password", "url"} <= set(secret["data"])
@@ -695,7 +695,7 @@ def test_a_pool_with_its_own_valkey_gets_it_from_the_operator_on_a_real_apiserve
     assert ds is not None
     env = {e["name"]: e for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KVFABRIC_FABRIC_VALKEY"]["valueFrom"]["secretKeyRef"] == {"name": child, "key": "url"}
-    reconcile.apply_pool(ns, name, uid, spec, objects)  # a resync
+    reconcile.apply_pool(ns, name, uid, plan)  # a resync
     again = get(cluster, "secret", child, "-n", ns)
     assert again is not None and again["data"] == secret["data"]  # the same password
     cluster.kubectl("delete", "kvcachepool", name, "-n", ns, "--wait=true")

@@ -25,6 +25,7 @@ import json
 import math
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ def valkey_url_secret(spec: KVCachePoolSpec, name: str) -> Body | None:
     if f is None:
         return None
     if f.valkey is not None:
-        return {"name": f"kvfabric-{name}-valkey", "key": "url"}
+        return {"name": valkey_name(name), "key": "url"}
     if f.valkey_secret is not None:
         return {"name": f.valkey_secret.name, "key": f.valkey_secret.key}
     return None
@@ -433,12 +434,45 @@ def agent_rbac(namespace: str, name: str, uid: str) -> list[Body]:
     ]
 
 
-def issued_tls_secret(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Body | None:
-    """The Secret of the agents' operator-issued certificates, or None (none to issue). Created
-    once and kept: :func:`kvfabric.operator.reconcile` never replaces it."""
+def issues_certificates(spec: KVCachePoolSpec) -> bool:
+    """The operator makes the agents' certificates (a sharing pool that names no tlsSecret)."""
     f = spec.fabric
-    if f is None or not sharing(spec) or f.tls_secret is not None or not f.issue_certificates:
-        return None
+    return sharing(spec) and f is not None and f.tls_secret is None and f.issue_certificates
+
+
+def runs_valkey(spec: KVCachePoolSpec) -> bool:
+    """The operator runs the pool's Valkey (``spec.fabric.valkey``)."""
+    return sharing(spec) and spec.fabric is not None and spec.fabric.valkey is not None
+
+
+def valkey_name(name: str) -> str:
+    """The Valkey the operator runs for pool ``name``: its StatefulSet, Service, NetworkPolicy
+    and password Secret."""
+    return f"kvfabric-{name}-valkey"
+
+
+def operator_secrets(
+    namespace: str, name: str, uid: str, spec: KVCachePoolSpec
+) -> list[tuple[str, Callable[[], Body]]]:
+    """The Secrets the operator makes for the pool, (name, maker) each: made once and kept
+    (:func:`kvfabric.operator.reconcile.ensure_secrets`), never among the applied children."""
+    out: list[tuple[str, Callable[[], Body]]] = []
+    f = spec.fabric
+    if f is not None and issues_certificates(spec):
+        tls = f.tls_secret_name(name)
+        assert tls is not None
+        out.append((tls, lambda: _issued_tls_secret(namespace, name, uid)))
+    if runs_valkey(spec):
+        out.append((valkey_name(name), lambda: _valkey_password_secret(namespace, name, uid)))
+    return out
+
+
+def issued_tls_secret(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Body | None:
+    """The Secret of the agents' operator-issued certificates, or None (none to issue)."""
+    return _issued_tls_secret(namespace, name, uid) if issues_certificates(spec) else None
+
+
+def _issued_tls_secret(namespace: str, name: str, uid: str) -> Body:
     cert, key, ca = pool_certificates(f"{namespace}.{name}")
     return {
         "apiVersion": "v1",
@@ -460,12 +494,13 @@ def valkey_labels(name: str) -> dict[str, str]:
 
 def valkey_password_secret(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> Body | None:
     """The password of the Valkey the operator runs for the pool, and the agents' URL with it;
-    None when it runs none. Created once and kept, like the certificates."""
-    f = spec.fabric
-    if f is None or f.valkey is None or not sharing(spec):
-        return None
+    None when it runs none."""
+    return _valkey_password_secret(namespace, name, uid) if runs_valkey(spec) else None
+
+
+def _valkey_password_secret(namespace: str, name: str, uid: str) -> Body:
     password = secrets.token_urlsafe(32)
-    host = f"kvfabric-{name}-valkey.{namespace}.svc"
+    host = f"{valkey_name(name)}.{namespace}.svc"
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -573,12 +608,12 @@ def children(
     valkey_image: str = DEFAULT_VALKEY_IMAGE,
 ) -> list[Body]:
     """Everything the operator applies for one pool, in apply order (its Secrets are not among
-    them: see :func:`issued_tls_secret` and :func:`valkey_password_secret`)."""
+    them: see :func:`operator_secrets`)."""
     out = [configmap(namespace, name, uid, spec)]
     if sharing(spec):
         out += agent_rbac(namespace, name, uid)
-        if spec.fabric is not None and spec.fabric.valkey is not None:
-            out += valkey_objects(namespace, name, uid, spec, valkey_image)
+    if runs_valkey(spec):
+        out += valkey_objects(namespace, name, uid, spec, valkey_image)
     out += [daemonset(namespace, name, uid, spec, agent_image), service(namespace, name, uid, spec)]
     if sharing(spec):
         out.append(network_policy(namespace, name, uid, spec))

@@ -27,13 +27,7 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from kvfabric.operator.manifests import (
-    DEFAULT_VALKEY_IMAGE,
-    children,
-    invalid_name,
-    issued_tls_secret,
-    valkey_password_secret,
-)
+from kvfabric.operator.manifests import DEFAULT_VALKEY_IMAGE, children, invalid_name, operator_secrets
 from kvfabric.operator.spec import GROUP, PLURAL, VERSION, KVCachePoolSpec
 
 log = logging.getLogger(__name__)
@@ -135,23 +129,19 @@ def _apply(body: dict[str, Any]) -> None:
 
 
 def ensure_secrets(namespace: str, name: str, uid: str, spec: KVCachePoolSpec) -> None:
-    """Creates the pool's operator-made Secrets (agent certificates, its Valkey's password)
-    unless they exist: they are kept (a new CA or password on every reconcile would split
-    running agents from new ones)."""
+    """Creates the operator-made Secrets the pool needs (agent certificates, its Valkey's
+    password) unless they exist: they are kept (a new CA or password on every reconcile would
+    split running agents from new ones). A pool that needs none costs no API call."""
     core = client.CoreV1Api()
-    for suffix, make in (("-fabric-tls", issued_tls_secret), ("-valkey", valkey_password_secret)):
-        secret_name = f"kvfabric-{name}{suffix}"
+    for secret_name, make in operator_secrets(namespace, name, uid, spec):
         try:
             core.read_namespaced_secret(secret_name, namespace)
             continue
         except ApiException as exc:
             if exc.status != 404:
                 raise kopf.TemporaryError(f"reading Secret {secret_name}: {exc.reason}", delay=10) from exc
-        body = make(namespace, name, uid, spec)
-        if body is None:
-            continue
         try:
-            core.create_namespaced_secret(namespace, body)
+            core.create_namespaced_secret(namespace, make())
         except ApiException as exc:
             if exc.status != 409:  # 409: another reconcile made it first; that one stands
                 raise kopf.TemporaryError(f"creating Secret {secret_name}: {exc.reason}", delay=10) from exc
@@ -205,30 +195,35 @@ class AgentImages(NamedTuple):
     valkey: str = DEFAULT_VALKEY_IMAGE
 
 
-def validate(
-    namespace: str, name: str, uid: str, spec: Mapping[str, Any], images: AgentImages
-) -> tuple[list[dict[str, Any]], str]:
-    """(the children to apply, "") or ([], why the pool cannot be reconciled)."""
+class Plan(NamedTuple):
+    """What :func:`validate` makes of a pool: its children and its parsed spec, or why not."""
+
+    objects: list[dict[str, Any]]
+    why: str = ""
+    spec: KVCachePoolSpec | None = None
+
+
+def validate(namespace: str, name: str, uid: str, spec: Mapping[str, Any], images: AgentImages) -> Plan:
+    """The children to apply, or (``why``) why the pool cannot be reconciled."""
     why = invalid_name(name)
     if why:
-        return [], why
+        return Plan([], why)
     try:
         # The spec model and the agent's own settings model (via the manifests) both decide:
         # a size the CRD pattern allows may still be below the agent's minimum pool.
         model = KVCachePoolSpec.model_validate(dict(spec))
         agent_image = images.cuda if model.cuda else images.cpu
-        return children(namespace, name, uid, model, agent_image, images.valkey), ""
+        return Plan(children(namespace, name, uid, model, agent_image, images.valkey), spec=model)
     except ValidationError as exc:
-        return [], "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return Plan([], "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
 
-def apply_pool(
-    namespace: str, name: str, uid: str, spec: Mapping[str, Any], objects: list[dict[str, Any]]
-) -> None:
+def apply_pool(namespace: str, name: str, uid: str, plan: Plan) -> None:
     """Applies a valid pool's children (from :func:`validate`), its Secrets first: the pods
     mount them."""
-    ensure_secrets(namespace, name, uid, KVCachePoolSpec.model_validate(dict(spec)))
-    for child in objects:
+    assert plan.spec is not None and not plan.why
+    ensure_secrets(namespace, name, uid, plan.spec)
+    for child in plan.objects:
         _apply(child)
 
 
@@ -248,11 +243,11 @@ def resync_all(images: AgentImages, namespaces: list[str]) -> int:
         meta = pool["metadata"]
         if meta.get("deletionTimestamp"):
             continue
-        objects, why = validate(meta["namespace"], meta["name"], meta["uid"], pool.get("spec") or {}, images)
-        if why:
+        plan = validate(meta["namespace"], meta["name"], meta["uid"], pool.get("spec") or {}, images)
+        if plan.why:
             continue
         try:
-            apply_pool(meta["namespace"], meta["name"], meta["uid"], pool.get("spec") or {}, objects)
+            apply_pool(meta["namespace"], meta["name"], meta["uid"], plan)
         except kopf.TemporaryError as exc:  # one pool's failure does not stop the others'
             log.warning("resync of a pool failed", extra={"pool": meta["name"], "error": str(exc)})
             continue
@@ -295,7 +290,8 @@ def register(
     ) -> None:
         assert namespace is not None  # a namespaced resource
         generation = int(body.metadata.get("generation") or 0)
-        objects, why = validate(namespace, name, uid, spec, images)
+        plan = validate(namespace, name, uid, spec, images)
+        why = plan.why
         if why:
             update_status(
                 namespace,
@@ -306,7 +302,7 @@ def register(
             kopf.warn(body, reason="InvalidSpec", message=why)
             RECONCILES.labels("invalid_spec").inc()
             return
-        apply_pool(namespace, name, uid, spec, objects)
+        apply_pool(namespace, name, uid, plan)
         update_status(
             namespace,
             name,
@@ -340,9 +336,9 @@ def register(
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return  # the pool is being deleted; its children follow by garbage collection
         if type == "DELETED":  # deleted by hand: put the agents back now, not at the next resync
-            objects, why = validate(namespace, pool, obj["metadata"]["uid"], obj["spec"], images)
-            if not why:
-                apply_pool(namespace, pool, obj["metadata"]["uid"], obj["spec"], objects)
+            plan = validate(namespace, pool, obj["metadata"]["uid"], obj["spec"], images)
+            if not plan.why:
+                apply_pool(namespace, pool, obj["metadata"]["uid"], plan)
             return
         try:
             size = KVCachePoolSpec.model_validate(obj["spec"]).memory.size
