@@ -335,6 +335,108 @@ def test_gpu_loads_wait_for_the_engine_stream_first(tmp_path: Path, monkeypatch:
         assert order == []  # steps without loads (every decode step) never wait
 
 
+def _prefetching_worker(tmp_path: Path, order: list[str], token: bytes) -> WorkerSide:
+    """A GPU worker (stand-in stream and client) whose registration takes prefetches."""
+
+    class Stream:
+        def synchronize(self) -> None:
+            order.append("synchronize")
+
+    class Client(_Client):
+        def connect(self) -> bool:
+            return True
+
+        def call(self, request: Any, reply_type: type) -> Any:
+            order.append(type(request).__name__)
+            return p.GpuCopyReply(method="dma", seconds=0.0)
+
+    torch.cuda.current_stream = lambda: Stream()  # type: ignore[assignment]  # restored by monkeypatch
+    w = WorkerSide(ConnectorConfig(socket_path=str(tmp_path / "none.sock")), SPEC, "t")
+    w.cuda = _cuda_kv()
+    w.pool_id = "pool"
+    w._layered_ok = True
+    w._event_sets = 1
+    w.prefetch_token = token
+    w.client = Client(opened=True)  # type: ignore[assignment]
+    return w
+
+
+def test_a_prefetched_gpu_load_is_only_waited_for_and_a_stale_one_is_recomputed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pure logic of the worker's side of prefetches: a load the scheduler had the agent queue
+    into this registration needs neither the wait for the engine's stream nor a copy call (the
+    forward waits on its layer events); one queued into a registration this worker no longer
+    holds (it reconnected: another token) is recomputed, and the rest of the step still loads
+    after the engine's stream."""
+    monkeypatch.setattr(torch.cuda, "current_stream", torch.cuda.current_stream)
+    order: list[str] = []
+    mine, old = b"m" * 16, b"o" * 16
+    w = _prefetching_worker(tmp_path, order, mine)
+    pre = LoadIntent("a", "la", "pool", (1, 2), ((5, 6),), prefetched=(mine,))
+    w.start_load_kv(KVFabricMetadata(loads=[pre], step=3))
+    assert order == [], "a prefetched load must not wait for the engine's stream or copy again"
+    assert w._layered is not None and w._layered.intents == [pre]
+    w._layered = None
+    stale = LoadIntent("b", "lb", "pool", (3,), ((7,),), prefetched=(old,))
+    plain = LoadIntent("c", "lc", "pool", (4,), ((8,),))
+    w._drain = lambda events: order.append("drain")  # type: ignore[method-assign]
+    w.start_load_kv(KVFabricMetadata(loads=[stale, plain], step=4))
+    assert order == ["drain", "synchronize", "GpuCopy"], order
+    assert w._layered is not None and w._layered.intents == [plain]
+    assert w._load_errors == {3}
+
+
+def test_the_scheduler_prefetches_only_into_blocks_no_running_step_touches(
+    agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler's side: once a worker named its registration, a step's load is sent to the
+    agent as a GpuPrefetch when vLLM allocated it, unless a block of it was freed by a request
+    whose last step may still run (async scheduling); the workers are told per rank. A CPU agent
+    refuses GpuPrefetch (no --cuda): the loads then go to the workers as before."""
+    keys = chain_keys(list(range(96)), 16, request_seed(["", ""]))
+    w1, _ = make_worker(agent)
+    w1.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r0", (1, 2, 3, 4), tuple(keys[:4]), None)]))
+    s = SchedulerSide(
+        ConnectorConfig(socket_path=str(agent.socket_path)), [SPEC.namespace()], 16, "t", prefetch=True
+    )
+    sent: list[p.GpuPrefetch] = []
+    real_call = s.client.call
+
+    def call(request: Any, reply_type: type) -> Any:
+        if isinstance(request, p.GpuPrefetch):
+            sent.append(request)
+        return real_call(request, reply_type)
+
+    monkeypatch.setattr(s.client, "call", call)
+    token = b"k" * 16
+    try:
+        _, step = _hit_four_blocks_and_plan_the_step(s)
+        assert step.loads[0].prefetched == () and not sent, "no worker named a registration yet"
+        s.build_connector_meta(_step([], set()))  # step 2, scheduled while step 1 runs
+        # step 1's output: a request finishes (its blocks 20-23 are also in step 2, running)
+        s.request_finished(_request("gone", 16), [20, 21, 22, 23])
+        s.update_connector_output(0, 0, (), (), [(0, token)])
+        req = _request("r2", 96)
+        assert s.get_num_new_matched_tokens(req, 0) == (64, False)
+        s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([20, 21, 22, 23, 24],)), 64)
+        step = s.build_connector_meta(_new_step("r2", [20, 21, 22, 23, 24], computed=64, scheduled=31))
+        assert not sent and s.stats.prefetch_unsafe == 1, "blocks step 2 may still touch"
+        assert step.loads[0].prefetched == ()
+        s.update_connector_output(0, 0)  # step 2's output: it has ended
+        req3 = _request("r3", 96)
+        assert s.get_num_new_matched_tokens(req3, 0) == (64, False)
+        s.update_state_after_alloc(req3, SimpleNamespace(get_block_ids=lambda: ([20, 21, 22, 23, 24],)), 64)
+        step = s.build_connector_meta(_new_step("r3", [20, 21, 22, 23, 24], computed=64, scheduled=31))
+        (prefetch,) = sent
+        assert [(ld.token, ld.block_ids) for ld in prefetch.loads] == [(token, [20, 21, 22, 23])]
+        assert prefetch.event_set == step.step % p.EVENT_SETS
+        # the CPU agent cannot queue GPU copies: the load goes to the workers unchanged
+        assert step.loads[0].prefetched == () and s.stats.loads_prefetched == 0
+    finally:
+        s.shutdown()
+
+
 def test_an_abort_mid_load_keeps_the_lease_until_the_workers_copy(agent: AgentProcess) -> None:
     """The review's pool-poisoning trigger: the request is aborted after its load was planned
     but before the worker copied. The scheduler must leave the lease to the worker (which
@@ -452,7 +554,7 @@ def test_a_layered_load_whose_copies_never_end_is_given_up_at_its_deadline(tmp_p
     w.client = client  # type: ignore[assignment]
     load = LoadIntent("r", "lease", "pool", (1, 2), ((5, 6),))
     started = time.perf_counter()
-    w._layered = _LayeredLoad([load], started, set(), deadline=started + 0.2)
+    w._layered = _LayeredLoad([load], started, set(), w.cuda.events, deadline=started + 0.2)
     w.wait_for_layer_load("layer.0")
     took = time.perf_counter() - started
     assert client.closed and w._layered is None

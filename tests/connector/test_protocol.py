@@ -20,6 +20,7 @@ def test_requests_round_trip() -> None:
         p.Commit(namespace="n", keys=[b"a" * 16], abort=[], copy_seconds=0.1),
         p.Release(lease_ids=["l#0"], loaded_blocks=1),
         p.Stats(),
+        p.GpuPrefetch(loads=[p.PrefetchLoad(token=b"t" * 16, block_ids=[3, 4], slots=[9, 1])], event_set=1),
     ]:
         assert p.request_decoder.decode(_body(p.encode(req))) == req
 
@@ -28,6 +29,7 @@ def test_replies_round_trip() -> None:
     for rep in [
         p.LookupReply(hits=2, pool_id="x", slots=[[1, 2]]),
         p.ReleaseReply(held=[True, False]),
+        p.GpuPrefetchReply(queued=[True, False]),
         p.ErrorReply(code="bad_frame", message="m"),
     ]:
         assert p.reply_decoder.decode(_body(p.encode(rep))) == rep
@@ -43,6 +45,11 @@ def test_replies_round_trip() -> None:
         {"op": "register_namespace", "namespace": "n", "block_bytes": 0, "block_tokens": 1},
         {"op": "stats", "surprise": 1},
         {"op": "release", "lease_ids": ["a"], "loaded_blocks": -1},
+        # a guessable token, an event set that cannot exist, an unknown field in a load
+        {"op": "gpu_prefetch", "loads": [{"token": b"t", "block_ids": [1], "slots": [1]}]},
+        {"op": "gpu_prefetch", "loads": [], "event_set": p.EVENT_SETS},
+        {"op": "gpu_prefetch", "loads": [{"token": b"t" * 16, "block_ids": [], "slots": [], "kv_id": 1}]},
+        {"op": "gpu_copy", "kv_id": 1, "to_pool": False, "block_ids": [], "slots": [], "event_set": -1},
     ],
 )
 def test_invalid_requests_are_rejected(raw: dict[str, object]) -> None:

@@ -78,6 +78,14 @@ class ConnectorConfig(BaseModel):
         "on it just before that layer's attention). vLLM then captures CUDA graphs piecewise "
         "only (no full decode graphs): a layer-by-layer wait cannot live inside a graph.",
     )
+    prefetch_loads: bool = Field(
+        default=True,
+        description="GPU engines with layered_loads: the scheduler has the agent start a step's "
+        "loads as soon as vLLM allocated their blocks, so the copies run while vLLM prepares the "
+        "step. Only into blocks no GPU work of the engine may still touch (a block a finished or "
+        "preempted request freed waits until the steps that used it have ended: those loads are "
+        "started by the worker, after the engine's stream).",
+    )
     cross_layer_blocks: bool = Field(
         default=True,
         description="GPU engines without layered_loads: ask vLLM for KV blocks that hold every "

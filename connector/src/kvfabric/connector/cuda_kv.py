@@ -24,16 +24,28 @@ class CudaKV:
     handles: tuple[bytes, ...]
     offsets: tuple[int, ...]
     byte_order: str = ""
-    # Layered loads: one interprocess event per layer, in ``handles`` order (empty: none).
+    # Layered loads: sets of one interprocess event per layer, each in ``handles`` order
+    # (empty: none).
     events: tuple[torch.cuda.Event, ...] = ()
     event_handles: tuple[bytes, ...] = field(default=(), repr=False)
 
+    def event_set(self, k: int) -> tuple[torch.cuda.Event, ...]:
+        """Set ``k`` of the layer events."""
+        n = len(self.handles)
+        return self.events[k * n : (k + 1) * n]
+
     def request(
-        self, namespace: str, with_events: bool = True, route: Route | None = None
+        self,
+        namespace: str,
+        with_events: bool = True,
+        route: Route | None = None,
+        event_sets: int = 1,
+        prefetch_token: bytes = b"",
     ) -> p.RegisterGpuKV:
         """The registration; ``with_events`` False leaves the layer events out (an agent that
         does not list ``layered_loads`` would refuse them); ``route``: for agents listing
-        ``routing`` only."""
+        ``routing`` only; ``event_sets`` above 1 and ``prefetch_token``: for agents listing
+        ``prefetch`` only."""
         registration = p.RegisterGpuKV(
             namespace=namespace,
             device_uuid=self.device_uuid,
@@ -43,7 +55,8 @@ class CudaKV:
             handles=list(self.handles),
             offsets=list(self.offsets),
             byte_order=self.byte_order,
-            layer_events=list(self.event_handles) if with_events else [],
+            layer_events=list(self.event_handles[: event_sets * len(self.handles)]) if with_events else [],
+            prefetch_token=prefetch_token if with_events else b"",
         )
         if route is None:
             return registration
@@ -111,9 +124,9 @@ def kernel_blocks_per_block(t: torch.Tensor, num_blocks: int) -> int:
 def describe(
     kv_caches: dict[str, torch.Tensor], layer_events: bool = False, kernel_blocks: int = 1
 ) -> CudaKV:
-    """The tensors' layout and IPC handles; with ``layer_events``, one interprocess event per
-    layer too, for the agent to record after that layer's part of a load. ``kernel_blocks``:
-    see :func:`detect_layout`."""
+    """The tensors' layout and IPC handles; with ``layer_events``, :data:`~p.EVENT_SETS` sets of
+    one interprocess event per layer too, for the agent to record after that layer's part of a
+    load. ``kernel_blocks``: see :func:`detect_layout`."""
     layers = list(kv_caches.values())
     first = layers[0]
     layout, num_blocks, plane, order = detect_layout(first, kernel_blocks)
@@ -128,7 +141,7 @@ def describe(
     events: list[torch.cuda.Event] = []
     if layer_events:
         with torch.cuda.device(first.device):
-            events = [torch.cuda.Event(interprocess=True) for _ in layers]
+            events = [torch.cuda.Event(interprocess=True) for _ in range(p.EVENT_SETS * len(layers))]
     return CudaKV(
         uuid,
         layout,

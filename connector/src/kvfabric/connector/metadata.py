@@ -25,9 +25,16 @@ class LoadIntent:
     leases: tuple[str, ...] = ()
     #: the request's epoch when planned (see :class:`SaveIntent`)
     epoch: int = 0
+    #: per TP rank: the token of the worker registration the scheduler had the agent queue this
+    #: load into already (:class:`~kvfabric.connector.protocol.GpuPrefetch`; b"": not queued);
+    #: the worker then only waits for it
+    prefetched: tuple[bytes, ...] = ()
 
     def lease_of(self, rank: int) -> str:
         return self.leases[rank] if rank < len(self.leases) else lease_of_rank(self.lease_id, rank)
+
+    def prefetched_for(self, rank: int) -> bytes:
+        return self.prefetched[rank] if rank < len(self.prefetched) else b""
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class KVFabricMetadata(KVConnectorMetadata):
     saves: list[SaveIntent] = field(default_factory=list)
     #: Requests preempted this step whose background saves may still read their (now freed) blocks.
     preempted: tuple[str, ...] = ()
+    #: The scheduler's step count: layered loads record event set ``step % EVENT_SETS``.
+    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,15 @@ class KVFabricWorkerMeta(KVConnectorWorkerMetadata):
     """Worker -> scheduler after each step; vLLM aggregates the workers' objects."""
 
     staged: tuple[StagedSave, ...] = ()
+    #: (TP rank, token) of GPU registrations the scheduler may prefetch into (after each
+    #: registration, for a few steps)
+    prefetch_targets: tuple[tuple[int, bytes], ...] = ()
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KVFabricWorkerMeta)
-        return KVFabricWorkerMeta(staged=self.staged + other.staged)
+        return KVFabricWorkerMeta(
+            staged=self.staged + other.staged, prefetch_targets=self.prefetch_targets + other.prefetch_targets
+        )
 
 
 def lease_of_rank(lease_id: str, rank: int) -> str:

@@ -46,6 +46,10 @@ MIN_BLOCK_BYTES = 4096
 MAX_BLOCK_TOKENS = 1 << 16
 #: Engines' measured copy times: finite and at most an hour (``inf`` would poison the metrics).
 MAX_SECONDS = 3600.0
+#: Sets of layer events a GPU registration may hold (``prefetch``): consecutive steps' loads
+#: record different sets, so a prefetch for step S never re-records events that step S-1's
+#: forward pass (still running in another process under TP) has yet to wait on.
+EVENT_SETS = 2
 
 Key = Annotated[bytes, msgspec.Meta(min_length=1, max_length=64)]
 Keys = Annotated[list[Key], msgspec.Meta(max_length=MAX_KEYS)]
@@ -62,12 +66,15 @@ BlockTokens = Annotated[int, msgspec.Meta(gt=0, le=MAX_BLOCK_TOKENS)]
 #: ``pool_fd``: :class:`OpenPool` (the pool is passed as a file descriptor, not a path).
 #: ``promote``: ``Lookup.promote`` and ``LookupReply.promoting`` (the NVMe tier).
 #: ``routing``: ``RegisterNamespace.model``/``group`` (the agent answers prefix lookups per model).
+#: ``prefetch``: ``RegisterGpuKV.prefetch_token``, ``GpuCopy.event_set`` and :class:`GpuPrefetch`
+#: (an engine's scheduler starts a step's loads into its workers' KV when vLLM allocates them).
 #: An agent that publishes KV events lists :data:`KV_EVENTS_FEATURE` too: it wants :class:`Annotate`.
 FEATURES = (
     "delegated_commit",
     "layered_loads",
     "lease_generations",
     "pool_fd",
+    "prefetch",
     "promote",
     "repeated_namespaces",
     "routing",
@@ -216,7 +223,10 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
     ``byte_order``: how one block's bytes are ordered (dims outermost first), so engines whose
     tensors order them differently never share a namespace. ``layer_events``: optional, one
     ``cudaIpcEventHandle_t`` per layer (interprocess events the engine created) for layered
-    loads. The mappings and events live until the session ends.
+    loads; with ``prefetch``, :data:`EVENT_SETS` sets of them (set ``k`` is
+    ``layer_events[k * layers:(k + 1) * layers]``). ``prefetch_token``: a secret the worker
+    hands its own scheduler (through vLLM's worker metadata), which names this registration in a
+    :class:`GpuPrefetch`. The mappings and events live until the session ends.
     """
 
     namespace: Namespace
@@ -233,6 +243,7 @@ class RegisterGpuKV(_Request, frozen=True, tag="register_gpu_kv"):
     model: Annotated[str, msgspec.Meta(max_length=256)] = ""
     group: Annotated[str, msgspec.Meta(max_length=128)] = ""
     block_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOCK_TOKENS)] = 0
+    prefetch_token: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
 
     @property
     def description(self) -> str:
@@ -255,6 +266,31 @@ class GpuCopy(_Request, frozen=True, tag="gpu_copy"):
     block_ids: Annotated[list[NonNegative], msgspec.Meta(max_length=MAX_KEYS)]
     slots: Annotated[list[NonNegative], msgspec.Meta(max_length=MAX_KEYS)]
     layered: bool = False
+    #: which set of layer events a layered load records (``prefetch``)
+    event_set: Annotated[int, msgspec.Meta(ge=0, lt=EVENT_SETS)] = 0
+
+
+class PrefetchLoad(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One worker's part of a :class:`GpuPrefetch`: the registration its token names, and the
+    step's blocks to load into it from leased slots."""
+
+    token: Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
+    block_ids: Annotated[list[NonNegative], msgspec.Meta(max_length=MAX_KEYS)]
+    slots: Annotated[list[NonNegative], msgspec.Meta(max_length=MAX_KEYS)]
+
+
+class GpuPrefetch(_Request, frozen=True, tag="gpu_prefetch"):
+    """From an engine's scheduler (``prefetch``), right after vLLM allocated a step's blocks:
+    queue that step's loads into the workers' KV now, layered as :class:`GpuCopy` with
+    ``event_set``, so the copies run while vLLM prepares the step. The reply comes once they
+    are queued (their events recorded): the scheduler tells the workers in the step's metadata,
+    and their forward waits on the events as for their own layered loads. The scheduler only
+    prefetches into blocks no GPU work of the engine may still touch (the agent's streams know
+    nothing of the engine's); the agent checks the token's tenant and the slots' leases.
+    """
+
+    loads: Annotated[list[PrefetchLoad], msgspec.Meta(max_length=64)]
+    event_set: Annotated[int, msgspec.Meta(ge=0, lt=EVENT_SETS)] = 0
 
 
 Request = (
@@ -268,6 +304,7 @@ Request = (
     | OpenPool
     | RegisterGpuKV
     | GpuCopy
+    | GpuPrefetch
     | Annotate
 )
 
@@ -353,11 +390,18 @@ class GpuKVReply(_Reply, frozen=True, tag="gpu_kv"):
     #: Whether the agent opened the engine's layer events (layered loads possible). CUDA IPC
     #: events need the two processes to share /dev/shm; without it the engine loads whole.
     layered: bool = False
+    #: Whether the registration's ``prefetch_token`` was taken (layered, and no other holds it).
+    prefetch: bool = False
 
 
 class GpuCopyReply(_Reply, frozen=True, tag="gpu_copy"):
     method: str  # "dma" (copy engines) or "kernel" (gather/scatter)
     seconds: float
+
+
+class GpuPrefetchReply(_Reply, frozen=True, tag="gpu_prefetch"):
+    #: per load: whether its copies were queued (False: the worker loads those blocks itself)
+    queued: list[bool]
 
 
 class ErrorReply(_Reply, frozen=True, tag="error"):
@@ -377,6 +421,7 @@ Reply = (
     | PoolReply
     | GpuKVReply
     | GpuCopyReply
+    | GpuPrefetchReply
     | ErrorReply
 )
 

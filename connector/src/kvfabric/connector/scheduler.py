@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import OrderedDict, deque
@@ -14,6 +15,7 @@ from kvfabric.connector import protocol as p
 from kvfabric.connector.client import AgentClient
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.errors import AgentError, AgentUnavailable
+from kvfabric.connector.freed_blocks import FreedBlocks
 from kvfabric.connector.identity import checkpoint_fingerprint
 from kvfabric.connector.keys import chain_keys, mm_block_extras, request_seed
 from kvfabric.connector.metadata import (
@@ -116,6 +118,10 @@ class SchedulerStats:
     #: TP: blocks the workers wrote that the scheduler committed, or voided after a failed load
     staged_committed: int = 0
     staged_voided: int = 0
+    #: GPU engines: loads the agent started when vLLM allocated their blocks, and loads left to
+    #: the workers because a block may still be in use by the engine's GPU work
+    loads_prefetched: int = 0
+    prefetch_unsafe: int = 0
 
 
 class SchedulerSide:
@@ -126,7 +132,11 @@ class SchedulerSide:
         block_size: int,
         engine_tag: str,
         background_saves: bool = False,
+        prefetch: bool = False,
     ) -> None:
+        """``prefetch``: the engine's KV layout lets the agent start loads at allocation (GPU
+        engines whose one KV-cache group is full attention: vLLM frees no block of a running
+        request); it happens only once the workers named their registrations."""
         self.config = config
         self.background_saves = background_saves
         self.namespaces = namespaces
@@ -156,6 +166,10 @@ class SchedulerSide:
         #: (when scheduled, tokens) of steps whose output has not come back (async scheduling
         #: keeps one step ahead)
         self._steps_in_flight: deque[tuple[float, int]] = deque(maxlen=4)
+        self.prefetch = prefetch and config.prefetch_loads
+        self.freed = FreedBlocks()
+        #: TP rank -> the token of its worker's GPU registration (from the workers' metadata)
+        self._prefetch_targets: dict[int, bytes] = {}
         if not self.client.connect():  # early, so the agent lists this engine; failure is fine
             log.warning("agent not reachable yet; serving without it", extra={"socket": config.socket_path})
 
@@ -410,13 +424,16 @@ class SchedulerSide:
 
     def build_connector_meta(self, out: SchedulerOutput) -> KVFabricMetadata:
         self._step += 1
+        self.freed.step_scheduled()
+        if out.preempted_req_ids:
+            self.freed.barrier()  # their blocks were freed without being listed to us
         self._steps_in_flight.append((time.monotonic(), sum(out.num_scheduled_tokens.values())))
         while self._deferred and self._deferred[0][0] <= self._step - _RELEASE_AFTER_STEPS:
             _, lease_ids = self._deferred.pop(0)
             with contextlib.suppress(AgentError):
                 self.client.release(lease_ids)
-        meta = KVFabricMetadata(loads=self._loads)
-        self._loads = []
+        loads, self._loads = self._loads, []
+        meta = KVFabricMetadata(loads=self._prefetch(loads), step=self._step)
         if not self.config.save:
             return meta
         if self.background_saves and out.preempted_req_ids:
@@ -445,6 +462,43 @@ class SchedulerSide:
         if self._annotations:
             self._send_annotations()
         return meta
+
+    def _prefetch(self, loads: list[LoadIntent]) -> list[LoadIntent]:
+        """Has the agent queue this step's loads now, into blocks no GPU work of the engine may
+        still touch, while vLLM prepares the step; the workers then only wait for them. A load
+        the agent did not queue (or any failure here) is left to the workers, as without."""
+        if not (self.prefetch and loads and self._prefetch_targets):
+            return loads
+        safe = [i for i in loads if self.freed.safe(i.block_ids)]
+        self.stats.prefetch_unsafe += len(loads) - len(safe)
+        ranks = [r for r in sorted(self._prefetch_targets) if r < len(self.namespaces)]
+        if not safe or not ranks:
+            return loads
+        request = p.GpuPrefetch(
+            loads=[
+                p.PrefetchLoad(
+                    token=self._prefetch_targets[r],
+                    block_ids=[b for i in safe for b in i.block_ids],
+                    slots=[s for i in safe for s in i.slots[r]],
+                )
+                for r in ranks
+            ],
+            event_set=self._step % p.EVENT_SETS,
+        )
+        try:
+            reply = self.client.call(request, p.GpuPrefetchReply)
+        except AgentError as exc:
+            log.debug("prefetch failed; the workers load", extra={"error": str(exc)})
+            return loads
+        tokens = [b""] * len(self.namespaces)
+        for r, queued in zip(ranks, reply.queued, strict=False):
+            if queued:
+                tokens[r] = self._prefetch_targets[r]
+        if not any(tokens):
+            return loads
+        chosen = {id(i) for i in safe}
+        self.stats.loads_prefetched += len(safe)
+        return [dataclasses.replace(i, prefetched=tuple(tokens)) if id(i) in chosen else i for i in loads]
 
     def _plan_save(self, req_id: str, st: _RequestState, computed: int, meta: KVFabricMetadata) -> None:
         self._extend_keys(st, computed)
@@ -491,6 +545,7 @@ class SchedulerSide:
         load_errors: int,
         invalid_block_ids: Collection[int] = (),
         staged: Sequence[StagedSave] = (),
+        prefetch_targets: Sequence[tuple[int, bytes]] = (),
     ) -> None:
         """The workers' load counts since their last report (their stats, which vLLM hands to
         the scheduler): when several reports in a row show failed loads and none that worked, the
@@ -503,8 +558,13 @@ class SchedulerSide:
 
         ``staged``: blocks TP workers wrote this step (or, saving in the background, lately).
         A load failure of a step reaches us no later than that step's saves, so the epochs
-        voided by now are final for them: the rest are committed, the voided aborted."""
+        voided by now are final for them: the rest are committed, the voided aborted.
+
+        ``prefetch_targets``: (TP rank, token) of GPU registrations that take prefetches."""
         self._step_done()
+        self.freed.step_completed()
+        for rank, token in prefetch_targets:
+            self._prefetch_targets[rank] = token
         if invalid_block_ids:
             self._recompute_from(set(invalid_block_ids))
         if staged or self._undelivered:
@@ -574,9 +634,13 @@ class SchedulerSide:
             if failed and attempts > 1:
                 self._undelivered.append((attempts - 1, failed))
 
-    def request_finished(self, request: Request) -> tuple[bool, dict[str, object] | None]:
+    def request_finished(
+        self, request: Request, block_ids: Sequence[int] = ()
+    ) -> tuple[bool, dict[str, object] | None]:
         """Drops the request; True if vLLM must keep its blocks until the workers' saves end,
-        and the P/D promise for its response's ``kv_transfer_params``."""
+        and the P/D promise for its response's ``kv_transfer_params``. ``block_ids``: the
+        request's blocks, which vLLM frees (now or once the saves ended)."""
+        self.freed.freed(block_ids)
         st = self.requests.pop(request.request_id, None)
         if st is None:
             return False, None

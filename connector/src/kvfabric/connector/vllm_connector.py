@@ -45,6 +45,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _full_attention_only(kv_cache_config: KVCacheConfig | None) -> bool:
+    """Whether vLLM frees a request's blocks only when it finishes or is preempted (one KV-cache
+    group of full attention: a sliding window frees blocks of running requests, unseen by us),
+    which starting loads at allocation relies on (see :mod:`kvfabric.connector.freed_blocks`)."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None)
+    if not groups or len(groups) != 1:
+        return False
+    spec = getattr(groups[0], "kv_cache_spec", None)
+    return type(spec).__name__ in ("FullAttentionSpec", "MLAAttentionSpec") and not getattr(
+        spec, "sliding_window", None
+    )
+
+
 class KVFabricConnector(KVConnectorBase_V1):
     def __init__(
         self,
@@ -78,6 +91,7 @@ class KVFabricConnector(KVConnectorBase_V1):
                 vllm_config.cache_config.block_size,
                 tag,
                 background_saves=background,
+                prefetch=self._on_cuda and _full_attention_only(kv_cache_config),
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -206,6 +220,7 @@ class KVFabricConnector(KVConnectorBase_V1):
             data.get("load_errors", 0),
             getattr(connector_output, "invalid_block_ids", None) or (),
             worker_meta.staged if isinstance(worker_meta, KVFabricWorkerMeta) else (),
+            worker_meta.prefetch_targets if isinstance(worker_meta, KVFabricWorkerMeta) else (),
         )
 
     def update_state_after_alloc(
@@ -220,7 +235,7 @@ class KVFabricConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return self._scheduler.request_finished(request)
+        return self._scheduler.request_finished(request, block_ids)
 
     def shutdown(self) -> None:
         for side in (self._scheduler, self._worker):

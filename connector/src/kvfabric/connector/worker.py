@@ -59,6 +59,9 @@ _LIVENESS_CHECK_S = 0.05
 #: After giving up on a layered load, how long to still let copies the agent may have queued end
 #: (if it is alive after all) before vLLM can reuse the blocks.
 _ABANDON_GRACE_S = 1.0
+#: Steps whose worker metadata names this worker's registration to the scheduler, after each
+#: (re)registration (vLLM delivers every step's: more than one only guards a lost output).
+_ANNOUNCE_STEPS = 3
 
 
 @dataclass
@@ -68,6 +71,7 @@ class _LayeredLoad:
     intents: list[LoadIntent]
     started: float
     waited: set[int]  # layers whose event the forward's stream waits on
+    events: tuple[torch.cuda.Event, ...]  # the step's set of layer events
     #: past this (perf_counter) the copies are given up even if the agent looks alive: a hung
     #: agent-side copy must not hang the engine
     deadline: float = float("inf")
@@ -112,6 +116,10 @@ class WorkerSide:
         self._tainted: dict[str, int] = {}  # request -> the latest epoch a load of which failed
         self._layer_index: dict[str, int] = {}  # layer name -> its event, for layered loads
         self._layered_ok = False  # the agent opened our layer events (see GpuKVReply.layered)
+        self._event_sets = 1  # sets of layer events the agent opened
+        #: names our registration in the scheduler's prefetches (b"": the agent takes none)
+        self.prefetch_token = b""
+        self._announce = 0  # steps left to name it in our worker metadata
         self._layered: _LayeredLoad | None = None
         self._gpu_block_bytes = 0
         self.stats = WorkerStats()
@@ -177,10 +185,19 @@ class WorkerSide:
             if self.cuda.events and not events:
                 log.warning("the agent is older than layered loads; loads will not be layered (upgrade it)")
             route = self.route if "routing" in hello.features else None
-            reply = client._roundtrip(self.cuda.request(self.namespace, events, route), p.GpuKVReply)
+            prefetch = events and self.config.prefetch_loads and "prefetch" in hello.features
+            sets = p.EVENT_SETS if prefetch else 1
+            token = os.urandom(16) if sets > 1 else b""
+            reply = client._roundtrip(
+                self.cuda.request(self.namespace, events, route, event_sets=sets, prefetch_token=token),
+                p.GpuKVReply,
+            )
             self.kv_id = reply.kv_id
             self._gpu_block_bytes = reply.block_bytes
             self._layered_ok = reply.layered and events
+            self._event_sets = sets if self._layered_ok else 1
+            self.prefetch_token = token if reply.prefetch and self._layered_ok else b""
+            self._announce = _ANNOUNCE_STEPS if self.prefetch_token else 0
             if events and not reply.layered:
                 log.warning("the agent cannot use our layer events; loads will not be layered")
             self.pool_id = hello.pool_id
@@ -294,19 +311,13 @@ class WorkerSide:
         self.client.connect()
         ready = [i for i in meta.loads if self._ready(i.pool_id)]
         self._fail_loads([i for i in meta.loads if not self._ready(i.pool_id)])
+        if self.cuda is not None and self._layered_ok:
+            self._start_layered(ready, meta)
+            return
         if not ready:
             return
         if self.cuda is not None:
-            # The agent writes into the engine's blocks from its own streams, which know nothing
-            # of the engine's. With vLLM's async scheduling (the default) this step is prepared
-            # while the previous one still runs on the GPU, and a block allocated now may have
-            # been freed by a request that the running step still writes into (one that
-            # finished or was preempted meanwhile). vLLM's own offloading orders its loads after
-            # the compute stream likewise. Costs nothing when the GPU has caught up.
-            torch.cuda.current_stream().synchronize()
-        if self.cuda is not None and self._layered_ok:
-            self._start_layered(ready)
-            return
+            self._after_engine_stream()
         copied: list[LoadIntent] = []
         started = time.perf_counter()
         for intent in ready:
@@ -337,29 +348,60 @@ class WorkerSide:
 
     # -- layered loads -------------------------------------------------------------------------------
 
-    def _start_layered(self, intents: list[LoadIntent]) -> None:
-        """One call for the step's loads: the agent queues them layer by layer, records each
-        layer's event and replies at once; ``wait_for_layer_load`` makes the forward wait."""
+    @staticmethod
+    def _after_engine_stream() -> None:
+        """The agent writes into the engine's blocks from its own streams, which know nothing
+        of the engine's. With vLLM's async scheduling (the default) this step is prepared while
+        the previous one still runs on the GPU, and a block allocated now may have been freed by
+        a request that the running step still writes into (one that finished or was preempted
+        meanwhile). vLLM's own offloading orders its loads after the compute stream likewise.
+        Costs nothing when the GPU has caught up. (Prefetched loads need no wait: the scheduler
+        prefetches only into blocks no running step touches.)"""
+        torch.cuda.current_stream().synchronize()
+
+    def _start_layered(self, ready: list[LoadIntent], meta: KVFabricMetadata) -> None:
+        """The step's loads, layer by layer into the step's set of layer events: those the
+        scheduler had the agent queue already (into our registration: the token says so), and
+        one call for the rest, which the agent queues behind them, recording each layer's event
+        and replying at once; ``wait_for_layer_load`` makes the forward wait."""
+        assert self.cuda is not None
         started = time.perf_counter()
-        try:
-            self.client.call(
-                p.GpuCopy(
-                    kv_id=self.kv_id,
-                    to_pool=False,
-                    block_ids=[b for i in intents for b in i.block_ids],
-                    slots=[s for i in intents for s in i.slots[self.rank]],
-                    layered=True,
-                ),
-                p.GpuCopyReply,
-            )
-        except (ValueError, RuntimeError, AgentError) as exc:
-            log.warning("load failed", extra={"reqs": [i.req_id for i in intents], "error": str(exc)})
-            self._fail_loads(intents)
+        events = self.cuda.event_set(meta.step % self._event_sets)
+        mine = self.prefetch_token
+        pre = [i for i in ready if mine and i.prefetched_for(self.rank) == mine]
+        rest = [i for i in ready if not (mine and i.prefetched_for(self.rank) == mine)]
+        # Queued for us by the scheduler, but into a registration we no longer hold (we
+        # reconnected) or for a pool we cannot read: recomputed, once the copies ended.
+        lost = [i for i in meta.loads if i.prefetched_for(self.rank) and i not in pre]
+        if lost:
+            self._fail_loads([i for i in lost if i in rest])
+            rest = [i for i in rest if i not in lost]
+            self._drain(self.cuda.event_set(meta.step % p.EVENT_SETS))
+        if rest:
+            self._after_engine_stream()
+            try:
+                self.client.call(
+                    p.GpuCopy(
+                        kv_id=self.kv_id,
+                        to_pool=False,
+                        block_ids=[b for i in rest for b in i.block_ids],
+                        slots=[s for i in rest for s in i.slots[self.rank]],
+                        layered=True,
+                        event_set=meta.step % self._event_sets,
+                    ),
+                    p.GpuCopyReply,
+                )
+            except (ValueError, RuntimeError, AgentError) as exc:
+                log.warning("load failed", extra={"reqs": [i.req_id for i in rest], "error": str(exc)})
+                self._fail_loads(rest)
+                rest = []
+        intents = pre + rest
+        if not intents:
             return
         blocks = sum(len(i.block_ids) for i in intents)
         # The agent's deadline plus the copy at a pessimistic 1 GB/s (50 GB/s is usual).
         budget = self.config.timeout_ms / 1000 + blocks * self._gpu_block_bytes / 1e9
-        self._layered = _LayeredLoad(intents, started, set(), deadline=started + budget)
+        self._layered = _LayeredLoad(intents, started, set(), events, deadline=started + budget)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Before a layer's attention: waits until that layer's copies ended, then orders the
@@ -371,7 +413,7 @@ class WorkerSide:
         load = self._layered
         if load is None or self.cuda is None:
             return
-        events = self.cuda.events
+        events = load.events
         index = 0 if len(events) == 1 else self._layer_index.get(layer_name)
         if index is None or index in load.waited:
             return
@@ -410,10 +452,15 @@ class WorkerSide:
         log.error("the agent went away during a layered load; its blocks are recomputed")
         self._layered = None
         self._fail_loads(load.intents)
-        assert self.cuda is not None
+        self._drain(load.events)
+
+    @staticmethod
+    def _drain(events: Sequence[torch.cuda.Event]) -> None:
+        """A bounded wait for copies queued into our blocks (recorded in layer order on one
+        stream: the last event covers all) that we no longer wait on layer by layer."""
         deadline = time.perf_counter() + _ABANDON_GRACE_S
         with contextlib.suppress(RuntimeError):
-            while not self.cuda.events[-1].query() and time.perf_counter() < deadline:
+            while events and not events[-1].query() and time.perf_counter() < deadline:
                 time.sleep(0.001)
 
     def _finish_layered(self) -> None:
@@ -424,12 +471,12 @@ class WorkerSide:
         load = self._layered
         if load is None or self.cuda is None:
             return
-        if not self._copies_ended(self.cuda.events[-1], load.deadline):
+        if not self._copies_ended(load.events[-1], load.deadline):
             self._abandon_layered(load)
             return
         self._layered = None
         elapsed = time.perf_counter() - load.started
-        missed = len(self.cuda.events) - len(load.waited)
+        missed = len(load.events) - len(load.waited)
         if not missed:
             self._release_loads(load.intents, elapsed)
             return
@@ -564,7 +611,13 @@ class WorkerSide:
         """The blocks written since the last step for the scheduler to commit (TP only)."""
         with self._staged_lock:
             staged, self._staged = self._staged, []
-        return KVFabricWorkerMeta(staged=tuple(staged)) if staged else None
+        targets: tuple[tuple[int, bytes], ...] = ()
+        if self._announce > 0 and self.prefetch_token:
+            self._announce -= 1
+            targets = ((self.rank, self.prefetch_token),)
+        if not (staged or targets):
+            return None
+        return KVFabricWorkerMeta(staged=tuple(staged), prefetch_targets=targets)
 
     def shutdown(self) -> None:
         self._finish_layered()

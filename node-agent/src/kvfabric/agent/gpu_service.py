@@ -123,8 +123,8 @@ class GpuService:
 
         if len(req.handles) != len(req.offsets):
             raise GpuError("handles and offsets differ in length")
-        if req.layer_events and len(req.layer_events) != len(req.handles):
-            raise GpuError("layer_events must hold one event per layer, or none")
+        if len(req.layer_events) not in [len(req.handles) * k for k in range(p.EVENT_SETS + 1)]:
+            raise GpuError(f"layer_events must be up to {p.EVENT_SETS} sets of one event per layer")
         try:
             device = device_index(req.device_uuid)
             segments = segments_for(req.layout, req.plane_bytes, req.num_blocks)
@@ -192,7 +192,10 @@ class GpuService:
             opened = state.events.get(req.kv_id) if state else None
             if opened is None:
                 raise GpuError("a layered load needs layer events, registered with the KV tensors")
-            events = opened.events
+            layers = engine.num_layers
+            events = opened.events[req.event_set * layers : (req.event_set + 1) * layers]
+            if len(events) != layers:
+                raise GpuError(f"event set {req.event_set} was not registered")
         try:
             return engine.copy(req.block_ids, req.slots, req.to_pool, events)
         except ValueError as exc:

@@ -81,6 +81,8 @@ class Session:
     requests: int = 0
     #: kv_id -> the namespace its GPU registration serves (copies may touch only its slots)
     gpu_namespaces: dict[int, Namespace] = field(default_factory=dict)
+    #: kv_id -> the token that names the registration in a scheduler's GpuPrefetch
+    prefetch_tokens: dict[int, bytes] = field(default_factory=dict)
 
 
 #: Warnings logged per connection before the rest are only counted (a fuzzing or broken client
@@ -145,6 +147,8 @@ class Agent:
         self._socket_inodes: dict[Path, int] = {}
         self._writers: set[asyncio.StreamWriter] = set()
         self._tenant_sessions: dict[str, int] = {}
+        #: prefetch token -> (the worker's session, its kv_id)
+        self._prefetch_targets: dict[bytes, tuple[Session, int]] = {}
         self._buffered = 0  # bytes of frame bodies being received, all connections
         self._background: list[threading.Thread] = []  # pinning or prefaulting the pool
         self._lock_fd: int | None = None
@@ -690,6 +694,9 @@ class Agent:
                     elif isinstance(request, p.GpuCopy | p.RegisterGpuKV):
                         session.requests += 1
                         reply = await self._gpu_request(request, session)
+                    elif isinstance(request, p.GpuPrefetch):
+                        session.requests += 1
+                        reply = await self._gpu_prefetch(request, session)
                     elif isinstance(request, p.Lookup) and request.promote and self.remote is not None:
                         session.requests += 1
                         reply = await self._remote_lookup(request, session)
@@ -858,6 +865,11 @@ class Agent:
                 raise
             ns.gpu = True  # its blocks live in the segment the agent copies through
             session.gpu_namespaces[kv_id] = ns
+            token = request.prefetch_token
+            prefetch = layered and len(token) >= 16 and token not in self._prefetch_targets
+            if prefetch:
+                self._prefetch_targets[token] = (session, kv_id)
+                session.prefetch_tokens[kv_id] = token
             if self.events is not None:
                 self.events.model_seen(ns.model)
         except GpuError as exc:
@@ -879,7 +891,41 @@ class Agent:
                 "seconds": round(time.perf_counter() - started, 4),
             },
         )
-        return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes, layered=layered)
+        return p.GpuKVReply(kv_id=kv_id, block_bytes=block_bytes, layered=layered, prefetch=prefetch)
+
+    async def _gpu_prefetch(self, request: p.GpuPrefetch, session: Session) -> p._Reply:
+        """A scheduler's loads into its workers' registrations, queued now (layered, as the
+        worker's own would be). A load is refused (not queued) unless its token names a live
+        registration of the scheduler's tenant and every slot is under a lease of that
+        registration's namespace; refusing one costs a copy by the worker, never wrong KV."""
+        if self.gpu is None:
+            raise _ProtocolError(p.E_GPU, "this agent does not serve GPU engines (start it with --cuda)")
+        gpu, loop = self.gpu, asyncio.get_running_loop()
+        queued: list[bool] = []
+        for load in request.loads:
+            target = self._prefetch_targets.get(load.token)
+            if target is None or target[0].tenant != session.tenant or not load.block_ids:
+                self.metrics.errors.labels("prefetch_target").inc()
+                queued.append(False)
+                continue
+            owner, kv_id = target
+            copy = p.GpuCopy(
+                kv_id=kv_id,
+                to_pool=False,
+                block_ids=load.block_ids,
+                slots=load.slots,
+                layered=True,
+                event_set=request.event_set,
+            )
+            try:
+                self._check_gpu_slots(copy, owner)
+                await loop.run_in_executor(self._gpu_copies, gpu.copy, owner.session_id, copy)
+            except (_ProtocolError, GpuError) as exc:
+                log.warning("prefetch refused; the worker loads", extra={"error": str(exc)})
+                queued.append(False)
+                continue
+            queued.append(True)
+        return p.GpuPrefetchReply(queued=queued)
 
     async def _save_in_slices(self, request: p.Reserve | p.Commit, session: Session) -> p._Reply:
         """A long save (a 128k-token prompt is 8k keys) in slices, yielding the loop between
@@ -983,6 +1029,8 @@ class Agent:
 
     def _close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
+        for token in session.prefetch_tokens.values():
+            self._prefetch_targets.pop(token, None)
         self._tenant_sessions[self._peer_key(session)] -= 1
         if self.gpu is not None:
             # Copies of this session have completed (_handle awaits each one before reading on).
