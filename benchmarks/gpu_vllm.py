@@ -9,7 +9,10 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
          caching off: every hit must come from the agent) and after an engine restart; with
          ``--compare-whole`` also warm TTFT with whole (not layered) loads. The floor: vLLM's
          own TTFT when the prefix is in its GPU cache (no copy at all), and the agent's view of
-         each warm request (lookup and copy times, from its /metrics).
+         each warm request (lookup and copy times, from its /metrics). ``--compare-prefetch``
+         also warm TTFT with ``prefetch_loads`` off (loads started by the worker at the step's
+         start, not by the scheduler at allocation). Each warm set's timeline (median ms from
+         the request's submission to each connector event, ``KVFABRIC_TRACE``) is recorded.
   nvme   KVFabric with an NVMe tier: warm TTFT from the pool, then after an agent restart (pinned
          pool new and empty, tier kept) from the tier, waiting for every block
          (``promote_wait_ms`` 10 s) and with the default wait (500 ms: what is not in the pool by
@@ -211,6 +214,30 @@ def agent_times(agent: AgentProcess) -> dict[str, tuple[float, float]]:
     }
 
 
+def trace_env(b: Bench, label: str) -> dict[str, str]:
+    """The engine's connector (and the benchmark's front end) write their timestamps here."""
+    return {"KVFABRIC_TRACE": str(b.out / f"trace-{label}.jsonl")}
+
+
+def timeline(path: Path, requests: int) -> dict[str, float]:
+    """Median ms from each of the last ``requests`` submissions to the first of each event
+    after it (``layer_ready@1``: the first layer's copies ended, ``@N``: the last's)."""
+    if not path.exists():
+        return {}
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    starts = [i for i, ev in enumerate(events) if ev["event"] == "generate"][-requests:]
+    offsets: dict[str, list[float]] = {}
+    for n, i in enumerate(starts):
+        end = starts[n + 1] if n + 1 < len(starts) else len(events)
+        seen: set[str] = set()
+        for ev in events[i + 1 : end]:
+            name = ev["event"] + (f"@{ev['layers']}" if ev["event"] == "layer_ready" else "")
+            if name not in seen:
+                seen.add(name)
+                offsets.setdefault(name, []).append(1000 * (ev["t"] - events[i]["t"]))
+    return {k: round(statistics.median(v), 2) for k, v in sorted(offsets.items(), key=lambda kv: min(kv[1]))}
+
+
 def warm(b: Bench, agent: AgentProcess, e: EngineProcess, label: str) -> None:
     """Warm TTFT of the timed prompts, how many of their blocks the agent loaded, and per
     request what the agent saw: its gpu_copy handling (a layered load's reply comes once the
@@ -229,15 +256,16 @@ def warm(b: Bench, agent: AgentProcess, e: EngineProcess, label: str) -> None:
     b.record(f"warm_{label}", summary(ttfts))
     b.record(f"loaded_blocks_{label}", f"{agent.stats()['loaded_blocks'] - before} of {expected}")
     b.record(f"per_request_ms_{label}", per_request)
+    b.record(f"timeline_ms_{label}", timeline(b.out / f"trace-{label}.jsonl", len(b.timed)))
 
 
-def phase_ours(b: Bench, pool: str, compare_whole: bool) -> None:
+def phase_ours(b: Bench, pool: str, compare_whole: bool, compare_prefetch: bool = False) -> None:
     t0 = time.perf_counter()
     agent = AgentProcess(b.tmp / "agent", pool, extra_args=["--cuda"]).start(timeout=600)
     b.record("agent_ready_s", round(time.perf_counter() - t0, 1))
     try:
         cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000}
-        e = b.engine("kvfabric", "kvfabric", connector=cfg)
+        e = b.engine("kvfabric", "kvfabric", connector=cfg, env=trace_env(b, "same_engine"))
         b.record("start_kvfabric_s", round(e.start_seconds, 1))
         b.ttft(e, b.warmup)
         b.record("cold_kvfabric", summary(b.ttft(e, b.timed)))
@@ -246,11 +274,18 @@ def phase_ours(b: Bench, pool: str, compare_whole: bool) -> None:
         warm(b, agent, e, "same_engine")
         close(e)
 
-        e = b.engine("kvfabric-restart", "kvfabric", connector=cfg)
+        e = b.engine("kvfabric-restart", "kvfabric", connector=cfg, env=trace_env(b, "after_restart"))
         b.record("restart_kvfabric_s", round(e.start_seconds, 1))
         b.ttft(e, b.warmup)
         warm(b, agent, e, "after_restart")
         close(e)
+
+        if compare_prefetch:  # the same, with loads started by the worker at the step's start
+            off = {**cfg, "prefetch_loads": False}
+            e = b.engine("kvfabric-no-prefetch", "kvfabric", connector=off, env=trace_env(b, "no_prefetch"))
+            b.ttft(e, b.warmup)
+            warm(b, agent, e, "no_prefetch")
+            close(e)
 
         if compare_whole:  # the same, with each load done before the forward pass starts
             e = b.engine("kvfabric-whole", "kvfabric", connector={**cfg, "layered_loads": False})
@@ -506,6 +541,11 @@ def main() -> None:
         "gives connectors cross-layer blocks",
     )
     ap.add_argument(
+        "--compare-prefetch",
+        action="store_true",
+        help="ours: also a restarted engine with prefetch_loads off (loads started by the worker)",
+    )
+    ap.add_argument(
         "--compare-whole",
         action="store_true",
         help="ours: also a restarted engine with layered_loads off (whole loads before the forward)",
@@ -521,7 +561,7 @@ def main() -> None:
     b.results["runner"] = args.runner or "vLLM default"
     try:
         if args.phase == "ours":
-            phase_ours(b, args.pool, args.compare_whole)
+            phase_ours(b, args.pool, args.compare_whole, args.compare_prefetch)
         elif args.phase == "nvme":
             phase_nvme(b, args.pool, args.nvme_dir or args.out / "nvme")
         elif args.phase == "cold":

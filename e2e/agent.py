@@ -176,6 +176,11 @@ class AgentProcess:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
             return str(r.read().decode())
 
+    def metric(self, series: str) -> float:
+        """One sample of /metrics by its full series name (``name{label="v"}``); 0 if absent."""
+        lines = self.metrics_text().splitlines()
+        return next((float(x.split()[-1]) for x in lines if x.startswith(series + " ")), 0.0)
+
     def kill(self) -> None:
         """SIGKILL: the agent gets no chance to clean up (a crash)."""
         if self.proc is not None and self.proc.poll() is None:

@@ -223,13 +223,17 @@ def _child(spec: dict[str, Any], out: Any) -> None:
                 out.write(json.dumps(reply_) + "\n")
                 out.flush()
                 continue
+            from kvfabric.connector.trace import mark
+
             results = []
             for ids in cmd["prompts"]:
+                mark("generate")
                 t0 = time.perf_counter()
                 prompt = TokensPrompt(prompt_token_ids=ids)
                 if cmd.get("cache_salt"):
                     prompt["cache_salt"] = cmd["cache_salt"]
                 (res,) = llm.generate([prompt], params, use_tqdm=False)
+                mark("generated")
                 results.append(
                     {
                         "tokens": list(res.outputs[0].token_ids),

@@ -149,9 +149,9 @@ def _layered_engine_body(socket_path: str, conn: Any) -> None:
         clones = []
         for i, t in enumerate(kv):
             if wait:
-                stream.wait_event(spec.events[i])
+                stream.wait_event(spec.event_set(0)[i])
             clones.append(t[targets].clone())
-        spec.events[-1].synchronize()
+        spec.event_set(0)[-1].synchronize()
         torch.cuda.synchronize()
         same = all(torch.equal(cl, t[saved]) for cl, t in zip(clones, kv, strict=True))
         results[case] = (reply.method, same)

@@ -70,8 +70,10 @@ def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Pat
         cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000, **settings}
         with engine(model, tmp_path, "engine1", cfg, env, llm) as e1:
             first = e1.generate(PROMPTS, MAX_TOKENS)
-        # The agent logs each registration; the runner decides how many tensors it sees.
-        events = layers if settings.get("layered_loads", True) else 0
+        # The agent logs each registration; the runner decides how many tensors it sees. Layered
+        # loads register two sets of layer events (loads started at allocation: prefetches).
+        layered = settings.get("layered_loads", True)
+        events = layers * 2 if layered else 0
         assert f"layers={layers} " in agent.log_tail(100_000), agent.log_tail()
         assert f"layer_events={events} " in agent.log_tail(100_000), agent.log_tail()
         # Shutdown waits for the background saves: every full block of prompt and answer
@@ -83,6 +85,10 @@ def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Pat
             warm = e2.generate(PROMPTS, MAX_TOKENS)
         loaded = agent.stats()["loaded_blocks"]
         assert loaded == sum((len(p) - 1) // BLOCK for p in PROMPTS), engine_log(e2)
+        # Layered: the scheduler started the loads when vLLM allocated the blocks (a fresh
+        # engine's blocks were never freed, so none is ruled out).
+        prefetched = agent.metric('kvfabric_gpu_prefetched_blocks_total{result="queued"}')
+        assert (prefetched == loaded) if layered else (prefetched == 0), (prefetched, loaded)
         assert "did not wait" not in e2.log_path.read_text(errors="replace"), engine_log(e2)
         assert [o.tokens[0] for o in warm] == [o.tokens[0] for o in cold]
         pairs = [

@@ -20,6 +20,7 @@ require_gpu(vllm=True)
 import torch  # noqa: E402
 
 from e2e.agent import AgentProcess  # noqa: E402
+from kvfabric.connector import protocol as p  # noqa: E402
 from kvfabric.connector.client import AgentClient  # noqa: E402
 from kvfabric.connector.config import ConnectorConfig  # noqa: E402
 from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed  # noqa: E402
@@ -52,7 +53,7 @@ def worker(agent: AgentProcess) -> tuple[WorkerSide, list[torch.Tensor]]:
     w = WorkerSide(cfg, SPEC, "t")
     kv = [torch.randn(NB, 8, 16, 256, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
     w.register_kv_caches({f"model.layers.{i}.attn": t for i, t in enumerate(kv)})
-    assert w.cuda is not None and len(w.cuda.events) == LAYERS
+    assert w.cuda is not None and len(w.cuda.events) == LAYERS * p.EVENT_SETS
     assert w._layered_ok, "the agent could not open the layer events"
     return w, kv
 

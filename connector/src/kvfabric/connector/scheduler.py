@@ -27,6 +27,7 @@ from kvfabric.connector.metadata import (
     lease_of_rank,
 )
 from kvfabric.connector.router_names import annotation
+from kvfabric.connector.trace import mark
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -245,6 +246,7 @@ class SchedulerSide:
             return len(pending.slots[0]) * self.block_size, False
         lease_id = lease_id_for(self.engine_tag, request.request_id)
         self.stats.lookups += 1
+        mark("lookup", blocks=usable - local)
         now = time.monotonic()
         awaited = self._awaited_blocks(request, st, usable, now)
         wait = st.promote_until is None or now < st.promote_until or awaited > 0
@@ -301,6 +303,7 @@ class SchedulerSide:
         if st.saved_upto >= local:  # else the gap below ``local`` is saved first
             st.saved_upto = max(st.saved_upto, local + reply.hits)
         self.stats.hit_tokens += reply.hits * self.block_size
+        mark("lookup_done", hits=reply.hits)
         return reply.hits * self.block_size, False
 
     def _recompute_s(self, blocks: int) -> float:
@@ -433,6 +436,8 @@ class SchedulerSide:
             with contextlib.suppress(AgentError):
                 self.client.release(lease_ids)
         loads, self._loads = self._loads, []
+        if loads:
+            mark("meta", step=self._step, loads=len(loads))
         meta = KVFabricMetadata(loads=self._prefetch(loads), step=self._step)
         if not self.config.save:
             return meta
@@ -485,8 +490,10 @@ class SchedulerSide:
             ],
             event_set=self._step % p.EVENT_SETS,
         )
+        mark("prefetch", blocks=len(request.loads[0].block_ids))
         try:
             reply = self.client.call(request, p.GpuPrefetchReply)
+            mark("prefetch_queued", queued=sum(reply.queued))
         except AgentError as exc:
             log.debug("prefetch failed; the workers load", extra={"error": str(exc)})
             return loads

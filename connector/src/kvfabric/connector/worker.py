@@ -32,6 +32,7 @@ from kvfabric.connector.metadata import (
     StagedSave,
 )
 from kvfabric.connector.pool_files import PoolBuffer, advise, map_parts, part_path, part_sizes
+from kvfabric.connector.trace import mark
 
 if TYPE_CHECKING:
     from kvfabric.connector.cuda_kv import CudaKV
@@ -303,6 +304,7 @@ class WorkerSide:
         self._finish_layered()  # a step that never reached post_forward (defensive)
         if not meta.loads:
             return
+        mark("start_load", step=meta.step)
         if not self.enabled:
             self._fail_loads(meta.loads)
             return
@@ -396,6 +398,7 @@ class WorkerSide:
                 self._fail_loads(rest)
                 rest = []
         intents = pre + rest
+        mark("load_queued", prefetched=len(pre), rest=len(rest))
         if not intents:
             return
         blocks = sum(len(i.block_ids) for i in intents)
@@ -422,6 +425,8 @@ class WorkerSide:
             return
         torch.cuda.current_stream().wait_event(events[index])
         load.waited.add(index)
+        if len(load.waited) in (1, len(events)):
+            mark("layer_ready", layers=len(load.waited))
 
     def _copies_ended(self, event: torch.cuda.Event, deadline: float = float("inf")) -> bool:
         """Waits for ``event``; False if the agent's session closed first (the agent died: its
@@ -475,6 +480,7 @@ class WorkerSide:
             self._abandon_layered(load)
             return
         self._layered = None
+        mark("load_done")
         elapsed = time.perf_counter() - load.started
         missed = len(load.events) - len(load.waited)
         if not missed:

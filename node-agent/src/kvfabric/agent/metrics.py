@@ -310,7 +310,17 @@ class AgentMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.prefetched_blocks = Counter(
+            "kvfabric_gpu_prefetched_blocks",
+            "Blocks of GPU engines' loads their schedulers had queued when vLLM allocated them "
+            "(queued), or that were left to the workers (refused: unknown registration, other "
+            "tenant, slots not leased).",
+            ["result"],
+            registry=self.registry,
+        )
         # Pre-created children, so dashboards and alerts see zeros rather than absent series.
+        for result in ("queued", "refused"):
+            self.prefetched_blocks.labels(result)
         for op in OPS:
             self.rpc_seconds.labels(op)
         for kind in ERROR_KINDS:

@@ -904,8 +904,9 @@ class Agent:
         queued: list[bool] = []
         for load in request.loads:
             target = self._prefetch_targets.get(load.token)
+            refused = self.metrics.prefetched_blocks.labels("refused")
             if target is None or target[0].tenant != session.tenant or not load.block_ids:
-                self.metrics.errors.labels("prefetch_target").inc()
+                refused.inc(len(load.block_ids))
                 queued.append(False)
                 continue
             owner, kv_id = target
@@ -922,8 +923,10 @@ class Agent:
                 await loop.run_in_executor(self._gpu_copies, gpu.copy, owner.session_id, copy)
             except (_ProtocolError, GpuError) as exc:
                 log.warning("prefetch refused; the worker loads", extra={"error": str(exc)})
+                refused.inc(len(load.block_ids))
                 queued.append(False)
                 continue
+            self.metrics.prefetched_blocks.labels("queued").inc(len(load.block_ids))
             queued.append(True)
         return p.GpuPrefetchReply(queued=queued)
 
