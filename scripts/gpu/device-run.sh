@@ -12,6 +12,7 @@
 #   scripts/gpu/device-run.sh vllm-nvme [args]      # benchmarks/gpu_vllm.py nvme (needs vLLM)
 #   scripts/gpu/device-run.sh cold [args]           # benchmarks/gpu_vllm.py cold (needs vLLM)
 #   scripts/gpu/device-run.sh agent-start [args]    # benchmarks/gpu_agent_start.py
+#   scripts/gpu/device-run.sh contexts              # benchmarks/gpu_contexts.py
 set -euo pipefail
 parts=/tmp/kvfabric/vllm-parts
 vllm=/tmp/kvfabric/vllm26
@@ -49,9 +50,10 @@ case "$what" in
   copy) exec python3 benchmarks/gpu_copy.py "$@" ;;
   nvme) exec python3 benchmarks/gpu_nvme.py "$@" ;;
   agent-start) exec python3 benchmarks/gpu_agent_start.py "$@" ;;
+  contexts) exec python3 benchmarks/gpu_contexts.py "$@" ;;
   ours) exec python3 benchmarks/gpu_vllm.py ours "$@" ;;
   cold) exec python3 benchmarks/gpu_vllm.py cold "$@" ;;
   vllm-nvme) exec python3 benchmarks/gpu_vllm.py nvme "$@" ;;
   peers) PYTHONPATH="$PYTHONPATH:/tmp/kvfabric/peg" exec python3 benchmarks/gpu_vllm.py peers "$@" ;;
-  *) echo "unknown command $what (stage, tests, copy, nvme, vllm-nvme, agent-start, ours, cold, peers)" >&2; exit 2 ;;
+  *) echo "unknown command $what (stage, tests, copy, nvme, vllm-nvme, agent-start, contexts, ours, cold, peers)" >&2; exit 2 ;;
 esac
