@@ -154,11 +154,12 @@ def _step(new: list[tuple[str, list[int]]]) -> SimpleNamespace:
 def test_a_block_a_running_step_still_writes_is_loaded_only_after_that_write(
     agent: AgentProcess, rule: bool
 ) -> None:
-    """Async scheduling: step 1 still runs on the engine's stream (a long kernel, then writes into
-    the blocks of a request that finished at the previous output), when step 2 allocates those
-    blocks to a request with a hit. The scheduler must not prefetch into them: the worker then
-    loads after the engine's stream and the forward reads the pool's bytes. Without the rule (the
-    control: prefetched all the same) the agent's copy lands first and the late write wins."""
+    """Async scheduling: step 1 still runs on the engine's stream, and writes into the blocks of
+    a request that finished at the previous output, when step 2 allocates those blocks to a
+    request with a hit. The scheduler must not prefetch into them: the worker then loads after
+    the engine's stream and the forward reads the pool's bytes. Without the rule (the control:
+    prefetched all the same) the agent's copy can land first, and step 1's late write wins: the
+    control makes that interleaving certain by queuing the write once the copies ended."""
     saver, src = _saved(agent)
     loader, dst = _worker(agent)
     cfg = ConnectorConfig(socket_path=str(agent.socket_path), timeout_ms=30_000)
@@ -166,10 +167,7 @@ def test_a_block_a_running_step_still_writes_is_loaded_only_after_that_write(
     blocks = list(range(100, 100 + N + 1))
     try:
         s.update_connector_output(0, 0, (), (), [(0, loader.prefetch_token)])  # the worker's metadata
-        s.build_connector_meta(_step([]))  # step 1, enqueued on the engine's stream:
-        torch.cuda._sleep(500_000_000)  # a long forward ...
-        for t in dst:
-            t.view(torch.uint8)[blocks[:N]] = 0x5A  # ... that still writes the finished request's blocks
+        s.build_connector_meta(_step([]))  # step 1, still running on the engine's stream
         s.request_finished(_request("gone", PROMPT), blocks)  # step 0's output: it finished
         req = _request("r", PROMPT)
         assert s.get_num_new_matched_tokens(req, 0) == (N * 16, False)
@@ -181,6 +179,11 @@ def test_a_block_a_running_step_still_writes_is_loaded_only_after_that_write(
         (intent,) = meta.loads
         assert bool(intent.prefetched) is not rule
         assert s.stats.prefetch_unsafe == (1 if rule else 0)
+        if not rule:  # the prefetch's copies end while step 1 runs on
+            assert loader.cuda is not None
+            loader.cuda.event_set(meta.step % p.EVENT_SETS)[-1].synchronize()
+        for t in dst:  # step 1's last kernels write the finished request's blocks
+            t.view(torch.uint8)[blocks[:N]] = 0x5A
         loader.start_load_kv(meta)
         reads = _forward(loader, dst, blocks[:N])
         same = all(torch.equal(a[:N], r) for a, r in zip(src, reads, strict=True))
