@@ -89,7 +89,7 @@ def test_warm_first_token_equals_cold_and_poisoned_pool_changes_it(tmp_path: Pat
         # named their registration (in their first step's output: the prompts scheduled before
         # it arrives are loaded by the workers).
         prefetched = agent.metric('kvfabric_gpu_prefetched_blocks_total{result="queued"}')
-        assert (0 < prefetched < loaded) if layered else (prefetched == 0), (prefetched, loaded)
+        assert (0 < prefetched <= loaded) if layered else (prefetched == 0), (prefetched, loaded)
         assert "did not wait" not in e2.log_path.read_text(errors="replace"), engine_log(e2)
         assert [o.tokens[0] for o in warm] == [o.tokens[0] for o in cold]
         pairs = [
