@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,15 @@ class KVFabricWorkerMeta(KVConnectorWorkerMetadata):
         return KVFabricWorkerMeta(
             staged=self.staged + other.staged, prefetch_targets=self.prefetch_targets + other.prefetch_targets
         )
+
+
+@dataclass(frozen=True)
+class KVFabricHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler once at engine start (vLLM's handshake, after the KV caches were
+    registered): the token naming the worker's GPU registration, so the scheduler prefetches
+    from the first step (a later re-registration is named in the worker metadata)."""
+
+    prefetch_token: bytes = b""
 
 
 def lease_of_rank(lease_id: str, rank: int) -> str:

@@ -468,6 +468,11 @@ class SchedulerSide:
             self._send_annotations()
         return meta
 
+    def prefetch_into(self, rank: int, token: bytes) -> None:
+        """TP rank ``rank``'s worker registration takes prefetches under ``token`` (from vLLM's
+        handshake at engine start, or a worker's metadata after it registered again)."""
+        self._prefetch_targets[rank] = token
+
     def _prefetch(self, loads: list[LoadIntent]) -> list[LoadIntent]:
         """Has the agent queue this step's loads now, into blocks no GPU work of the engine may
         still touch, while vLLM prepares the step; the workers then only wait for them. A load
@@ -571,7 +576,7 @@ class SchedulerSide:
         self._step_done()
         self.freed.step_completed()
         for rank, token in prefetch_targets:
-            self._prefetch_targets[rank] = token
+            self.prefetch_into(rank, token)
         if invalid_block_ids:
             self._recompute_from(set(invalid_block_ids))
         if staged or self._undelivered:

@@ -28,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.layout import engine_route, layout_specs, unsupported_setup
-from kvfabric.connector.metadata import KVFabricMetadata, KVFabricWorkerMeta
+from kvfabric.connector.metadata import KVFabricHandshake, KVFabricMetadata, KVFabricWorkerMeta
 from kvfabric.connector.scheduler import SchedulerSide
 from kvfabric.connector.stats import KVFabricPromMetrics, KVFabricStats
 from kvfabric.connector.worker import WorkerSide
@@ -194,6 +194,19 @@ class KVFabricConnector(KVConnectorBase_V1):
     ) -> KVFabricPromMetrics:
         """``vllm:kvfabric_*_total`` counters on the engine's /metrics (see ``stats``)."""
         return KVFabricPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def get_handshake_metadata(self) -> KVFabricHandshake | None:
+        """The worker's prefetch token, for the scheduler at engine start (None: none taken)."""
+        token = self._worker.prefetch_token if self._worker is not None else b""
+        return KVFabricHandshake(prefetch_token=token) if token else None
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        """The workers' handshakes, by TP rank (scheduler side)."""
+        if self._scheduler is None:
+            return
+        for rank, meta in metadata.items():
+            if isinstance(meta, KVFabricHandshake) and meta.prefetch_token:
+                self._scheduler.prefetch_into(rank, meta.prefetch_token)
 
     def build_connector_worker_meta(self) -> KVFabricWorkerMeta | None:
         return self._worker.build_connector_worker_meta() if self._worker is not None else None
