@@ -416,14 +416,14 @@ def test_the_scheduler_prefetches_only_into_blocks_no_running_step_touches(
         s.build_connector_meta(_step([], set()))  # step 2, scheduled while step 1 runs
         # step 1's output: a request finishes (its blocks 20-23 are also in step 2, running)
         s.request_finished(_request("gone", 16), [20, 21, 22, 23])
-        s.update_connector_output(0, 0, (), (), [(0, token)])
+        s.update_connector_output(0, 0, (), (), [(0, token)], completed_step=1)
         req = _request("r2", 96)
         assert s.get_num_new_matched_tokens(req, 0) == (64, False)
         s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([20, 21, 22, 23, 24],)), 64)
         step = s.build_connector_meta(_new_step("r2", [20, 21, 22, 23, 24], computed=64, scheduled=31))
         assert not sent and s.stats.prefetch_unsafe == 1, "blocks step 2 may still touch"
         assert step.loads[0].prefetched == ()
-        s.update_connector_output(0, 0)  # step 2's output: it has ended
+        s.update_connector_output(0, 0, completed_step=2)  # step 2's output: it has ended
         req3 = _request("r3", 96)
         assert s.get_num_new_matched_tokens(req3, 0) == (64, False)
         s.update_state_after_alloc(req3, SimpleNamespace(get_block_ids=lambda: ([20, 21, 22, 23, 24],)), 64)

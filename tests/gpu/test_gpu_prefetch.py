@@ -174,7 +174,6 @@ def test_a_block_a_running_step_still_writes_is_loaded_only_after_that_write(
         s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (blocks,)), N * 16)
         if not rule:
             s.freed = type(s.freed)()  # forgets the freed blocks: every block looks safe
-            s.freed.step_scheduled()
         meta = s.build_connector_meta(_step([("r", blocks)]))
         (intent,) = meta.loads
         assert bool(intent.prefetched) is not rule

@@ -89,11 +89,17 @@ class KVFabricWorkerMeta(KVConnectorWorkerMetadata):
     #: (TP rank, token) of GPU registrations the scheduler may prefetch into (after each
     #: registration, for a few steps)
     prefetch_targets: tuple[tuple[int, bytes], ...] = ()
+    #: the step (``KVFabricMetadata.step``) this output is of, from workers that take prefetches
+    #: (the scheduler's which-blocks-are-safe bookkeeping); 0: not reported
+    step: int = 0
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KVFabricWorkerMeta)
+        steps = [s for s in (self.step, other.step) if s]
         return KVFabricWorkerMeta(
-            staged=self.staged + other.staged, prefetch_targets=self.prefetch_targets + other.prefetch_targets
+            staged=self.staged + other.staged,
+            prefetch_targets=self.prefetch_targets + other.prefetch_targets,
+            step=min(steps, default=0),
         )
 
 

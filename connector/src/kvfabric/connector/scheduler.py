@@ -96,6 +96,8 @@ class _RequestState:
     #: when (monotonic) the request waits for them (see :meth:`SchedulerSide.handoff_promise`).
     promised: int = 0
     handoff_until: float | None = None
+    #: the latest step that scheduled the request (its blocks' GPU work ends with that step)
+    last_step: int = 0
 
 
 @dataclass
@@ -427,9 +429,11 @@ class SchedulerSide:
 
     def build_connector_meta(self, out: SchedulerOutput) -> KVFabricMetadata:
         self._step += 1
-        self.freed.step_scheduled()
         if out.preempted_req_ids:
-            self.freed.barrier()  # their blocks were freed without being listed to us
+            self.freed.barrier(self._step)  # their blocks were freed without being listed to us
+        for req_id in out.num_scheduled_tokens:
+            if (scheduled := self.requests.get(req_id)) is not None:
+                scheduled.last_step = self._step
         self._steps_in_flight.append((time.monotonic(), sum(out.num_scheduled_tokens.values())))
         while self._deferred and self._deferred[0][0] <= self._step - _RELEASE_AFTER_STEPS:
             _, lease_ids = self._deferred.pop(0)
@@ -558,6 +562,7 @@ class SchedulerSide:
         invalid_block_ids: Collection[int] = (),
         staged: Sequence[StagedSave] = (),
         prefetch_targets: Sequence[tuple[int, bytes]] = (),
+        completed_step: int = 0,
     ) -> None:
         """The workers' load counts since their last report (their stats, which vLLM hands to
         the scheduler): when several reports in a row show failed loads and none that worked, the
@@ -572,9 +577,10 @@ class SchedulerSide:
         A load failure of a step reaches us no later than that step's saves, so the epochs
         voided by now are final for them: the rest are committed, the voided aborted.
 
-        ``prefetch_targets``: (TP rank, token) of GPU registrations that take prefetches."""
+        ``prefetch_targets``: (TP rank, token) of GPU registrations that take prefetches;
+        ``completed_step``: the step whose output this is, as the workers ran it (0: unknown)."""
         self._step_done()
-        self.freed.step_completed()
+        self.freed.completed_through(completed_step)
         for rank, token in prefetch_targets:
             self.prefetch_into(rank, token)
         if invalid_block_ids:
@@ -652,8 +658,8 @@ class SchedulerSide:
         """Drops the request; True if vLLM must keep its blocks until the workers' saves end,
         and the P/D promise for its response's ``kv_transfer_params``. ``block_ids``: the
         request's blocks, which vLLM frees (now or once the saves ended)."""
-        self.freed.freed(block_ids)
         st = self.requests.pop(request.request_id, None)
+        self.freed.freed(block_ids, st.last_step if st is not None else self._step)
         if st is None:
             return False, None
         promise = self.handoff_promise(request, st)

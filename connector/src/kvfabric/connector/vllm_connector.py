@@ -58,6 +58,19 @@ def _full_attention_only(kv_cache_config: KVCacheConfig | None) -> bool:
     )
 
 
+def _frees_are_fenced(vllm_config: VllmConfig) -> bool:
+    """Whether no block vLLM hands out may still be written by a step in flight: steps do not
+    overlap, or vLLM defers freeing blocks until the steps that scheduled their request ended
+    (0.26 and later, for KV consumers). Without either, a freed block the connector is never
+    told of (one past the computed tokens) could take a prefetch under a running step's write."""
+    if vllm_config.max_concurrent_batches <= 1:
+        return True
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    transfer = vllm_config.kv_transfer_config
+    return bool(getattr(transfer, "is_kv_consumer", False)) and hasattr(Scheduler, "_drain_deferred_frees")
+
+
 class KVFabricConnector(KVConnectorBase_V1):
     def __init__(
         self,
@@ -91,7 +104,9 @@ class KVFabricConnector(KVConnectorBase_V1):
                 vllm_config.cache_config.block_size,
                 tag,
                 background_saves=background,
-                prefetch=self._on_cuda and _full_attention_only(kv_cache_config),
+                prefetch=self._on_cuda
+                and _full_attention_only(kv_cache_config)
+                and _frees_are_fenced(vllm_config),
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -234,6 +249,7 @@ class KVFabricConnector(KVConnectorBase_V1):
             getattr(connector_output, "invalid_block_ids", None) or (),
             worker_meta.staged if isinstance(worker_meta, KVFabricWorkerMeta) else (),
             worker_meta.prefetch_targets if isinstance(worker_meta, KVFabricWorkerMeta) else (),
+            worker_meta.step if isinstance(worker_meta, KVFabricWorkerMeta) else 0,
         )
 
     def update_state_after_alloc(

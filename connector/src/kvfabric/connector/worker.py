@@ -121,6 +121,7 @@ class WorkerSide:
         #: names our registration in the scheduler's prefetches (b"": the agent takes none)
         self.prefetch_token = b""
         self._announce = 0  # steps left to name it in our worker metadata
+        self._step = 0  # the step being run (``KVFabricMetadata.step``), reported to the scheduler
         self._layered: _LayeredLoad | None = None
         self._gpu_block_bytes = 0
         self.stats = WorkerStats()
@@ -302,6 +303,7 @@ class WorkerSide:
 
     def start_load_kv(self, meta: KVFabricMetadata) -> None:
         self._finish_layered()  # a step that never reached post_forward (defensive)
+        self._step = meta.step
         if not meta.loads:
             return
         mark("start_load", step=meta.step)
@@ -621,9 +623,10 @@ class WorkerSide:
         if self._announce > 0 and self.prefetch_token:
             self._announce -= 1
             targets = ((self.rank, self.prefetch_token),)
-        if not (staged or targets):
+        step = self._step if self.prefetch_token else 0  # only a prefetching scheduler needs it
+        if not (staged or targets or step):
             return None
-        return KVFabricWorkerMeta(staged=tuple(staged), prefetch_targets=targets)
+        return KVFabricWorkerMeta(staged=tuple(staged), prefetch_targets=targets, step=step)
 
     def shutdown(self) -> None:
         self._finish_layered()
