@@ -297,11 +297,15 @@ def test_layer_events_go_only_to_an_agent_that_understands_them(
     assert w.kv_id == 7
 
 
-def test_gpu_loads_wait_for_the_engine_stream_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With async scheduling a step's loads are sent while the previous step may still write
-    into blocks freed meanwhile: the worker lets the engine's stream catch up before the agent
-    writes, for layered and whole loads alike. Pure logic (a stand-in stream and client)."""
-    order: list[str] = []
+def _stand_in_gpu_worker(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    order: list[str],
+    layered: bool = True,
+    token: bytes = b"",
+) -> WorkerSide:
+    """A GPU worker whose engine stream and agent client are stand-ins that log, in ``order``,
+    waits for the stream and requests sent; ``token``: its registration takes prefetches."""
 
     class Stream:
         def synchronize(self) -> None:
@@ -319,46 +323,30 @@ def test_gpu_loads_wait_for_the_engine_stream_first(tmp_path: Path, monkeypatch:
             return [True] * len(lease_ids)
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    w = WorkerSide(ConnectorConfig(socket_path=str(tmp_path / "none.sock")), SPEC, "t")
+    w.cuda = _cuda_kv()
+    w.pool_id = "pool"
+    w._layered_ok = layered
+    w.prefetch_token = token
+    w.client = Client(opened=True)  # type: ignore[assignment]
+    return w
+
+
+def test_gpu_loads_wait_for_the_engine_stream_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With async scheduling a step's loads are sent while the previous step may still write
+    into blocks freed meanwhile: the worker lets the engine's stream catch up before the agent
+    writes, for layered and whole loads alike. Pure logic (a stand-in stream and client)."""
+    order: list[str] = []
     load = LoadIntent("r", "lease", "pool", (1, 2), ((5, 6),))
     for layered in (True, False):
         order.clear()
-        w = WorkerSide(ConnectorConfig(socket_path=str(tmp_path / "none.sock")), SPEC, "t")
-        w.cuda = _cuda_kv()
-        w.pool_id = "pool"
-        w._layered_ok = layered
-        w.client = Client(opened=True)  # type: ignore[assignment]
+        w = _stand_in_gpu_worker(tmp_path, monkeypatch, order, layered)
         w._finish_layered = lambda: None  # type: ignore[method-assign]
         w.start_load_kv(KVFabricMetadata(loads=[load]))
         assert order == ["synchronize", "GpuCopy"], order
         order.clear()
         w.start_load_kv(KVFabricMetadata())
         assert order == []  # steps without loads (every decode step) never wait
-
-
-def _prefetching_worker(tmp_path: Path, order: list[str], token: bytes) -> WorkerSide:
-    """A GPU worker (stand-in stream and client) whose registration takes prefetches."""
-
-    class Stream:
-        def synchronize(self) -> None:
-            order.append("synchronize")
-
-    class Client(_Client):
-        def connect(self) -> bool:
-            return True
-
-        def call(self, request: Any, reply_type: type) -> Any:
-            order.append(type(request).__name__)
-            return p.GpuCopyReply(method="dma", seconds=0.0)
-
-    torch.cuda.current_stream = lambda: Stream()  # type: ignore[assignment]  # restored by monkeypatch
-    w = WorkerSide(ConnectorConfig(socket_path=str(tmp_path / "none.sock")), SPEC, "t")
-    w.cuda = _cuda_kv()
-    w.pool_id = "pool"
-    w._layered_ok = True
-    w._event_sets = 1
-    w.prefetch_token = token
-    w.client = Client(opened=True)  # type: ignore[assignment]
-    return w
 
 
 def test_a_prefetched_gpu_load_is_only_waited_for_and_a_stale_one_is_recomputed(
@@ -369,10 +357,9 @@ def test_a_prefetched_gpu_load_is_only_waited_for_and_a_stale_one_is_recomputed(
     forward waits on its layer events); one queued into a registration this worker no longer
     holds (it reconnected: another token) is recomputed, and the rest of the step still loads
     after the engine's stream."""
-    monkeypatch.setattr(torch.cuda, "current_stream", torch.cuda.current_stream)
     order: list[str] = []
     mine, old = b"m" * 16, b"o" * 16
-    w = _prefetching_worker(tmp_path, order, mine)
+    w = _stand_in_gpu_worker(tmp_path, monkeypatch, order, token=mine)
     pre = LoadIntent("a", "la", "pool", (1, 2), ((5, 6),), prefetched=(mine,))
     w.start_load_kv(KVFabricMetadata(loads=[pre], step=3))
     assert order == [], "a prefetched load must not wait for the engine's stream or copy again"
