@@ -13,6 +13,7 @@
 #   scripts/gpu/device-run.sh cold [args]           # benchmarks/gpu_vllm.py cold (needs vLLM)
 #   scripts/gpu/device-run.sh agent-start [args]    # benchmarks/gpu_agent_start.py
 #   scripts/gpu/device-run.sh contexts              # benchmarks/gpu_contexts.py
+#   scripts/gpu/device-run.sh sharing VARIANT [args] # benchmarks/gpu_sharing.py (needs vLLM)
 set -euo pipefail
 parts=/tmp/kvfabric/vllm-parts
 vllm=/tmp/kvfabric/vllm26
@@ -51,9 +52,10 @@ case "$what" in
   nvme) exec python3 benchmarks/gpu_nvme.py "$@" ;;
   agent-start) exec python3 benchmarks/gpu_agent_start.py "$@" ;;
   contexts) exec python3 benchmarks/gpu_contexts.py "$@" ;;
+  sharing) PYTHONPATH="$PYTHONPATH:/tmp/kvfabric/peg" exec python3 benchmarks/gpu_sharing.py "$@" ;;
   ours) exec python3 benchmarks/gpu_vllm.py ours "$@" ;;
   cold) exec python3 benchmarks/gpu_vllm.py cold "$@" ;;
   vllm-nvme) exec python3 benchmarks/gpu_vllm.py nvme "$@" ;;
   peers) PYTHONPATH="$PYTHONPATH:/tmp/kvfabric/peg" exec python3 benchmarks/gpu_vllm.py peers "$@" ;;
-  *) echo "unknown command $what (stage, tests, copy, nvme, vllm-nvme, agent-start, contexts, ours, cold, peers)" >&2; exit 2 ;;
+  *) echo "unknown command $what (stage, tests, copy, nvme, vllm-nvme, agent-start, contexts, sharing, ours, cold, peers)" >&2; exit 2 ;;
 esac
