@@ -429,11 +429,12 @@ class SchedulerSide:
 
     def build_connector_meta(self, out: SchedulerOutput) -> KVFabricMetadata:
         self._step += 1
-        if out.preempted_req_ids:
-            self.freed.barrier(self._step)  # their blocks were freed without being listed to us
-        for req_id in out.num_scheduled_tokens:
-            if (scheduled := self.requests.get(req_id)) is not None:
-                scheduled.last_step = self._step
+        if self.prefetch:  # which blocks a prefetch may write (FreedBlocks)
+            if out.preempted_req_ids:
+                self.freed.barrier(self._step)  # their blocks were freed without being listed to us
+            for req_id in out.num_scheduled_tokens:
+                if (scheduled := self.requests.get(req_id)) is not None:
+                    scheduled.last_step = self._step
         self._steps_in_flight.append((time.monotonic(), sum(out.num_scheduled_tokens.values())))
         while self._deferred and self._deferred[0][0] <= self._step - _RELEASE_AFTER_STEPS:
             _, lease_ids = self._deferred.pop(0)
@@ -659,7 +660,8 @@ class SchedulerSide:
         and the P/D promise for its response's ``kv_transfer_params``. ``block_ids``: the
         request's blocks, which vLLM frees (now or once the saves ended)."""
         st = self.requests.pop(request.request_id, None)
-        self.freed.freed(block_ids, st.last_step if st is not None else self._step)
+        if self.prefetch:
+            self.freed.freed(block_ids, st.last_step if st is not None else self._step)
         if st is None:
             return False, None
         promise = self.handoff_promise(request, st)

@@ -616,7 +616,8 @@ class WorkerSide:
         self.stats.saved_blocks += done.committed
 
     def build_connector_worker_meta(self) -> KVFabricWorkerMeta | None:
-        """The blocks written since the last step for the scheduler to commit (TP only)."""
+        """The blocks written since the last step for the scheduler to commit (TP only); with
+        prefetches, the step this output is of, and (after a registration) its token."""
         with self._staged_lock:
             staged, self._staged = self._staged, []
         targets: tuple[tuple[int, bytes], ...] = ()
