@@ -489,18 +489,19 @@ class SchedulerSide:
         ranks = [r for r in sorted(self._prefetch_targets) if r < len(self.namespaces)]
         if not safe or not ranks:
             return loads
+        block_ids = [b for i in safe for b in i.block_ids]  # the same blocks on every rank
         request = p.GpuPrefetch(
             loads=[
                 p.PrefetchLoad(
                     token=self._prefetch_targets[r],
-                    block_ids=[b for i in safe for b in i.block_ids],
+                    block_ids=block_ids,
                     slots=[s for i in safe for s in i.slots[r]],
                 )
                 for r in ranks
             ],
             event_set=self._step % p.EVENT_SETS,
         )
-        mark("prefetch", blocks=len(request.loads[0].block_ids))
+        mark("prefetch", blocks=len(block_ids))
         try:
             reply = self.client.call(request, p.GpuPrefetchReply)
             mark("prefetch_queued", queued=sum(reply.queued))

@@ -243,13 +243,15 @@ class KVFabricConnector(KVConnectorBase_V1):
         stats = getattr(connector_output, "kv_connector_stats", None)
         data = stats.data if isinstance(stats, KVFabricStats) else {}
         worker_meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(worker_meta, KVFabricWorkerMeta):
+            worker_meta = KVFabricWorkerMeta()
         self._scheduler.update_connector_output(
             data.get("loaded_blocks", 0),
             data.get("load_errors", 0),
             getattr(connector_output, "invalid_block_ids", None) or (),
-            worker_meta.staged if isinstance(worker_meta, KVFabricWorkerMeta) else (),
-            worker_meta.prefetch_targets if isinstance(worker_meta, KVFabricWorkerMeta) else (),
-            worker_meta.step if isinstance(worker_meta, KVFabricWorkerMeta) else 0,
+            worker_meta.staged,
+            worker_meta.prefetch_targets,
+            worker_meta.step,
         )
 
     def update_state_after_alloc(

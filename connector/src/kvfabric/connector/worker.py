@@ -372,14 +372,13 @@ class WorkerSide:
         started = time.perf_counter()
         events = self.cuda.event_set(meta.step % self._event_sets)
         mine = self.prefetch_token
-        pre = [i for i in ready if mine and i.prefetched_for(self.rank) == mine]
-        rest = [i for i in ready if not (mine and i.prefetched_for(self.rank) == mine)]
-        # Queued for us by the scheduler, but into a registration we no longer hold (we
-        # reconnected) or for a pool we cannot read: recomputed, once the copies ended.
-        lost = [i for i in meta.loads if i.prefetched_for(self.rank) and i not in pre]
-        if lost:
-            self._fail_loads([i for i in lost if i in rest])
-            rest = [i for i in rest if i not in lost]
+        pre = [i for i in ready if (t := i.prefetched_for(self.rank)) and t == mine]
+        stale = [i for i in ready if (t := i.prefetched_for(self.rank)) and t != mine]
+        rest = [i for i in ready if not i.prefetched_for(self.rank)]
+        # Queued by the scheduler into a registration we no longer hold (we reconnected), or
+        # for a pool we cannot read (failed above): recomputed, once those copies ended.
+        self._fail_loads(stale)
+        if stale or any(i.prefetched_for(self.rank) for i in meta.loads if i not in ready):
             self._drain(self.cuda.event_set(meta.step % p.EVENT_SETS))
         if rest:
             self._after_engine_stream()

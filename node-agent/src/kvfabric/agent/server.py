@@ -81,8 +81,6 @@ class Session:
     requests: int = 0
     #: kv_id -> the namespace its GPU registration serves (copies may touch only its slots)
     gpu_namespaces: dict[int, Namespace] = field(default_factory=dict)
-    #: kv_id -> the token that names the registration in a scheduler's GpuPrefetch
-    prefetch_tokens: dict[int, bytes] = field(default_factory=dict)
 
 
 #: Warnings logged per connection before the rest are only counted (a fuzzing or broken client
@@ -869,7 +867,6 @@ class Agent:
             prefetch = layered and len(token) >= 16 and token not in self._prefetch_targets
             if prefetch:
                 self._prefetch_targets[token] = (session, kv_id)
-                session.prefetch_tokens[kv_id] = token
             if self.events is not None:
                 self.events.model_seen(ns.model)
         except GpuError as exc:
@@ -902,9 +899,9 @@ class Agent:
             raise _ProtocolError(p.E_GPU, "this agent does not serve GPU engines (start it with --cuda)")
         gpu, loop = self.gpu, asyncio.get_running_loop()
         queued: list[bool] = []
+        refused = self.metrics.prefetched_blocks.labels("refused")
         for load in request.loads:
             target = self._prefetch_targets.get(load.token)
-            refused = self.metrics.prefetched_blocks.labels("refused")
             if target is None or target[0].tenant != session.tenant or not load.block_ids:
                 refused.inc(len(load.block_ids))
                 queued.append(False)
@@ -1032,8 +1029,8 @@ class Agent:
 
     def _close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
-        for token in session.prefetch_tokens.values():
-            self._prefetch_targets.pop(token, None)
+        for token in [t for t, (owner, _) in self._prefetch_targets.items() if owner is session]:
+            del self._prefetch_targets[token]
         self._tenant_sessions[self._peer_key(session)] -= 1
         if self.gpu is not None:
             # Copies of this session have completed (_handle awaits each one before reading on).
