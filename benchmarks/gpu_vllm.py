@@ -51,7 +51,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from e2e.agent import AgentProcess  # noqa: E402
+from e2e.agent import AgentProcess, metric_value  # noqa: E402
 from e2e.engine import EngineProcess  # noqa: E402
 
 LLAMA_8B = {
@@ -204,19 +204,20 @@ def agent_times(agent: AgentProcess) -> dict[str, tuple[float, float]]:
         'kvfabric_rpc_seconds_{}{{op="gpu_copy"}}': "gpu_copy",
         "kvfabric_load_copy_seconds_{}": "load_copy",
     }
-    lines = agent.metrics_text().splitlines()
-
-    def value(series: str) -> float:
-        return next((float(x.split()[-1]) for x in lines if x.startswith(series + " ")), 0.0)
-
+    lines = agent.metrics_text().splitlines()  # one scrape for all of them
     return {
-        name: (value(pattern.format("sum")), value(pattern.format("count"))) for pattern, name in want.items()
+        name: (metric_value(lines, pattern.format("sum")), metric_value(lines, pattern.format("count")))
+        for pattern, name in want.items()
     }
 
 
+def trace_path(b: Bench, label: str) -> Path:
+    """Where the engine's connector (and the benchmark's front end) write their timestamps."""
+    return b.out / f"trace-{label}.jsonl"
+
+
 def trace_env(b: Bench, label: str) -> dict[str, str]:
-    """The engine's connector (and the benchmark's front end) write their timestamps here."""
-    return {"KVFABRIC_TRACE": str(b.out / f"trace-{label}.jsonl")}
+    return {"KVFABRIC_TRACE": str(trace_path(b, label))}
 
 
 def timeline(path: Path, requests: int) -> dict[str, float]:
@@ -256,7 +257,7 @@ def warm(b: Bench, agent: AgentProcess, e: EngineProcess, label: str) -> None:
     b.record(f"warm_{label}", summary(ttfts))
     b.record(f"loaded_blocks_{label}", f"{agent.stats()['loaded_blocks'] - before} of {expected}")
     b.record(f"per_request_ms_{label}", per_request)
-    b.record(f"timeline_ms_{label}", timeline(b.out / f"trace-{label}.jsonl", len(b.timed)))
+    b.record(f"timeline_ms_{label}", timeline(trace_path(b, label), len(b.timed)))
 
 
 def phase_ours(b: Bench, pool: str, compare_whole: bool, compare_prefetch: bool = False) -> None:

@@ -44,6 +44,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def metric_value(lines: list[str], series: str) -> float:
+    """One sample of a Prometheus text exposition by its full series name; 0 if absent."""
+    return next((float(x.split()[-1]) for x in lines if x.startswith(series + " ")), 0.0)
+
+
 class AgentProcess:
     def __init__(
         self,
@@ -178,8 +183,7 @@ class AgentProcess:
 
     def metric(self, series: str) -> float:
         """One sample of /metrics by its full series name (``name{label="v"}``); 0 if absent."""
-        lines = self.metrics_text().splitlines()
-        return next((float(x.split()[-1]) for x in lines if x.startswith(series + " ")), 0.0)
+        return metric_value(self.metrics_text().splitlines(), series)
 
     def kill(self) -> None:
         """SIGKILL: the agent gets no chance to clean up (a crash)."""
