@@ -296,7 +296,7 @@ def attach_bench(gib: int) -> None:
     kv = {f"l{i}": torch.empty(2, 2048, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for i in range(32)}
     with (
         tempfile.TemporaryDirectory() as d,
-        AgentProcess(Path(d), f"{gib}GiB", extra_args=["--cuda"]) as agent,
+        AgentProcess(Path(d), f"{gib}GiB", extra_args=["--cuda", "--cuda-ready-bytes", "0"]) as agent,
     ):
         print(
             f"attach: agent with a {gib} GiB pool pinned itself in {agent.stats()['cuda_pin_seconds']:.1f} s"
@@ -340,7 +340,8 @@ def agent_ready_bench(gib: int) -> None:
     for label, extra in (("4 KiB pages", []), ("huge pages asked", ["--huge-pages"])):
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            with AgentProcess(Path(d), f"{gib}GiB", extra_args=["--cuda", *extra]) as agent:
+            whole = ["--cuda", "--cuda-ready-bytes", "0"]  # ready once every byte is pinned
+            with AgentProcess(Path(d), f"{gib}GiB", extra_args=[*whole, *extra]) as agent:
                 ready = time.perf_counter() - t0
                 pin = agent.stats()["cuda_pin_seconds"]
                 huge = _shmem_huge_kib(agent)

@@ -211,7 +211,8 @@ class AgentProcess:
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> AgentProcess:
-        # --cuda agents are ready once the pool is pinned: allow for a large pool.
+        # --cuda agents are ready once --cuda-ready-bytes are pinned (all of it with 0): allow
+        # for a large pool on a slow host.
         return self.start(timeout=600 if "--cuda" in self.extra_args else 30)
 
     def __exit__(self, *exc: object) -> None:

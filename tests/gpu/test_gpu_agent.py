@@ -75,17 +75,23 @@ def _engine_body(socket_path: str, conn: Any) -> None:
         )
 
 
+def _round_trip(parent: Any) -> int:
+    """Waits for ``_engine_body``'s round trip: 8 blocks hit and loaded back exactly; returns
+    the block bytes the agent registered."""
+    assert parent.poll(120), "engine did not finish its round trip"
+    first = parent.recv()
+    assert first[0] != "error", first
+    same, hits, block_bytes = first
+    assert hits == 8 and same
+    return int(block_bytes)
+
+
 def test_agent_copies_over_ipc_and_releases_a_killed_engine(tmp_path: Path) -> None:
     with AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda", "--pin-threads", "8"]) as agent:
         assert agent.stats()["cuda_pinned"] == 1
         parent, proc = _spawn_engine(agent, _engine_body)
         try:
-            assert parent.poll(120), "engine did not finish its round trip"
-            first = parent.recv()
-            assert first[0] != "error", first
-            same, hits, block_bytes = first
-            assert hits == 8 and same
-            assert block_bytes == LAYERS * 2 * 16 * 8 * 128 * 2
+            assert _round_trip(parent) == LAYERS * 2 * 16 * 8 * 128 * 2
             assert parent.poll(60) and parent.recv() == "copying"
             stats = agent.stats()
             assert stats["cuda_ipc_mappings"] >= 1 and stats["leases_active"] == 1
@@ -103,6 +109,33 @@ def test_agent_copies_over_ipc_and_releases_a_killed_engine(tmp_path: Path) -> N
         finally:
             proc.kill()
             proc.join(10)
+
+
+def test_the_agent_serves_gpu_engines_while_the_rest_of_its_pool_is_pinned(tmp_path: Path) -> None:
+    """Ready once ``--cuda-ready-bytes`` are pinned, not the whole pool: a GPU engine's round
+    trip is exact while pinning goes on, and every arena becomes usable once it ends."""
+    pool, arena = 16 << 30, 64 << 20
+    extra = ["--cuda", "--pin-threads", "1", "--cuda-ready-bytes", "1GiB"]  # one thread: slow on purpose
+    with AgentProcess(tmp_path / "agent", "16GiB", extra_args=extra) as agent:
+        at_ready = agent.stats()
+        assert at_ready["cuda_pinned"] == 1
+        assert 1 << 30 <= int(at_ready["cuda_pinned_bytes"]) < pool, at_ready
+        assert 0 < int(at_ready["usable_arenas"]) < pool // arena
+        parent, proc = _spawn_engine(agent, _engine_body)
+        try:
+            _round_trip(parent)
+            print(f"round trip done with {int(agent.stats()['cuda_pinned_bytes']) >> 30} GiB of 16 pinned")
+        finally:
+            proc.kill()
+            proc.join(10)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            stats = agent.stats()
+            if int(stats["cuda_pinned_bytes"]) == pool and int(stats["usable_arenas"]) == pool // arena:
+                break
+            time.sleep(0.2)
+        assert int(stats["cuda_pinned_bytes"]) == pool and int(stats["usable_arenas"]) == pool // arena, stats
+        print(f"ready at {int(at_ready['cuda_pinned_bytes']) >> 20} MiB pinned; whole pool pinned later")
 
 
 LAYERED_NB, LAYERED_LAYERS, LAYERED_N = 1024, 8, 512

@@ -165,6 +165,23 @@ def test_gpu_requests_to_an_agent_without_cuda_are_refused_and_the_session_survi
     assert c.connected and c.stats()["namespaces"] == 0
 
 
+def test_a_cuda_agent_that_cannot_pin_lends_every_arena_to_cpu_engines(tmp_path: Path) -> None:
+    """A ``--cuda`` pool lends an arena only once it is pinned; where pinning fails (here: no
+    CuPy, no GPU) before any GPU engine could use it, CPU engines get the whole pool."""
+    pytest.importorskip("kvfabric.agent.gpu")  # the module itself imports without CuPy
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this host may pin; tests/gpu covers that side")
+    extra = ["--cuda", "--arena-size", "2MiB", "--session-share", "1"]
+    with AgentProcess(tmp_path / "agent", "16MiB", extra_args=extra) as agent:
+        stats = agent.stats()
+        assert stats["cuda_pinned"] == 0 and stats["cuda_pinned_bytes"] == 0
+        assert stats["usable_arenas"] == 8 and stats["free_arenas"] == 8
+        c = client(agent)
+        c.register_namespace("ns", 2 << 20, 16)
+        keys = [bytes([9, i]) * 8 for i in range(8)]
+        assert sorted(c.reserve("ns", keys, None).slots) == list(range(8))  # the whole pool
+
+
 def test_refuses_to_start_beside_a_live_agent(agent: AgentProcess, tmp_path: Path) -> None:
     proc = subprocess.run(
         [

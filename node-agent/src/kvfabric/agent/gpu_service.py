@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -64,12 +65,23 @@ class _SessionKV:
 
 class GpuService:
     def __init__(
-        self, segment: Segment, pin_threads: int, on_fatal: Callable[[str], None] | None = None
+        self,
+        segment: Segment,
+        pin_threads: int,
+        on_fatal: Callable[[str], None] | None = None,
+        ready_bytes: int = 0,
+        on_pinned: Callable[[int, int], None] | None = None,
     ) -> None:
+        """``ready_bytes``: pinned bytes after which GPU engines are served (0: the whole
+        pool); ``on_pinned(offset, length)``: a piece of the pool is pinned (or, with length
+        covering the whole pool, every byte may be used: pinning failed before any use)."""
         self.segment = segment
         self.on_fatal = on_fatal
+        self.on_pinned = on_pinned
         self.pin_threads = pin_threads
+        self.ready_bytes = ready_bytes
         self.pinned: PinnedPool | None = None
+        self.pinned_bytes = 0
         self.pin_seconds = 0.0
         self.ready = threading.Event()
         self.error: str | None = None
@@ -78,17 +90,40 @@ class GpuService:
         self._lock = threading.Lock()
 
     def pin(self) -> None:
-        """Populates and registers the whole pool (run once, in a thread, at agent start)."""
+        """Populates and registers the whole pool (run once, in a thread, at agent start); GPU
+        engines are served from ``ready_bytes`` pinned on, from the arenas pinned so far."""
+        pinned: PinnedPool | None = None
+        started = time.perf_counter()
         try:
             from kvfabric.agent.gpu import PinnedPool, host_address
 
-            pinned = PinnedPool(host_address(self.segment.map), self.segment.size, threads=self.pin_threads)
-            populate, register, wall = pinned.pin(stop=self.segment.stopping)
+            size = self.segment.size
+            ready_at = min(self.ready_bytes or size, size)
+            pinned = PinnedPool(host_address(self.segment.map), size, threads=self.pin_threads)
+
+            def chunk_pinned(offset: int, length: int) -> None:  # pinning threads, one at a time
+                self.pinned_bytes += length
+                if self.on_pinned is not None:
+                    self.on_pinned(offset, length)
+                if self.pinned is None and self.pinned_bytes >= ready_at:
+                    self.pinned = pinned
+                    self.ready.set()
+                    log.info(
+                        "pool ready for GPU engines",
+                        extra={
+                            "pinned_bytes": self.pinned_bytes,
+                            "seconds": round(time.perf_counter() - started, 2),
+                        },
+                    )
+
+            populate, register, wall = pinned.pin(
+                stop=self.segment.stopping, parts=self.segment.sizes, on_chunk=chunk_pinned
+            )
             if self.segment.stopping.is_set():
-                pinned.unregister()
+                if self.pinned is None:  # else close() unregisters it, after the copies end
+                    pinned.unregister()
                 return
             self.segment.prefaulted_bytes = self.segment.size
-            self.pinned = pinned
             self.pin_seconds = wall
             log.info(
                 "pool pinned for CUDA",
@@ -101,9 +136,21 @@ class GpuService:
             )
         except Exception as exc:  # no CUDA, no CuPy: the agent still serves CPU engines
             self.error = repr(exc)
-            log.error(
-                "pinning the pool for CUDA failed; GPU engines will recompute", extra={"error": self.error}
-            )
+            if self.pinned is not None:
+                # GPU engines may already copy into the pinned part: it stays, and only it is lent
+                log.error(
+                    "pinning the pool for CUDA stopped part way; the pinned part serves",
+                    extra={"error": self.error, "pinned_bytes": self.pinned_bytes},
+                )
+            else:
+                if pinned is not None:
+                    pinned.unregister()
+                log.error(
+                    "pinning the pool for CUDA failed; GPU engines will recompute",
+                    extra={"error": self.error},
+                )
+                if self.on_pinned is not None:  # CPU engines may use every byte
+                    self.on_pinned(0, self.segment.size)
         finally:
             self.ready.set()
 

@@ -99,6 +99,12 @@ class _IndexCollector(Collector):
         arenas = GaugeMetricFamily("kvfabric_pool_free_arenas", "Arenas not lent to any layout.")
         arenas.add_metric([], alloc.free_arenas)
         yield arenas
+        usable = GaugeMetricFamily(
+            "kvfabric_pool_usable_arenas",
+            "Arenas that may be lent (a CUDA pool's pinned so far; every arena otherwise).",
+        )
+        usable.add_metric([], alloc.usable_arenas)
+        yield usable
         states = GaugeMetricFamily("kvfabric_pool_blocks", "Blocks in the pool, by state.", labels=["state"])
         for state, n in idx.block_counts().items():
             states.add_metric([state], n)

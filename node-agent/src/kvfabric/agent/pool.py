@@ -10,9 +10,11 @@ An arena whose slots are all free goes back to the shared list, so layouts can c
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import fcntl
+import itertools
 import logging
 import mmap
 import os
@@ -36,6 +38,22 @@ MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 def chunks_of(size: int, chunk: int) -> list[tuple[int, int]]:
     """``(offset, length)`` of each ``chunk``-sized piece of ``size`` bytes (the last may be short)."""
     return [(a, min(chunk, size - a)) for a in range(0, size, chunk)]
+
+
+def interleaved_chunks(part_sizes: list[int], chunk: int) -> list[tuple[int, int]]:
+    """The pool cut into ``chunk``-sized pieces on one grid from its start, ``(offset, length)``
+    (the grid the GPU copies split their runs on: one CUDA registration per piece), taken
+    round-robin across the files the pieces start in: the first pieces pinned are in different
+    files, whose first-touch faults run in parallel (one file's serialise), so the first arenas
+    become usable soonest."""
+    bounds = list(itertools.accumulate(part_sizes))
+    per_part: list[list[tuple[int, int]]] = [[] for _ in part_sizes]
+    for off, n in chunks_of(sum(part_sizes), chunk):
+        per_part[bisect.bisect_right(bounds, off)].append((off, n))
+    out: list[tuple[int, int]] = []
+    for i in range(max((len(c) for c in per_part), default=0)):
+        out += [c[i] for c in per_part if i < len(c)]
+    return out
 
 
 def populate(
@@ -241,14 +259,19 @@ class SlotAllocator:
     """Arena-and-slot bookkeeping; touches no memory. Every operation is O(1) (taking an arena
     does not list its slots; returning one does not scan free lists)."""
 
-    def __init__(self, pool_bytes: int, arena_bytes: int) -> None:
+    def __init__(self, pool_bytes: int, arena_bytes: int, usable: bool = True) -> None:
+        """``usable=False``: no arena is lent until ``make_usable`` says its bytes are ready (a
+        CUDA pool serves while it is still being pinned, from the arenas pinned so far)."""
         if arena_bytes > pool_bytes:
             arena_bytes = pool_bytes
         self.pool_bytes = pool_bytes
         self.arena_bytes = arena_bytes
         self.n_arenas = pool_bytes // arena_bytes
         # Lowest-numbered arenas first keeps use compact and predictable in tests.
-        self._free_arenas = list(range(self.n_arenas - 1, -1, -1))
+        self._free_arenas = list(range(self.n_arenas - 1, -1, -1)) if usable else []
+        #: arenas whose bytes are not usable yet, and the usable byte ranges so far (merged)
+        self._pending: set[int] = set() if usable else set(range(self.n_arenas))
+        self._usable_ranges: list[tuple[int, int]] = []
         self.namespaces: dict[str, NamespaceSlots] = {}
         self._tenant_arenas: dict[str, int] = {}
         self._used_bytes = 0
@@ -273,6 +296,44 @@ class SlotAllocator:
         ns = NamespaceSlots(block_bytes=block_bytes, tenant=tenant)
         self.namespaces[namespace] = ns
         return ns
+
+    def make_usable(self, start: int, end: int) -> int:
+        """Pool bytes ``[start, end)`` are ready (pinned): every arena now wholly inside ready
+        bytes joins the free list. Returns how many joined."""
+        if not self._pending:
+            return 0
+        ranges = sorted([*self._usable_ranges, (start, end)])
+        merged = [ranges[0]]
+        for a, b in ranges[1:]:
+            if a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self._usable_ranges = merged
+        ab = self.arena_bytes
+        first, last = start // ab, min(self.n_arenas, -(-end // ab))
+        joined = [
+            i
+            for i in range(first, last)
+            if i in self._pending and any(a <= i * ab and (i + 1) * ab <= b for a, b in merged)
+        ]
+        return self._join(joined)
+
+    def make_all_usable(self) -> int:
+        """Every arena is usable (pinning ended or failed before any GPU engine could use it)."""
+        return self._join(sorted(self._pending))
+
+    def _join(self, arenas: list[int]) -> int:
+        self._pending.difference_update(arenas)
+        self._free_arenas.extend(arenas)
+        self._free_arenas.sort(reverse=True)  # lowest first, as at the start
+        if not self._pending:
+            self._usable_ranges = []
+        return len(arenas)
+
+    @property
+    def usable_arenas(self) -> int:
+        return self.n_arenas - len(self._pending)
 
     @property
     def free_arenas(self) -> int:

@@ -124,7 +124,8 @@ class Agent:
         self.settings = settings
         self.agent_id = uuid.uuid4().hex
         self.segment: Segment | None = None
-        self.allocator = SlotAllocator(settings.pool_size, settings.arena_size)
+        # A CUDA pool lends an arena once its bytes are pinned (GpuService.on_pinned)
+        self.allocator = SlotAllocator(settings.pool_size, settings.arena_size, usable=not settings.cuda)
         self.isolated = settings.tenancy == "isolated"
         quota = int(settings.tenant_share * self.allocator.n_arenas) if self.isolated else None
         self.index = BlockIndex(
@@ -198,7 +199,13 @@ class Agent:
             self.pool_id = self.segment.pool_id
         if self.settings.cuda:
             assert self.segment is not None
-            self.gpu = GpuService(self.segment, self.settings.pin_threads, on_fatal=self._on_gpu_fatal)
+            self.gpu = GpuService(
+                self.segment,
+                self.settings.pin_threads,
+                on_fatal=self._on_gpu_fatal,
+                ready_bytes=self.settings.cuda_ready_bytes,
+                on_pinned=self._on_pinned,
+            )
             self._background.append(threading.Thread(target=self.gpu.pin, name="kvfabric-pin", daemon=True))
         elif self.segment is not None and self.settings.prefault:
             self._background.append(
@@ -536,6 +543,13 @@ class Agent:
             lent.setdefault(ns.tenant, set()).update(ns.arenas)
         for tenant in pools.tenants():
             pools.audit(tenant, lent.get(tenant, set()), self.allocator.n_arenas)
+
+    def _on_pinned(self, offset: int, length: int) -> None:
+        """Called from a pinning thread: the arenas inside these bytes may be lent now (the
+        allocator lives on the loop; a request after this sees them, being queued after it)."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is gone
+            self._loop.call_soon_threadsafe(self.allocator.make_usable, offset, offset + length)
 
     def _on_gpu_fatal(self, why: str) -> None:
         """Called from a copy thread: the CUDA context is unusable for every engine."""
@@ -1173,6 +1187,7 @@ class Agent:
             pool_used_bytes=self.allocator.used_bytes,
             pool_prefaulted_bytes=self.segment.prefaulted_bytes if self.segment else 0,
             free_arenas=self.allocator.free_arenas,
+            usable_arenas=self.allocator.usable_arenas,
             namespaces=len(self.index.namespaces),
             sessions=len(self.sessions),
             connections=len(self._writers),
@@ -1184,6 +1199,7 @@ class Agent:
             cuda=int(self.gpu is not None),
             cuda_pinned=int(self.gpu is not None and self.gpu.pinned is not None),
             cuda_pin_seconds=round(self.gpu.pin_seconds, 3) if self.gpu else 0.0,
+            cuda_pinned_bytes=self.gpu.pinned_bytes if self.gpu else 0,
             cuda_ipc_mappings=self.gpu.mapped() if self.gpu else 0,
             fatal=self.fatal or "",
         )

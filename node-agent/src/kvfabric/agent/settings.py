@@ -100,14 +100,22 @@ class AgentSettings(BaseSettings):
     )
     cuda: bool = Field(
         default=False,
-        description="Serve GPU engines: pin the whole pool for CUDA once at start (in parallel "
-        "threads) and copy their blocks over CUDA IPC. Needs CuPy (kvfabric-agent[gpu]).",
+        description="Serve GPU engines: pin the whole pool for CUDA at start (in parallel "
+        "threads; see cuda_ready_bytes) and copy their blocks over CUDA IPC. Needs CuPy "
+        "(kvfabric-agent[gpu]).",
     )
     pin_threads: int = Field(
         default=16,
         ge=1,
         le=256,
         description="Threads that reserve the pool and, with --cuda, populate and register it.",
+    )
+    cuda_ready_bytes: ByteSize = Field(
+        default=4 * 1024**3,
+        ge=0,
+        description="With --cuda: report ready once this much of the pool is pinned; the rest is "
+        "pinned while the agent serves, its arenas lent as they are pinned (the pool fills from "
+        "the pinned part first). 0: the whole pool before ready.",
     )
     socket: Path = Field(
         default=Path("/run/kvfabric/agent.sock"),
