@@ -136,8 +136,10 @@ def test_a_block_damaged_between_restarts_is_never_served(
             f.seek(at + 100)
             f.write(bytes(b ^ 0xFF for b in payloads[3][100:108]))
         elif damage == "header":
-            f.seek(at - 4096 + 24)  # inside the block header (its time stored, under the checksum)
-            f.write(b"\x01")
+            # Flip a byte inside the block header (its time stored, under the checksum): a constant
+            # written there is no damage whenever the byte already holds it (1 run in 256).
+            f.seek(at - 4096 + 24)
+            f.write(bytes([raw[at - 4096 + 24] ^ 0xFF]))
         else:
             f.truncate(at + BLOCK // 2)  # the slab ends inside block 3; blocks after it are gone too
     with _agent(tmp_path / "b", nvme) as b:
