@@ -16,7 +16,10 @@ needed):
   the tests compare before and after.
 
 Only one node can run on a machine at a time (the node is named after the hostname and owns the
-``kubepods`` cgroups): a lock file makes a second one wait or skip.
+``kubepods`` cgroups): a lock file makes a second one wait. Whoever takes the lock
+(:meth:`Node.claim`) first removes what a node that was killed before its stop left behind: its
+processes, mounts, pod veths and bridge, and what it made (from its ``node-state.json``), so a
+killed run never changes what the next one measures.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from e2e.k8s_cluster import CACHE, NODE_TOKEN, ControlPlane, available, node_name, terminate
+from e2e.netns import mount_points
 
 IMAGE_CACHE = Path(os.environ.get("KVFABRIC_IMAGE_CACHE", Path.home() / ".cache" / "kvfabric" / "images"))
 # containerd's content and snapshots survive between runs (images are imported once per change)
@@ -55,6 +59,10 @@ RUNTIME_DIRS = (
     Path("/dev/shm/kvfabric"),
 )
 CGROUP_NAMES = ("kubepods",)
+# In a node's directory: what it made on the host, for whoever reclaims it if it is killed.
+STATE_FILE = "node-state.json"
+# Mount points only a node of ours makes (containerd's state and the kubelet's root in its dir).
+NODE_MOUNT_MARKS = ("/containerd-state/", "/kubelet/root")
 
 
 def node_available() -> str:
@@ -100,11 +108,6 @@ def _iptables() -> str:
     )
 
 
-def _mounts() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return sorted(line.split()[4] for line in f)
-
-
 def machine_state() -> dict[str, Any]:
     """What a node could change on the host: sysctls, iptables rules, mounts, network links and
     namespaces, cgroups. Compared before and after a test session."""
@@ -114,13 +117,18 @@ def machine_state() -> dict[str, Any]:
     return {
         "sysctls": sysctls,
         "iptables": _iptables(),
-        "mounts": _mounts(),
+        "mounts": mount_points(),
         "links": sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines()),
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
         "cgroups": sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_NAMES[0]}")),
         "dev_shm": shm,
         "dirs": sorted(str(p) for p in RUNTIME_DIRS if p.exists()),
     }
+
+
+def state_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The parts of two :func:`machine_state` readings that differ, as ``(before, after)``."""
+    return {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 
 
 class Node:
@@ -133,16 +141,32 @@ class Node:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.socket = workdir / "containerd.sock"
         self._lock: IO[str] | None = None
-        self._existed = {p: p.exists() for p in RUNTIME_DIRS}
-        self._cgroups_existed = bool(list(Path("/sys/fs/cgroup").glob(f"*/{CGROUP_NAMES[0]}")))
+        self._existed: dict[Path, bool] = {}
+        self._cgroups_existed = True
 
     # -- start -------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 180.0) -> Node:
+    def claim(self) -> Node:
+        """Takes the machine's node lock (one node per machine, see the module doc), then removes
+        what a killed earlier node left. Measure :func:`machine_state` after this, not before."""
+        if self._lock is not None:
+            return self
         LOCK.parent.mkdir(parents=True, exist_ok=True)
         self._lock = open(LOCK, "w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)  # one node per machine (see the module doc)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        reclaim_killed_nodes(self.dir)
+        self._existed = {p: p.exists() for p in RUNTIME_DIRS}
+        self._cgroups_existed = bool(_kubepods_cgroups())
         self.dir.mkdir(parents=True, exist_ok=True)
+        made = {
+            "dirs": [str(p) for p, e in self._existed.items() if not e],
+            "cgroups": not self._cgroups_existed,
+        }
+        (self.dir / STATE_FILE).write_text(json.dumps(made))
+        return self
+
+    def start(self, timeout: float = 180.0) -> Node:
+        self.claim()
         self._bridge()
         self._containerd()
         self._import_images()
@@ -160,8 +184,6 @@ class Node:
     def _bridge(self) -> None:
         """The pod network's bridge, made here so the CNI bridge plugin never acts as a gateway
         (which would turn on the host's ip_forward); no uplink, so pods reach only this machine."""
-        if self._run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
-            self._run("ip", "link", "del", BRIDGE)  # left by a killed run
         self._run("ip", "link", "add", BRIDGE, "type", "bridge")
         self._run("ip", "addr", "add", GATEWAY, "dev", BRIDGE)
         self._run("ip", "link", "set", BRIDGE, "up")
@@ -338,13 +360,15 @@ makeIPTablesUtilChains: false
             self._drain()
         finally:
             self._stop_processes()
-            self._unmount()
+            _unmount_under(str(self.dir) + "/", str(CONTAINERD_ROOT) + "/", "/run/containerd/")
             self._run("ip", "link", "del", BRIDGE, check=False)
-            self._remove_cgroups()
+            if not self._cgroups_existed:
+                _remove_kubepods_cgroups()
             for path, existed in self._existed.items():
                 if not existed:
                     shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(self.dir / "containerd-state", ignore_errors=True)
+            (self.dir / STATE_FILE).unlink(missing_ok=True)
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
@@ -372,30 +396,102 @@ makeIPTablesUtilChains: false
             if p is not None:
                 terminate(p, 15)
         # shims (and the containers under them) outlive containerd: kill those of our socket
-        for pid in _pids_with_arg(str(self.socket)):
-            _kill_tree(pid)
+        for pid, argv in _processes():
+            if str(self.socket) in argv:
+                _kill_tree(pid)
         self.procs.clear()
 
-    def _unmount(self) -> None:
-        """Every mount under the node's directories, deepest first (overlay rootfs, pod volumes,
-        netns files, the kubelet's bind mount of its root dir)."""
-        prefixes = (str(self.dir) + "/", str(CONTAINERD_ROOT) + "/", "/run/containerd/")
-        for _ in range(3):
-            mine = [m for m in _mounts() if m.startswith(prefixes)]
-            if not mine:
-                return
-            for m in sorted(mine, key=len, reverse=True):
-                subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+    def kill(self) -> None:
+        """What a killed test run leaves: the kubelet and containerd SIGKILLed, the lock released;
+        shims, containers, mounts, veths, the bridge and cgroups stay (for the reclaim test)."""
+        for p in self.procs.values():
+            p.kill()
+            p.wait()
+        self.procs.clear()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
-    def _remove_cgroups(self) -> None:
-        if self._cgroups_existed:
+
+def reclaim_killed_nodes(mine: Path) -> None:
+    """Removes what nodes killed before their stop left on the host. Called with the lock held, so
+    every node directory other than ``mine`` that still has a process or a mount is a dead one's:
+    its processes (kubelet, containerd, shims and their containers), its mounts, the pods' veths
+    and the bridge, and the directories and cgroups its ``node-state.json`` says it made."""
+    stale = _node_dirs() - {mine}
+    for pid in processes_under(*stale):
+        _kill_tree(pid)
+    veths = _links_on(BRIDGE)
+    # nothing of ours is mounted under the shared containerd root while we hold the lock
+    _unmount_under(str(CONTAINERD_ROOT) + "/", *(str(d) + "/" for d in stale))
+    for link in [*veths, BRIDGE]:  # a veth whose netns is gone is gone with it
+        subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+    for d in stale:
+        try:
+            made = json.loads((d / STATE_FILE).read_text())
+        except (OSError, ValueError):  # a node from before the state file: nothing more is known
+            made = {}
+        if made.get("cgroups"):
+            _remove_kubepods_cgroups()
+        for path in made.get("dirs", []):
+            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(d / "containerd-state", ignore_errors=True)
+        (d / STATE_FILE).unlink(missing_ok=True)
+
+
+def _node_dirs() -> set[Path]:
+    """The directories of nodes of ours with something alive on the host: a mount at one of the
+    places only a node makes, or a process whose arguments name a ``containerd.toml`` or
+    ``containerd.sock`` beside a containerd config that uses our containerd root."""
+    dirs = set()
+    for m in mount_points():
+        for mark in NODE_MOUNT_MARKS:
+            if (i := m.find(mark)) > 0:
+                dirs.add(Path(m[:i]))
+    ours = f'root = "{CONTAINERD_ROOT}"'
+    for _, argv in _processes():
+        for a in argv:
+            if a.endswith(("/containerd.sock", "/containerd.toml")) and "/" in a:
+                d = Path(a[a.index("/") :]).parent
+                with contextlib.suppress(OSError):
+                    if ours in (d / "containerd.toml").read_text():
+                        dirs.add(d)
+    return dirs
+
+
+def processes_under(*dirs: Path) -> list[int]:
+    """The processes whose arguments name a path under one of ``dirs``."""
+    marks = [str(d) + "/" for d in dirs]
+    return [pid for pid, argv in _processes() if any(m in a for m in marks for a in argv)]
+
+
+def _links_on(bridge: str) -> list[str]:
+    out = subprocess.run(
+        ["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True, check=False
+    ).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+
+def _unmount_under(*prefixes: str) -> None:
+    """Every mount under ``prefixes``, deepest first (overlay rootfs, pod volumes, netns files,
+    the kubelet's bind mount of its root dir)."""
+    for _ in range(3):
+        mounted = [m for m in mount_points() if m.startswith(prefixes)]
+        if not mounted:
             return
-        for top in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_NAMES[0]}"):
-            for d in sorted(
-                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-            ):
-                _rmdir(d)
-            _rmdir(top)
+        for m in sorted(mounted, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+
+
+def _kubepods_cgroups() -> list[Path]:
+    return list(Path("/sys/fs/cgroup").glob(f"*/{CGROUP_NAMES[0]}"))
+
+
+def _remove_kubepods_cgroups() -> None:
+    for top in _kubepods_cgroups():
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            _rmdir(d)
+        _rmdir(top)
 
 
 def _rmdir(path: Path) -> None:
@@ -403,18 +499,18 @@ def _rmdir(path: Path) -> None:
         path.rmdir()
 
 
-def _pids_with_arg(arg: str) -> list[int]:
-    pids = []
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every process whose command line can be read."""
+    procs = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if arg.encode() in argv:
-            pids.append(int(proc.name))
-    return pids
+        procs.append((int(proc.name), argv))
+    return procs
 
 
 def _kill_tree(pid: int) -> None:

@@ -4,7 +4,9 @@ Each node gets its own namespace and address (10.231.<n>.2) on a veth whose othe
 hub namespace (10.231.<n>.1), which routes between the nodes; services every node reaches
 (Valkey) run in the hub. Everything is created with the test's pid in its names and removed by
 :meth:`Fabric.close` (deleting a namespace deletes its veth ends). Nothing touches the host's
-own namespace, routes or firewall, and no address leaves the machine.
+own namespace, routes or firewall, and no address leaves the machine. The first ``ip netns add``
+on a machine also makes ``/run/netns`` (a directory bind-mounted on itself); the last close
+removes both again where they were not there before.
 
 Links can be cut (``ip link set down``) and a node's sending throttled (``tc tbf``).
 """
@@ -25,6 +27,35 @@ if TYPE_CHECKING:
 
 #: The port each node's agent serves its peers on (every node has its own address).
 FABRIC_PORT = 7450
+#: Where iproute2 keeps named namespaces (a mount point it makes itself on first use).
+NETNS_DIR = Path("/run/netns")
+#: ``(directory existed, was a mount point)`` before this process's first Fabric.
+_HOST_NETNS: tuple[bool, bool] | None = None
+
+
+def mount_points() -> list[str]:
+    """The host's mount points from its mount table, sorted (a point mounted twice is listed twice)."""
+    with open("/proc/self/mountinfo") as f:
+        return sorted(line.split()[4] for line in f)
+
+
+def netns_dir_state() -> tuple[bool, bool]:
+    """Whether :data:`NETNS_DIR` exists and whether it is a mount point (``os.path.ismount`` misses
+    a bind mount on the same filesystem: read the mount table)."""
+    return NETNS_DIR.is_dir(), str(NETNS_DIR) in mount_points()
+
+
+def _restore_netns_dir() -> None:
+    """Undoes what the first ``ip netns add`` made, once no named namespace is left in it."""
+    if _HOST_NETNS is None or not NETNS_DIR.is_dir() or any(NETNS_DIR.iterdir()):
+        return
+    existed, mounted = _HOST_NETNS
+    if not mounted:
+        while netns_dir_state()[1]:  # iproute2 may have stacked more than one bind mount
+            if subprocess.run(["umount", str(NETNS_DIR)], capture_output=True).returncode != 0:
+                return
+    if not existed:
+        NETNS_DIR.rmdir()
 
 
 def _ip(*args: str) -> None:
@@ -56,6 +87,9 @@ class Node:
 
 class Fabric:
     def __init__(self, nodes: int) -> None:
+        global _HOST_NETNS
+        if _HOST_NETNS is None:
+            _HOST_NETNS = netns_dir_state()
         tag = f"{os.getpid() % 100000}"
         self.hub = f"kvf{tag}h"
         self.nodes: list[Node] = []
@@ -155,6 +189,7 @@ class Fabric:
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made.clear()
+        _restore_netns_dir()
 
     def __enter__(self) -> Fabric:
         return self

@@ -32,7 +32,7 @@ from e2e import prometheus, tiny_model
 from e2e.agent import free_port
 from e2e.conftest import PROMPTS
 from e2e.k8s_cluster import ControlPlane
-from e2e.k8s_node import Node, build_images, machine_state, node_available
+from e2e.k8s_node import Node, build_images, machine_state, node_available, state_changes
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kvfabric"
@@ -99,11 +99,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if why:
         pytest.skip(why)
     build_images()
-    before = machine_state()
     d = tmp_path_factory.mktemp("kubelet")
-    cp = ControlPlane(d / "cp", for_node=True).start()
-    node = Node(d / "node", cp)
+    cp = ControlPlane(d / "cp", for_node=True)
+    node = Node(d / "node", cp).claim()  # first removes what a killed earlier run left
+    before = machine_state()
     try:
+        cp.start()
         node.start()
         yield Cluster(cp, node)
     finally:
@@ -112,7 +113,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         finally:
             cp.stop()
     after = machine_state()
-    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    changed = state_changes(before, after)
     assert not changed, f"the node left the machine changed: {changed}"
 
 
