@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,23 +117,31 @@ def _llm_args(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]
 def _start(
     args: argparse.Namespace, model: Path, work: Path, name: str, **kw: Any
 ) -> tuple[list[EngineProcess], float]:
-    """The variant's N engines, one after the other (vLLM measures free GPU memory at start)."""
-    t0 = time.perf_counter()
-    engines = []
-    for i in range(args.engines):
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "PYTHONHASHSEED": "0"} if not args.smoke else {}
-        engines.append(
-            EngineProcess(
-                model,
-                work / f"{name}-{i}",
-                kw.get("connector"),
-                log_name=f"{name}-{i}",
-                kv_cache_bytes=args.gpu_kv << 20,
-                llm_args=_llm_args(args, kw.get("llm", {})),
-                env=env,
-                transfer=kw.get("transfer"),
-            )
+    """The variant's N engines, started at once (each gets its KV cache as a fixed byte count,
+    so vLLM skips the free-memory profiling that concurrent starts would disturb)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "PYTHONHASHSEED": "0"} if not args.smoke else {}
+
+    def one(i: int) -> EngineProcess:
+        return EngineProcess(
+            model,
+            work / f"{name}-{i}",
+            kw.get("connector"),
+            log_name=f"{name}-{i}",
+            kv_cache_bytes=args.gpu_kv << 20,
+            llm_args=_llm_args(args, kw.get("llm", {})),
+            env=env,
+            transfer=kw.get("transfer"),
         )
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.engines) as pool:
+        futures = [pool.submit(one, i) for i in range(args.engines)]
+    engines = [f.result() for f in futures if f.exception() is None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:  # the ones that did start must not outlive the benchmark
+        for e in engines:
+            close(e)
+        raise failed[0]  # type: ignore[misc]
     return engines, time.perf_counter() - t0
 
 
