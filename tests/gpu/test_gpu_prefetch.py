@@ -24,41 +24,29 @@ require_gpu(vllm=True)
 import torch  # noqa: E402
 
 from e2e.agent import AgentProcess  # noqa: E402
+from e2e.gpu_worker import NB, cuda_agent, layout, registered_worker  # noqa: E402
 from kvfabric.connector import protocol as p  # noqa: E402
 from kvfabric.connector.client import AgentClient  # noqa: E402
 from kvfabric.connector.config import ConnectorConfig  # noqa: E402
-from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed  # noqa: E402
+from kvfabric.connector.keys import chain_keys, request_seed  # noqa: E402
 from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent  # noqa: E402
 from kvfabric.connector.scheduler import SchedulerSide  # noqa: E402
 from kvfabric.connector.worker import WorkerSide  # noqa: E402
 
-LAYERS, NB, N = 6, 512, 64
-SPEC = LayoutSpec(
-    model="gpu-prefetch",
-    dtype="bfloat16",
-    kv_cache_dtype="auto",
-    num_layers=LAYERS,
-    num_kv_heads=8,
-    head_size=128,
-    block_size=16,
-    tp_size=1,
-    tp_rank=0,
-    layout="cuda",
-)
+N = 64
+SPEC = layout("gpu-prefetch")
 PROMPT = list(range(1000, 1000 + N * 16 + 1))  # N full blocks and one token vLLM computes
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    with AgentProcess(tmp_path / "agent", "1GiB", extra_args=["--cuda", "--pin-threads", "8"]) as a:
+    with cuda_agent(tmp_path / "agent") as a:
         yield a
 
 
 def _worker(agent: AgentProcess) -> tuple[WorkerSide, list[torch.Tensor]]:
-    w = WorkerSide(ConnectorConfig(socket_path=str(agent.socket_path), timeout_ms=30_000), SPEC, "t")
-    kv = [torch.randn(NB, 8, 16, 256, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
-    w.register_kv_caches({f"model.layers.{i}.attn": t for i, t in enumerate(kv)})
-    assert w._layered_ok and w.prefetch_token, "the agent took no prefetches for this registration"
+    w, kv = registered_worker(agent, SPEC)
+    assert w.prefetch_token, "the agent took no prefetches for this registration"
     return w, kv
 
 

@@ -20,42 +20,24 @@ require_gpu(vllm=True)
 import torch  # noqa: E402
 
 from e2e.agent import AgentProcess  # noqa: E402
-from kvfabric.connector import protocol as p  # noqa: E402
+from e2e.gpu_worker import LAYERS, NB, cuda_agent, layout, registered_worker  # noqa: E402
 from kvfabric.connector.client import AgentClient  # noqa: E402
-from kvfabric.connector.config import ConnectorConfig  # noqa: E402
-from kvfabric.connector.keys import LayoutSpec, chain_keys, request_seed  # noqa: E402
+from kvfabric.connector.keys import chain_keys, request_seed  # noqa: E402
 from kvfabric.connector.metadata import KVFabricMetadata, LoadIntent, SaveIntent  # noqa: E402
 from kvfabric.connector.worker import WorkerSide  # noqa: E402
 
-LAYERS, NB, N = 6, 512, 200
-SPEC = LayoutSpec(
-    model="gpu-worker",
-    dtype="bfloat16",
-    kv_cache_dtype="auto",
-    num_layers=LAYERS,
-    num_kv_heads=8,
-    head_size=128,
-    block_size=16,
-    tp_size=1,
-    tp_rank=0,
-    layout="cuda",
-)
+N = 200
+SPEC = layout("gpu-worker")
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    with AgentProcess(tmp_path / "agent", "1GiB", extra_args=["--cuda", "--pin-threads", "8"]) as a:
+    with cuda_agent(tmp_path / "agent") as a:
         yield a
 
 
 def worker(agent: AgentProcess) -> tuple[WorkerSide, list[torch.Tensor]]:
-    cfg = ConnectorConfig(socket_path=str(agent.socket_path), timeout_ms=30_000)
-    w = WorkerSide(cfg, SPEC, "t")
-    kv = [torch.randn(NB, 8, 16, 256, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
-    w.register_kv_caches({f"model.layers.{i}.attn": t for i, t in enumerate(kv)})
-    assert w.cuda is not None and len(w.cuda.events) == LAYERS * p.EVENT_SETS
-    assert w._layered_ok, "the agent could not open the layer events"
-    return w, kv
+    return registered_worker(agent, SPEC)
 
 
 def test_layered_loads_through_the_worker_and_a_skipped_wait_is_a_load_error(agent: AgentProcess) -> None:
@@ -104,14 +86,11 @@ def test_agent_killed_during_a_layered_load_does_not_hang_the_engine(tmp_path: P
     import threading
     import time
 
-    agent = AgentProcess(tmp_path / "agent", "2GiB", extra_args=["--cuda", "--pin-threads", "8"]).start()
+    agent = cuda_agent(tmp_path / "agent", "2GiB").start()
     try:
         n = 1000  # 1000 blocks x 6 layers x 64 KiB: long enough to be killed mid-copy
         keys = chain_keys(list(range(n * 16)), 16, request_seed())
-        cfg = ConnectorConfig(socket_path=str(agent.socket_path), timeout_ms=30_000)
-        w = WorkerSide(cfg, SPEC, "t")
-        kv = [torch.randn(2 * n, 8, 16, 256, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
-        w.register_kv_caches({f"model.layers.{i}.attn": t for i, t in enumerate(kv)})
+        w, kv = registered_worker(agent, SPEC, blocks=2 * n)
         w.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", tuple(range(n)), tuple(keys), None)]))
         assert w.stats.saved_blocks == n
         sched = AgentClient(str(agent.socket_path), "sched")
