@@ -131,6 +131,26 @@ def state_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tu
     return {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 
 
+def assert_machine_unchanged(before: dict[str, Any], what: str) -> None:
+    """Fails naming ``what`` and each difference if the machine is not as ``before`` says."""
+    changed = state_changes(before, machine_state())
+    assert not changed, f"{what} left the machine changed: {changed}"
+
+
+def stop_all(*parts: Node | ControlPlane | None) -> None:
+    """Stops each part in order (None: never started), the later ones also when an earlier stop
+    raises; the first error is raised once all were stopped."""
+    errors: list[BaseException] = []
+    for part in parts:
+        if part is not None:
+            try:
+                part.stop()
+            except BaseException as exc:
+                errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
 class Node:
     """containerd + kubelet registered with ``cp`` (which must be ``ControlPlane(for_node=True)``)."""
 

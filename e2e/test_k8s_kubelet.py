@@ -32,7 +32,14 @@ from e2e import prometheus, tiny_model
 from e2e.agent import free_port
 from e2e.conftest import PROMPTS
 from e2e.k8s_cluster import ControlPlane
-from e2e.k8s_node import Node, build_images, machine_state, node_available, state_changes
+from e2e.k8s_node import (
+    Node,
+    assert_machine_unchanged,
+    build_images,
+    machine_state,
+    node_available,
+    stop_all,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kvfabric"
@@ -108,13 +115,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         node.start()
         yield Cluster(cp, node)
     finally:
-        try:
-            node.stop()
-        finally:
-            cp.stop()
-    after = machine_state()
-    changed = state_changes(before, after)
-    assert not changed, f"the node left the machine changed: {changed}"
+        stop_all(node, cp)
+    assert_machine_unchanged(before, "the node")
 
 
 def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> Any:

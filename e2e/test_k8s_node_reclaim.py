@@ -15,11 +15,12 @@ import yaml
 from e2e.k8s_cluster import ControlPlane
 from e2e.k8s_node import (
     Node,
+    assert_machine_unchanged,
     build_images,
     machine_state,
     node_available,
     processes_under,
-    state_changes,
+    stop_all,
 )
 
 pytestmark = [pytest.mark.kubelet, pytest.mark.timeout(900)]
@@ -83,21 +84,12 @@ def test_a_node_removes_what_a_killed_node_left_and_serves(tmp_path: Path) -> No
         assert processes_under(killed.dir), "the killed node's shims should outlive it"
 
         node = Node(tmp_path / "node", cp).claim()
-        reclaimed = machine_state()
-        changed = state_changes(before, reclaimed)
-        assert not changed, f"the reclaim left the machine changed: {changed}"
+        assert_machine_unchanged(before, "the reclaim")
         assert not processes_under(killed.dir)
 
         node.start()
         cp.kubectl("apply", "-f", "-", input=pod("after-the-reclaim"))
         wait_until("a pod running on the node that reclaimed", lambda: running(cp, "after-the-reclaim"))
     finally:
-        try:
-            for n in (node, killed):
-                if n is not None:
-                    n.stop()
-        finally:
-            cp.stop()
-    after = machine_state()
-    changed = state_changes(before, after)
-    assert not changed, f"the nodes left the machine changed: {changed}"
+        stop_all(node, killed, cp)
+    assert_machine_unchanged(before, "the nodes")
