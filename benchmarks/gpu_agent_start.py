@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from e2e.agent import AgentProcess  # noqa: E402
+from e2e.agent import AgentProcess, wait_until  # noqa: E402
 
 VARIANTS = {
     "whole": ["--cuda-ready-bytes", "0"],  # ready once the whole pool is pinned: the baseline
@@ -77,8 +77,8 @@ def run(variant: str, pool: str, tmp: Path) -> dict[str, object]:
             time.sleep(0.05)
         ready = time.perf_counter() - t0
         at_ready = agent.stats()
-        while not agent.stats()["cuda_pin_seconds"]:  # set once the whole pool is pinned
-            time.sleep(0.05)
+        # cuda_pin_seconds is set once the whole pool is pinned (never if pinning fails)
+        wait_until("the whole pool pinned", lambda: agent.stats()["cuda_pin_seconds"], 600)
         pinned = time.perf_counter() - t0
         shm_huge = re.search(r"ShmemHugePages:\s+(\d+) kB", Path("/proc/meminfo").read_text())
         return {

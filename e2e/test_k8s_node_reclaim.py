@@ -5,13 +5,12 @@ measured, and then work: the machine ends as it was before the killed node start
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
+from e2e.agent import wait_until
 from e2e.k8s_cluster import ControlPlane
 from e2e.k8s_node import (
     Node,
@@ -49,13 +48,6 @@ def pod(name: str) -> str:
     )
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def running(cp: ControlPlane, name: str) -> bool:
     out = cp.kubectl("get", "pod", name, "-o", "jsonpath={.status.phase}", check=False)
     return out.stdout.strip() == "Running"
@@ -74,7 +66,7 @@ def test_a_node_removes_what_a_killed_node_left_and_serves(tmp_path: Path) -> No
         cp.start()
         killed.start()
         cp.kubectl("apply", "-f", "-", input=pod("before-the-kill"))
-        wait_until("the first pod running", lambda: running(cp, "before-the-kill"))
+        wait_until("the first pod running", lambda: running(cp, "before-the-kill"), 300, every=0.5)
 
         killed.kill()
         left = machine_state()
@@ -89,7 +81,12 @@ def test_a_node_removes_what_a_killed_node_left_and_serves(tmp_path: Path) -> No
 
         node.start()
         cp.kubectl("apply", "-f", "-", input=pod("after-the-reclaim"))
-        wait_until("a pod running on the node that reclaimed", lambda: running(cp, "after-the-reclaim"))
+        wait_until(
+            "a pod running on the node that reclaimed",
+            lambda: running(cp, "after-the-reclaim"),
+            300,
+            every=0.5,
+        )
     finally:
         stop_all(node, killed, cp)
     assert_machine_unchanged(before, "the nodes")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 
 require_gpu()
 
-from e2e.agent import AgentProcess  # noqa: E402
+from e2e.agent import AgentProcess, wait_until  # noqa: E402
 
 NB, LAYERS = 64, 4
 
@@ -128,13 +128,12 @@ def test_the_agent_serves_gpu_engines_while_the_rest_of_its_pool_is_pinned(tmp_p
         finally:
             proc.kill()
             proc.join(10)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+
+        def whole_pool_usable() -> bool:
             stats = agent.stats()
-            if int(stats["cuda_pinned_bytes"]) == pool and int(stats["usable_arenas"]) == pool // arena:
-                break
-            time.sleep(0.2)
-        assert int(stats["cuda_pinned_bytes"]) == pool and int(stats["usable_arenas"]) == pool // arena, stats
+            return int(stats["cuda_pinned_bytes"]) == pool and int(stats["usable_arenas"]) == pool // arena
+
+        wait_until("the whole pool pinned and every arena usable", whole_pool_usable, 300, every=0.2)
         print(f"ready at {int(at_ready['cuda_pinned_bytes']) >> 20} MiB pinned; whole pool pinned later")
 
 
