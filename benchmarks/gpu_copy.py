@@ -19,7 +19,8 @@ import cupy as cp
 import numpy as np
 import torch
 
-from kvfabric.agent.gpu import CopyEngine, LayerLayout, PinnedPool, host_address, segments_for
+from kvfabric.agent.gpu import CopyEngine, LayerLayout, PinnedPool, host_address
+from kvfabric.connector.kv_segments import segments_for
 
 
 def timed(fn, reps: int = 10) -> float:  # type: ignore[no-untyped-def]

@@ -17,8 +17,9 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
          pool new and empty, tier kept) from the tier, waiting for every block
          (``promote_wait_ms`` 10 s) and with the default wait (500 ms: what is not in the pool by
          then is recomputed); cold TTFT without a connector in the same run.
-  cold   where the cold path's cost is: no connector (before and after), KVFabric, KVFabric with
-         saves off, with loads off; fresh prompts for each engine.
+  cold   where the cold path's cost is: no connector (before and after), KVFabric (the engine
+         copying its own saves), and as ``--cold-variants`` picks: saves copied by the agent
+         (``engine_saves`` off), saves off, loads off; fresh prompts for each engine.
   peers  vLLM's native CPU offloading (prefix caching on; hits forced out of the GPU cache by
          other prompts) and PegaFlow (``pegaflow-llm-cu13``, prefix caching off), same prompts.
 
@@ -343,26 +344,38 @@ def phase_ours(
     )
 
 
-def phase_cold(b: Bench, pool: str) -> None:
+COLD_VARIANTS = {
+    "kvfabric_agent_saves": {"engine_saves": False},  # the agent copies the saves from its context
+    "kvfabric_no_save": {"save": False},  # lookups only
+    "kvfabric_no_load": {"load": False},  # saves only
+}
+
+
+def phase_cold(b: Bench, pool: str, extra: list[str]) -> None:
     """Where the cold path's cost is: TTFT of prompts no tier holds, without a connector (before
-    and after, for drift), with KVFabric, with its saves off (lookups only) and with its loads off
-    (saves only). Each engine gets prompts of its own (a pool holding the previous engine's
-    prompts would turn them into hits)."""
+    and after, for drift), with KVFabric and with the ``extra`` variants of it
+    (:data:`COLD_VARIANTS`). Each engine gets prompts of its own (a pool holding the previous
+    engine's prompts would turn them into hits); who copied each engine's saves is counted from
+    the agent's gpu_copy calls (the engine's own copies make none)."""
     agent = AgentProcess(b.tmp / "agent", pool, extra_args=["--cuda"]).start(timeout=600)
     cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000}
     variants: list[tuple[str, dict[str, Any] | None]] = [
         ("none", None),
         ("kvfabric", cfg),
-        ("kvfabric_no_save", {**cfg, "save": False}),
-        ("kvfabric_no_load", {**cfg, "load": False}),
+        *[(name, {**cfg, **COLD_VARIANTS[name]}) for name in extra],
         ("none_again", None),
     ]
     try:
         for i, (label, connector) in enumerate(variants):
             e = b.engine(label, "kvfabric" if connector else "none", connector=connector)
             b.ttft(e, b.warmup)
+            before = agent_times(agent)["gpu_copy"][1], agent.stats()["committed_blocks"]
             b.record(f"cold_{label}", summary(b.ttft(e, prompts(len(b.timed), seed=100 + i))))
-            close(e)
+            close(e)  # its background saves end first
+            if connector is not None:
+                calls = agent_times(agent)["gpu_copy"][1] - before[0]
+                saved = agent.stats()["committed_blocks"] - before[1]
+                b.record(f"saves_{label}", f"{saved} blocks committed, {calls:.0f} agent gpu_copy calls")
     finally:
         agent.cleanup()
     r = b.results
@@ -562,6 +575,11 @@ def main() -> None:
         action="store_true",
         help="ours: also a restarted engine with layered_loads off (whole loads before the forward)",
     )
+    ap.add_argument(
+        "--cold-variants",
+        default="kvfabric_agent_saves",
+        help=f"cold: KVFabric variants besides the default, comma-separated, of {', '.join(COLD_VARIANTS)}",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
@@ -577,7 +595,7 @@ def main() -> None:
         elif args.phase == "nvme":
             phase_nvme(b, args.pool, args.nvme_dir or args.out / "nvme")
         elif args.phase == "cold":
-            phase_cold(b, args.pool)
+            phase_cold(b, args.pool, [v for v in args.cold_variants.split(",") if v])
         else:
             phase_peers(b, args.pega_pool)
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from e2e.agent import AgentProcess
+from e2e.agent import AgentProcess, wait_until
 from kvfabric.connector import protocol as p
 from kvfabric.connector.config import ConnectorConfig
 from kvfabric.connector.keys import LayoutSpec
@@ -39,15 +39,24 @@ def cuda_agent(workdir: Path, pool: str = "1GiB") -> AgentProcess:
 
 
 def registered_worker(
-    agent: AgentProcess, spec: LayoutSpec, blocks: int = NB
+    agent: AgentProcess,
+    spec: LayoutSpec,
+    blocks: int = NB,
+    engine_saves: bool = True,
+    background_saves: bool = False,
 ) -> tuple[WorkerSide, list[torch.Tensor]]:
-    """A worker with random KV of ``blocks`` blocks per layer registered, layered loads on."""
-    cfg = ConnectorConfig(socket_path=str(agent.socket_path), timeout_ms=30_000)
-    w = WorkerSide(cfg, spec, "t")
+    """A worker with random KV of ``blocks`` blocks per layer registered, layered loads on; with
+    ``engine_saves``, once the pool is registered here, so that it copies every save itself."""
+    cfg = ConnectorConfig(socket_path=str(agent.socket_path), timeout_ms=30_000, engine_saves=engine_saves)
+    w = WorkerSide(cfg, spec, "t", background_saves=background_saves)
     kv = [
         torch.randn(blocks, 8, 16, 256, device="cuda", dtype=torch.bfloat16) for _ in range(spec.num_layers)
     ]
     w.register_kv_caches({f"model.layers.{i}.attn": t for i, t in enumerate(kv)})
     assert w.cuda is not None and len(w.cuda.events) == spec.num_layers * p.EVENT_SETS
     assert w._layered_ok, "the agent could not open the layer events"
+    if engine_saves:
+        saves = w._engine_saves
+        assert saves is not None, "the worker did not map the pool for its own saves"
+        wait_until("the pool registered in the engine", lambda: saves.fully_registered, 120)
     return w, kv

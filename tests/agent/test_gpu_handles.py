@@ -2,7 +2,8 @@
 
 import pytest
 
-from kvfabric.agent.gpu import Segment, ipc_handle, segments_for
+from kvfabric.agent.gpu import ipc_handle
+from kvfabric.connector.kv_segments import Segment, segments_for
 
 
 def test_torch_ipc_handles_are_unwrapped_and_unsupported_kinds_refused() -> None:

@@ -30,8 +30,8 @@ from kvfabric.agent.gpu import (  # noqa: E402
     PinnedPool,
     device_index,
     host_address,
-    segments_for,
 )
+from kvfabric.connector.kv_segments import segments_for  # noqa: E402
 
 POOL_BYTES = 1 << 30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}

@@ -45,6 +45,7 @@ def test_layered_loads_through_the_worker_and_a_skipped_wait_is_a_load_error(age
     saver, src = worker(agent)
     saver.wait_for_save(KVFabricMetadata(saves=[SaveIntent("r", tuple(range(N)), tuple(keys), None)]))
     assert saver.stats.saved_blocks == N
+    assert saver.stats.engine_copied_blocks == N  # the engine's own copies, read by the agent's loads
     loader, dst = worker(agent)
     targets = tuple(int(x) for x in torch.randperm(NB - N)[:N].add(N))
     sched = AgentClient(str(agent.socket_path), "sched")
@@ -73,6 +74,42 @@ def test_layered_loads_through_the_worker_and_a_skipped_wait_is_a_load_error(age
                 assert errors == set(targets)
                 assert loader.stats.loaded_blocks == loaded
         assert agent.stats()["leases_active"] == 0
+    finally:
+        sched.close()
+        saver.shutdown()
+        loader.shutdown()
+
+
+@pytest.mark.parametrize("engine_saves", [True, False], ids=["engine-copies", "agent-copies"])
+def test_a_background_save_copies_what_the_step_wrote_once_its_kernels_ended(
+    agent: AgentProcess, engine_saves: bool
+) -> None:
+    """``wait_for_save`` returns while the step's kernels still run (a long sleep on the
+    engine's stream, then the writes): the save, from whichever context, must copy what they
+    wrote, not what the blocks held before; the agent loads it back into other blocks."""
+    keys = chain_keys(list(range(N * 16, 2 * N * 16)), 16, request_seed())
+    saver, kv = registered_worker(agent, SPEC, engine_saves=engine_saves, background_saves=True)
+    loader, dst = registered_worker(agent, SPEC, engine_saves=False)
+    sched = AgentClient(str(agent.socket_path), "sched")
+    try:
+        torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU time before the writes
+        for i, t in enumerate(kv):
+            t[:N].fill_(i + 1)
+        saver.wait_for_save(KVFabricMetadata(saves=[SaveIntent("w", tuple(range(N)), tuple(keys), None)]))
+        assert saver.saves is not None and saver.saves.flush(timeout=60)
+        assert saver.stats.saved_blocks == N
+        assert saver.stats.engine_copied_blocks == (N if engine_saves else 0)
+        reply = sched.lookup([SPEC.namespace()], keys, 16, lease_id="W")
+        assert reply.hits == N
+        targets = tuple(range(N, 2 * N))
+        intent = LoadIntent("w", "W", reply.pool_id, targets, tuple(tuple(s) for s in reply.slots))
+        loader.start_load_kv(KVFabricMetadata(loads=[intent]))
+        for i in range(LAYERS):
+            loader.wait_for_layer_load(f"model.layers.{i}.attn")
+        assert loader.get_block_ids_with_load_errors() == set()
+        torch.cuda.synchronize()
+        for i, t in enumerate(dst):
+            assert bool((t[list(targets)] == i + 1).all()), f"layer {i}: the bytes before the writes"
     finally:
         sched.close()
         saver.shutdown()

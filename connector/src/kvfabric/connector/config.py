@@ -86,6 +86,15 @@ class ConnectorConfig(BaseModel):
         "preempted request freed waits until the steps that used it have ended: those loads are "
         "started by the worker, after the engine's stream).",
     )
+    engine_saves: bool = Field(
+        default=True,
+        description="GPU engines: copy saves from the engine's own CUDA context into the pool, which "
+        "the engine maps and registers with CUDA piece by piece in the background after start "
+        "(the pages are the agent's: no new memory), instead of having the agent copy them from "
+        "its context: copies from another context time-slice with the engine's kernels and slow "
+        "them (benchmarks/RESULTS.md). Until a piece is registered, and always under isolated "
+        "tenancy (the engine may not map the shared pool), the agent copies.",
+    )
     cross_layer_blocks: bool = Field(
         default=True,
         description="GPU engines without layered_loads: ask vLLM for KV blocks that hold every "

@@ -95,6 +95,35 @@ def map_parts(fds: list[int], sizes: list[int], writable: bool) -> memoryview:
 PoolBuffer = mmap.mmap | memoryview
 
 
+def pool_sizes(total: int, parts: int) -> list[int]:
+    """Sizes of the files an agent said its ``total``-byte pool is kept in (``parts`` of them);
+    ValueError if that many cannot hold it."""
+    if parts <= 1:
+        return [total]
+    sizes = part_sizes(total, parts)
+    if len(sizes) != parts:
+        raise ValueError(f"{parts} pool files cannot hold {total} bytes")
+    return sizes
+
+
+def map_pool(path: Path, total: int, parts: int, writable: bool) -> PoolBuffer:
+    """A pool of ``total`` bytes in ``parts`` files from ``path`` (:func:`part_path`), mapped
+    shared as one range. Raises OSError, or ValueError (see :func:`pool_sizes`)."""
+    sizes = pool_sizes(total, parts)
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    fds: list[int] = []
+    try:
+        for i in range(len(sizes)):
+            fds.append(os.open(part_path(path, i), flags))
+        if len(fds) == 1:
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            return mmap.mmap(fds[0], total, mmap.MAP_SHARED, prot)
+        return map_parts(fds, sizes, writable)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def madvise(address: int, length: int, advice: int) -> None:
     """``madvise`` through ctypes, so the GIL is free meanwhile (CPython's ``mmap.madvise``
     holds it: threads populating a pool would run one at a time). Raises OSError."""

@@ -19,6 +19,8 @@ COUNTERS = {
     "saved_blocks": "KV blocks this engine saved to the KVFabric pool.",
     "save_skipped_blocks": "KV blocks not saved: already in the pool, or no room was granted.",
     "save_failures": "Saves that failed (agent unreachable or refused): those blocks are future misses.",
+    "engine_copied_blocks": "KV blocks written for saves by this engine's own copies (GPU, engine_saves); "
+    "the agent copied the rest.",
 }
 
 

@@ -31,11 +31,12 @@ from kvfabric.connector.metadata import (
     SaveIntent,
     StagedSave,
 )
-from kvfabric.connector.pool_files import PoolBuffer, advise, map_parts, part_path, part_sizes
+from kvfabric.connector.pool_files import PoolBuffer, advise, map_pool, pool_sizes
 from kvfabric.connector.trace import mark
 
 if TYPE_CHECKING:
     from kvfabric.connector.cuda_kv import CudaKV
+    from kvfabric.connector.engine_saves import EngineSaves
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class WorkerStats:
     saved_blocks: int = 0
     save_skipped_blocks: int = 0
     save_failures: int = 0
+    #: of the blocks written for saves, those this engine copied itself (``engine_saves``)
+    engine_copied_blocks: int = 0
 
 
 class WorkerSide:
@@ -108,6 +111,9 @@ class WorkerSide:
         self._staged_lock = threading.Lock()
         self.copier: BlockCopier | None = None
         self.cuda: CudaKV | None = None  # set for GPU engines: the agent does the copies
+        self._cuda_layers: list[torch.Tensor] = []
+        #: GPU engines: saves this engine copies itself (``engine_saves``), once it mapped the pool
+        self._engine_saves: EngineSaves | None = None
         self.kv_id = 0
         self.pool_id: str | None = None
         self._map: PoolBuffer | None = None
@@ -172,6 +178,7 @@ class WorkerSide:
                 log.info("vLLM splits each KV block for its attention kernel", extra={"kernel_blocks": split})
             self.cuda = describe(kv_caches, layer_events=self.config.layered_loads, kernel_blocks=split)
             self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+            self._cuda_layers = list(kv_caches.values())
         except (ValueError, RuntimeError) as exc:
             log.error(
                 "KV tensors cannot be shared with the agent; KVFabric disabled", extra={"error": str(exc)}
@@ -203,6 +210,7 @@ class WorkerSide:
             if events and not reply.layered:
                 log.warning("the agent cannot use our layer events; loads will not be layered")
             self.pool_id = hello.pool_id
+            self._start_engine_saves(hello, reply.block_bytes)
             return
         assert self.copier is not None
         route = self.route if "routing" in hello.features else None
@@ -221,10 +229,12 @@ class WorkerSide:
             self._map_pool(hello)
 
     def _on_disconnect(self) -> None:
-        """The session is gone: so are its agent's leases, and maybe the agent. A CPU worker lets
-        go of its pool mapping (remapped at the next connect): a restarted agent needs that
-        memory back to reserve its own pool, and no copy from it could be trusted anyway.
-        Copies in flight keep their view of the mapping until they end."""
+        """The session is gone: so are its agent's leases, and maybe the agent. A worker lets go
+        of its pool mapping (remapped at the next connect; a GPU worker maps it for its own
+        saves only): a restarted agent needs that memory back to reserve its own pool, and no
+        copy from it could be trusted anyway. Copies in flight keep their view of the mapping
+        until they end."""
+        self._stop_engine_saves()
         if self.copier is not None and self.copier.attached:
             self.copier.detach()
             self._map = None
@@ -237,21 +247,7 @@ class WorkerSide:
         self._map = None  # the old mapping goes when the last view of it does
         by_fd = not hello.pool_path and "pool_fd" in hello.features
         writable = self.config.save  # a worker that never saves maps the pool read-only
-        if by_fd:  # isolated tenancy: our tenant's own file, which has no path
-            _, fd = self.client.open_pool(writable)
-        elif not hello.pool_path:
-            raise AgentRejected("pool", "the agent offers no pool this connector can map")
-        else:
-            fd = os.open(hello.pool_path, os.O_RDWR if writable else os.O_RDONLY)
-        m: PoolBuffer
-        try:
-            if hello.pool_files > 1 and not by_fd:
-                m = self._map_parts(hello, fd, writable)
-            else:
-                prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-                m = mmap.mmap(fd, hello.pool_bytes, mmap.MAP_SHARED, prot)
-        finally:
-            os.close(fd)
+        m = self._pool_mapping(hello, writable, by_fd)
         self._map = m
         self.copier.attach(np.frombuffer(m, dtype=np.uint8))
         if not by_fd and writable:  # a tenant's file is sparse: pages exist only in its arenas
@@ -259,22 +255,60 @@ class WorkerSide:
         self.pool_id = hello.pool_id
         log.info("pool mapped", extra={"pool_id": hello.pool_id, "pool_bytes": hello.pool_bytes})
 
-    @staticmethod
-    def _map_parts(hello: p.HelloReply, first: int, writable: bool) -> PoolBuffer:
-        """The pool's files, the first already open, as one range."""
-        sizes = part_sizes(hello.pool_bytes, hello.pool_files)
-        if len(sizes) != hello.pool_files:
-            raise AgentRejected("pool", f"{hello.pool_files} pool files cannot hold {hello.pool_bytes} bytes")
-        fds = [first]
+    def _pool_mapping(self, hello: p.HelloReply, writable: bool, by_fd: bool = False) -> PoolBuffer:
+        """The agent's pool mapped here: its files by path, or (``by_fd``: isolated tenancy)
+        our tenant's own file, which has no path."""
+        if not by_fd and not hello.pool_path:
+            raise AgentRejected("pool", "the agent offers no pool this connector can map")
+        if not by_fd:
+            try:
+                return map_pool(Path(hello.pool_path), hello.pool_bytes, hello.pool_files, writable)
+            except ValueError as exc:
+                raise AgentRejected("pool", str(exc)) from None
+        _, fd = self.client.open_pool(writable)
         try:
-            for i in range(1, len(sizes)):
-                fds.append(
-                    os.open(part_path(Path(hello.pool_path), i), os.O_RDWR if writable else os.O_RDONLY)
-                )
-            return map_parts(fds, sizes, writable)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            return mmap.mmap(fd, hello.pool_bytes, mmap.MAP_SHARED, prot)
         finally:
-            for fd in fds[1:]:
-                os.close(fd)
+            os.close(fd)
+
+    def _start_engine_saves(self, hello: p.HelloReply, slot_bytes: int) -> None:
+        """GPU engines: maps the agent's pool to copy saves from this engine's own CUDA context
+        (see :mod:`~kvfabric.connector.engine_saves`), unless this worker saves nothing or the
+        agent offers no shared pool to map (isolated tenancy): the agent copies those saves."""
+        old = self._engine_saves
+        if old is not None and old.pool_id == hello.pool_id:
+            return
+        self._stop_engine_saves()
+        if not (self.config.engine_saves and self.config.save and self.saves_here and hello.pool_path):
+            return
+        assert self.cuda is not None
+        from kvfabric.connector.engine_saves import EngineSaves
+
+        try:
+            sizes = pool_sizes(hello.pool_bytes, hello.pool_files)
+            mapping = self._pool_mapping(hello, writable=True)
+            self._engine_saves = EngineSaves(
+                self._cuda_layers,
+                self.cuda.layout,
+                self.cuda.plane_bytes,
+                self.cuda.num_blocks,
+                mapping,
+                sizes,
+                slot_bytes,
+                hello.pool_id,
+            )
+        except (OSError, RuntimeError, ValueError, AgentError) as exc:
+            log.warning("the agent copies the saves: no pool mapping here", extra={"error": str(exc)})
+            return
+        log.info("this engine copies its own saves", extra={"pool_id": hello.pool_id})
+
+    def _stop_engine_saves(self) -> None:
+        """Lets the pool go in the background (unregistering 64 GiB takes a while; copies in
+        flight end first): a restarted agent needs its memory back."""
+        saves, self._engine_saves = self._engine_saves, None
+        if saves is not None:
+            threading.Thread(target=saves.close, name="kvfabric-unregister", daemon=True).start()
 
     # -- loads ---------------------------------------------------------------------------------------------
 
@@ -289,8 +323,22 @@ class WorkerSide:
         return self.cuda is not None or (self.copier is not None and self.copier.attached)
 
     def _copy(self, block_ids: Sequence[int], slots: Sequence[int], to_pool: bool) -> None:
-        """CPU engines copy through their own mapping; GPU engines ask the agent to copy (one
-        round trip per batch; the agent runs it on its own CUDA stream)."""
+        """CPU engines copy through their own mapping; GPU engines copy their saves themselves
+        where they can (``engine_saves``) and ask the agent for the rest (one round trip per
+        batch; the agent runs it on its own CUDA stream)."""
+        saves = self._engine_saves if to_pool else None
+        if self.cuda is not None and saves is not None and saves.pool_id == self.pool_id:
+            try:
+                done = saves.save(block_ids, slots)
+            except RuntimeError as exc:  # ours, not the agent's: the agent copies from now on
+                log.error("this engine's save copies failed: the agent takes them", extra={"error": str(exc)})
+                self._stop_engine_saves()
+            else:
+                self.stats.engine_copied_blocks += int(done.sum())
+                if done.all():
+                    return
+                block_ids = [b for b, d in zip(block_ids, done, strict=True) if not d]
+                slots = [s for s, d in zip(slots, done, strict=True) if not d]
         if self.cuda is not None:
             self.client.call(
                 p.GpuCopy(kv_id=self.kv_id, to_pool=to_pool, block_ids=list(block_ids), slots=list(slots)),
@@ -632,6 +680,9 @@ class WorkerSide:
         self._finish_layered()
         if self.saves is not None:
             self.saves.close()
+        if self._engine_saves is not None:
+            self._engine_saves.close()
+            self._engine_saves = None
         self.client.close()
         if self.copier is not None:
             self.copier.detach()

@@ -12,8 +12,9 @@ per-launch table), and the copy engines move slot runs across PCIe. The buffer's
 alternate between a DMA stream and a kernel stream, so PCIe copies into one half go on while
 the other half's kernel waits for SMs.
 
-KV layouts are described per layer as *segments*: a block ``b`` of a layer is the byte ranges
-``base + off_j + b * stride_j`` of length ``len_j``. Covered:
+KV layouts are described per layer as *segments* (``kvfabric.connector.kv_segments``, shared
+with the engine's own saves): a block ``b`` of a layer is the byte ranges ``base + off_j + b *
+stride_j`` of length ``len_j``. Covered:
 
 - ``[2, num_blocks, block_size, kv_heads, head_size]`` (K and V planes): two segments;
 - ``[num_blocks, 2, ...]``, MLA ``[num_blocks, block_size, head_size]`` and vLLM >= 0.26's
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from kvfabric.agent.pool import address_of, chunks_of, interleaved_chunks, populate
+from kvfabric.connector.kv_segments import Segment
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +97,6 @@ def _cupy() -> Any:
 
 
 @dataclass(frozen=True)
-class Segment:
-    """One byte range of a block within a layer: ``off + b * stride`` for ``length`` bytes."""
-
-    off: int
-    stride: int
-    length: int
-
-
-@dataclass(frozen=True)
 class LayerLayout:
     base: int  # device address of the layer's tensor
     num_blocks: int
@@ -112,20 +105,6 @@ class LayerLayout:
     @property
     def block_bytes(self) -> int:
         return sum(s.length for s in self.segments)
-
-
-def segments_for(layout: str, block_bytes_per_plane: int, num_blocks: int) -> tuple[Segment, ...]:
-    """Segments of one layer for a named layout (``block_bytes_per_plane``: K or V of one block)."""
-    if layout == "kv_planes":  # [2, NB, ...]
-        return (
-            Segment(0, block_bytes_per_plane, block_bytes_per_plane),
-            Segment(num_blocks * block_bytes_per_plane, block_bytes_per_plane, block_bytes_per_plane),
-        )
-    if layout == "blocks_first":  # [NB, 2, ...]: K then V of a block are adjacent
-        return (Segment(0, 2 * block_bytes_per_plane, 2 * block_bytes_per_plane),)
-    if layout in ("block_chunk", "mla"):  # each block one gap-free chunk (MLA, packed K|V)
-        return (Segment(0, block_bytes_per_plane, block_bytes_per_plane),)
-    raise ValueError(f"unsupported KV layout {layout!r}")
 
 
 class PinnedPool:

@@ -165,8 +165,8 @@ class GpuService:
             IpcMappings,
             LayerLayout,
             device_index,
-            segments_for,
         )
+        from kvfabric.connector.kv_segments import segments_for
 
         if len(req.handles) != len(req.offsets):
             raise GpuError("handles and offsets differ in length")
