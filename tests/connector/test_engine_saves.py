@@ -67,3 +67,13 @@ def test_map_pool_maps_every_part_back_to_back_and_refuses_a_part_count_that_can
     assert part_path(tmp_path / "pool", 1).read_bytes()[0] == 0xEE
     with pytest.raises(ValueError, match="cannot hold"):
         pool_sizes(total, 9)
+
+
+def test_runs_split_where_neighbours_do_not_belong_together() -> None:
+    from kvfabric.connector.engine_saves import _runs
+
+    blocks = np.array([3, 4, 5, 9, 8, 7, 20, 21])
+    first, n = _runs(np.diff(blocks) == 1)
+    assert first.tolist() == [0, 3, 4, 5, 6] and n.tolist() == [3, 1, 1, 1, 2]
+    first, n = _runs(np.diff(np.array([7])) == 1)
+    assert first.tolist() == [0] and n.tolist() == [1]

@@ -8,7 +8,10 @@ engine's own context 0-5% (``benchmarks/gpu_contexts.py``), and that is the cold
 CPU engines do), registers the mapping with CUDA piece by piece on background threads after it
 connected (the pages exist and are the agent's: no new memory, and no wait at start), and sends
 each run of consecutive blocks to consecutive slots as one pitched ``cudaMemcpy2DAsync`` per
-layer segment, on a stream of its own: DMA only, no kernel.
+layer segment, on a stream of its own: DMA only, no kernel. Blocks not in such runs (vLLM hands
+a freed request's blocks out again in descending order) are gathered first, per layer segment,
+into a staging buffer on the GPU (``index_select``, in the engine's context too), from which
+runs of consecutive slots go out the same way.
 
 What it leaves to the agent: slots in a piece not registered yet (or whose registration failed),
 and batches so fragmented that the calls would cost more than the agent's gather kernel. The
@@ -39,8 +42,11 @@ log = logging.getLogger(__name__)
 PIECE_BYTES = 256 << 20
 #: Threads registering the pool's pieces (the agent pins with more: it has nothing else to do).
 REGISTER_THREADS = 4
-#: Past this many ``cudaMemcpy2DAsync`` calls a batch is left to the agent's gather kernel.
-MAX_CALLS = 2048
+#: Past this many copy and gather calls a batch is left to the agent's gather kernel (a 10k-token
+#: prompt of an 8B model in descending blocks takes ~2,500).
+MAX_CALLS = 4096
+#: The GPU staging buffer for blocks not in runs (taken from the engine's memory headroom, once).
+STAGE_BYTES = 128 << 20
 _HOST_REGISTER_PORTABLE = 1
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the (unified) addresses
 
@@ -57,6 +63,13 @@ def _loaded_cudart() -> str:
     if found is None:
         raise RuntimeError("no CUDA runtime library is loaded or installed")
     return found
+
+
+def _runs(joined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first index, length) of the runs of a sequence whose neighbours ``i, i + 1`` belong
+    together where ``joined[i]`` (``len(joined)`` is one less than the sequence's)."""
+    starts = np.concatenate(([0], np.flatnonzero(~joined) + 1)).astype(np.int64)
+    return starts, np.diff(np.append(starts, len(joined) + 1))
 
 
 class CudaRuntime:
@@ -133,13 +146,25 @@ class EngineSaves:
         # slot's order: every layer's segments back to back, in layer order.
         segments = segments_for(layout, plane_bytes, num_blocks)
         self._segments: list[tuple[int, int, int, int]] = []
+        self._sources: list[torch.Tensor] = []  # the same, as [num_blocks, bytes] views to gather from
+        # Gathered in 8-byte words where every size and offset allows (a kernel thread per byte
+        # would take the SMs 8x as long).
+        starts = [t.storage_offset() * t.element_size() for t in layers]
+        sizes = [x for seg in segments for x in (seg.off, seg.stride, seg.length)] + starts
+        self._word = word = 8 if all(x % 8 == 0 for x in sizes) else 1
+        dtype = torch.int64 if word == 8 else torch.uint8
         offset = 0
-        for t in layers:
+        for t, start in zip(layers, starts, strict=True):
+            storage = torch.empty(0, dtype=dtype, device=t.device).set_(t.untyped_storage())
             for seg in segments:
                 self._segments.append((t.data_ptr() + seg.off, seg.stride, seg.length, offset))
+                shape, strides = (num_blocks, seg.length // word), (seg.stride // word, 1)
+                self._sources.append(storage.as_strided(shape, strides, (start + seg.off) // word))
                 offset += seg.length
         if offset != slot_bytes:
             raise ValueError(f"a slot of {slot_bytes} bytes cannot hold a block of {offset}")
+        self._stage_blocks = max(1, STAGE_BYTES // slot_bytes)
+        self._stage: torch.Tensor | None = None
         self._bounds = piece_bounds(file_sizes, slot_bytes)
         self.registered = np.zeros(len(self._bounds) - 1, dtype=bool)
         with torch.cuda.device(self.device):
@@ -210,23 +235,58 @@ class EngineSaves:
             if not len(idx):
                 return done
             bb, ss, pp = b[idx], s[idx], piece[idx]
-            breaks = np.flatnonzero((np.diff(bb) != 1) | (np.diff(ss) != 1) | (np.diff(pp) != 0)) + 1
-            starts = np.concatenate(([0], breaks))
-            if len(starts) * len(self._segments) > MAX_CALLS:
+            # Runs of two or more consecutive blocks into consecutive slots of one piece go
+            # straight out; every other block is gathered on the GPU first, a staging buffer
+            # at a time, and goes out in runs of consecutive slots.
+            first, n = _runs((np.diff(bb) == 1) & (np.diff(ss) == 1) & (np.diff(pp) == 0))
+            direct = n > 1
+            gathered = np.flatnonzero(~np.repeat(direct, n))
+            step = self._stage_blocks
+            chunks = [gathered[i : i + step] for i in range(0, len(gathered), step)]
+            slot_runs = [_runs((np.diff(ss[c]) == 1) & (np.diff(pp[c]) == 0)) for c in chunks]
+            outs = int(direct.sum()) + len(chunks) + sum(len(r[0]) for r in slot_runs)
+            if outs * len(self._segments) > MAX_CALLS:
                 return np.zeros(len(b), dtype=bool)
-            lengths = np.diff(np.append(starts, len(bb)))
-            memcpy2d, stream = self.cudart.lib.cudaMemcpy2DAsync, self._stream.cuda_stream
-            with torch.cuda.device(self.device):
-                for first, n in zip(starts.tolist(), lengths.tolist(), strict=True):
-                    block, dst = int(bb[first]), self.pool_address + int(ss[first]) * self.slot_bytes
-                    for base, stride, width, offset in self._segments:
-                        src, pitch = base + block * stride, self.slot_bytes
-                        status = memcpy2d(dst + offset, pitch, src, stride, width, n, _MEMCPY_DEFAULT, stream)
-                        if status:
-                            self._stream.synchronize()  # what was queued ends before the caller goes on
-                            self.cudart.check(status, "copying a save")
-                self._stream.synchronize()
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                try:
+                    for f, k in zip(first[direct].tolist(), n[direct].tolist(), strict=True):
+                        dst = self.pool_address + int(ss[f]) * self.slot_bytes
+                        for base, stride, width, offset in self._segments:
+                            self._copy_out(dst + offset, base + int(bb[f]) * stride, stride, width, k)
+                    for chunk, runs in zip(chunks, slot_runs, strict=True):
+                        self._gather_and_copy(bb[chunk], ss[chunk], runs)
+                finally:
+                    self._stream.synchronize()  # what was queued ends before the caller goes on
             return done
+
+    def _copy_out(self, dst: int, src: int, spitch: int, width: int, rows: int) -> None:
+        """``rows`` rows of ``width`` bytes into as many consecutive slots, on our stream."""
+        status = self.cudart.lib.cudaMemcpy2DAsync(
+            dst, self.slot_bytes, src, spitch, width, rows, _MEMCPY_DEFAULT, self._stream.cuda_stream
+        )
+        self.cudart.check(status, "copying a save")
+
+    def _gather_and_copy(
+        self, blocks: np.ndarray, slots: np.ndarray, runs: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        """Blocks in any order: each layer segment of all of them gathered into the staging
+        buffer (segment-major), then every run of consecutive slots copied out per segment.
+        On our stream, after the previous chunk's copies out of the same buffer."""
+        if self._stage is None:
+            size = self._stage_blocks * self.slot_bytes
+            self._stage = torch.empty(size // self._word, dtype=self._sources[0].dtype, device=self.device)
+        n, (run_first, run_n) = len(blocks), runs
+        ids = torch.from_numpy(blocks).to(self.device)
+        at = 0  # in words
+        for (_, _, width, offset), source in zip(self._segments, self._sources, strict=True):
+            words = width // self._word
+            piece = self._stage[at : at + n * words].view(n, words)
+            torch.index_select(source, 0, ids, out=piece)
+            base = piece.data_ptr()
+            for f, k in zip(run_first.tolist(), run_n.tolist(), strict=True):
+                dst = self.pool_address + int(slots[f]) * self.slot_bytes + offset
+                self._copy_out(dst, base + f * width, width, width, k)
+            at += n * words
 
     # -- teardown ----------------------------------------------------------------------------------
 
