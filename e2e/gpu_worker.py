@@ -42,7 +42,7 @@ def registered_worker(
     agent: AgentProcess,
     spec: LayoutSpec,
     blocks: int = NB,
-    engine_saves: bool = True,
+    engine_saves: bool = True,  # the option under test here (off by default in the product)
     background_saves: bool = False,
 ) -> tuple[WorkerSide, list[torch.Tensor]]:
     """A worker with random KV of ``blocks`` blocks per layer registered, layered loads on; with
