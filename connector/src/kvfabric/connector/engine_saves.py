@@ -1,10 +1,11 @@
 """Saves copied by a GPU engine itself, from its own CUDA context (``engine_saves``).
 
 Without this the agent copies every save, as it copies loads: from its own CUDA context, over
-CUDA IPC. Two contexts with work on one GPU time-slice: on an H200 the agent's copies of a
-prompt's saves cost the engine's kernels 7-15% while they run, the same copies issued from the
-engine's own context 0-5% (``benchmarks/gpu_contexts.py``), and that is the cold path's cost
-(``benchmarks/RESULTS.md``). So the engine writes its saves itself: it maps the agent's pool (as
+CUDA IPC. Two contexts with work on one GPU time-slice: on an H200 another context's copies
+slowed a stream of matmuls by 7-15% while they ran, the same copies from the matmuls' own
+context 0-5% (``benchmarks/gpu_contexts.py``). With this option the engine writes its saves
+itself (measured on real vLLM engines, it did not change cold TTFT: ``benchmarks/RESULTS.md``,
+which is why it is off by default): it maps the agent's pool (as
 CPU engines do), registers the mapping with CUDA piece by piece on background threads after it
 connected (the pages exist and are the agent's: no new memory, and no wait at start), and sends
 each run of consecutive blocks to consecutive slots as one pitched ``cudaMemcpy2DAsync`` per
