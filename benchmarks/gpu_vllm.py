@@ -19,7 +19,9 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
          then is recomputed); cold TTFT without a connector in the same run.
   cold   where the cold path's cost is: no connector (before and after), KVFabric (the engine
          copying its own saves), and as ``--cold-variants`` picks: saves copied by the agent
-         (``engine_saves`` off), saves off, loads off; fresh prompts for each engine.
+         (``engine_saves`` off), saves off, loads off; fresh prompts for each engine; from each
+         KVFabric engine's ``KVFABRIC_TRACE``, how much of a prompt's time the saves' reserve,
+         copy and commit took up (``save_overlap_*``).
   peers  vLLM's native CPU offloading (prefix caching on; hits forced out of the GPU cache by
          other prompts) and PegaFlow (``pegaflow-llm-cu13``, prefix caching off), same prompts.
 
@@ -240,6 +242,52 @@ def timeline(path: Path, requests: int) -> dict[str, float]:
     return {k: round(statistics.median(v), 2) for k, v in sorted(offsets.items(), key=lambda kv: min(kv[1]))}
 
 
+def _intervals(events: list[dict[str, Any]], start: str, end: str) -> list[tuple[float, float]]:
+    """``(start, end)`` times of each ``start`` mark paired with the next ``end`` mark."""
+    out, opened = [], None
+    for ev in events:
+        if ev["event"] == start:
+            opened = ev["t"]
+        elif ev["event"] == end and opened is not None:
+            out.append((opened, ev["t"]))
+            opened = None
+    return out
+
+
+def save_overlap(path: Path, requests: int) -> dict[str, float]:
+    """Where the saves ran against the last ``requests`` prompts (median ms per prompt): how
+    much of each prompt's time, from its submission to its output, a save's reserve, copy and
+    commit took up (mostly the previous prompt's save), and from the end of a prompt's forward
+    pass on the GPU to the start of its save's copy."""
+    if not path.exists():
+        return {}
+    events = sorted(
+        (json.loads(line) for line in path.read_text().splitlines() if line.strip()), key=lambda ev: ev["t"]
+    )
+    prompts = _intervals(events, "generate", "generated")[-requests:]
+    phases = {
+        "reserve": _intervals(events, "save_reserve", "save_copy"),
+        "copy": _intervals(events, "save_copy", "save_copied"),
+        "commit": _intervals(events, "save_copied", "save_committed"),
+    }
+
+    def overlap(window: tuple[float, float], spans: list[tuple[float, float]]) -> float:
+        return sum(max(0.0, min(window[1], b) - max(window[0], a)) for a, b in spans)
+
+    result = {
+        f"{name}_during_prompt_ms": round(1000 * statistics.median(overlap(w, spans) for w in prompts), 2)
+        for name, spans in phases.items()
+        if prompts and spans
+    }
+    ended = [ev["t"] for ev in events if ev["event"] == "forward_ended"]
+    lags = [c0 - max(t for t in ended if t <= c0) for c0, _ in phases["copy"] if any(t <= c0 for t in ended)]
+    if lags:
+        result["forward_end_to_copy_ms"] = round(1000 * statistics.median(lags), 2)
+    if phases["copy"]:
+        result["copy_ms"] = round(1000 * statistics.median(b - a for a, b in phases["copy"]), 2)
+    return result
+
+
 def warm(b: Bench, agent: AgentProcess, e: EngineProcess, label: str) -> None:
     """Warm TTFT of the timed prompts, how many of their blocks the agent loaded, and per
     request what the agent saw: its gpu_copy handling (a layered load's reply comes once the
@@ -367,7 +415,8 @@ def phase_cold(b: Bench, pool: str, extra: list[str]) -> None:
     ]
     try:
         for i, (label, connector) in enumerate(variants):
-            e = b.engine(label, "kvfabric" if connector else "none", connector=connector)
+            env = trace_env(b, f"cold-{label}") if connector else {}
+            e = b.engine(label, "kvfabric" if connector else "none", connector=connector, env=env)
             b.ttft(e, b.warmup)
             before = agent_times(agent)["gpu_copy"][1], agent.stats()["committed_blocks"]
             b.record(f"cold_{label}", summary(b.ttft(e, prompts(len(b.timed), seed=100 + i))))
@@ -376,6 +425,7 @@ def phase_cold(b: Bench, pool: str, extra: list[str]) -> None:
                 calls = agent_times(agent)["gpu_copy"][1] - before[0]
                 saved = agent.stats()["committed_blocks"] - before[1]
                 b.record(f"saves_{label}", f"{saved} blocks committed, {calls:.0f} agent gpu_copy calls")
+                b.record(f"save_overlap_{label}", save_overlap(trace_path(b, f"cold-{label}"), len(b.timed)))
     finally:
         agent.cleanup()
     r = b.results

@@ -590,7 +590,11 @@ class WorkerSide:
             return lambda: None
         event = torch.cuda.Event()
         event.record()
-        wait: Callable[[], None] = event.synchronize
+
+        def wait() -> None:
+            event.synchronize()
+            mark("forward_ended")
+
         return wait
 
     def handle_preemptions(self, meta: KVFabricMetadata) -> None:
@@ -620,6 +624,7 @@ class WorkerSide:
             log.debug("save skipped", extra={"req": intent.req_id, "error": str(exc)})
 
     def _save(self, intent: SaveIntent) -> None:
+        mark("save_reserve", blocks=len(intent.keys))
         reply = self.client.reserve(self.namespace, list(intent.keys), intent.parent)
         hello = self.client.hello  # the session that holds the reservations
         granted = [
@@ -638,12 +643,14 @@ class WorkerSide:
             self.stats.save_skipped_blocks += len(keys)
             return
         started = time.perf_counter()
+        mark("save_copy", blocks=len(keys))
         try:
             self._copy([b for b, _, _ in granted], [s for _, s, _ in granted], to_pool=True)
         except (ValueError, RuntimeError, AgentError) as exc:
             log.warning("save copy failed", extra={"req": intent.req_id, "error": str(exc)})
             self.client.commit(self.namespace, [], keys, 0.0)  # frees the reserved slots
             return
+        mark("save_copied")
         if delegate:
             assert hello is not None
             staged = StagedSave(
@@ -660,6 +667,7 @@ class WorkerSide:
             self.stats.saved_blocks += len(keys)  # written; visible once the scheduler commits
             return
         done = self.client.commit(self.namespace, keys, [], time.perf_counter() - started)
+        mark("save_committed")
         self.stats.saved_blocks += done.committed
 
     def build_connector_worker_meta(self) -> KVFabricWorkerMeta | None:
