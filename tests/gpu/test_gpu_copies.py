@@ -143,6 +143,43 @@ def test_direct_kernel_round_trip(pool: tuple[mmap.mmap, int], layout: str) -> N
             assert block_bytes_of(a, layout, i) == block_bytes_of(b, layout, j)
 
 
+@pytest.mark.parametrize(("batched", "ctas"), [(True, 1), (False, 16)])
+def test_random_slot_copies_are_batched_and_a_capped_kernel_moves_every_block(
+    pool: tuple[mmap.mmap, int], monkeypatch: pytest.MonkeyPatch, batched: bool, ctas: int
+) -> None:
+    """Random slots: each staging half's slot copies go to the driver as one batch (no
+    one-by-one copy is left), or one by one where batching is off; a staging kernel on fewer
+    CTAs than blocks x segments (one here) still moves every byte."""
+    _, addr = pool
+    src = make_layers("mla", torch.bfloat16)
+    singles: list[tuple[int, ...]] = []
+    one_by_one = CopyEngine._memcpy
+
+    def counted(copy: tuple[int, ...], kind: int, stream: Any) -> None:
+        singles.append(copy)
+        one_by_one(copy, kind, stream)
+
+    monkeypatch.setattr(CopyEngine, "_memcpy", staticmethod(counted))
+    kw: dict[str, Any] = {"staged_ctas": ctas, "batched": batched}
+    save = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "mla"), **kw)
+    rng = np.random.default_rng(3)
+    n = 64
+    blocks = rng.permutation(300)[:n].tolist()
+    slots = (rng.permutation(POOL_BYTES // save.block_bytes // 2)[:n] * 2).tolist()  # never adjacent
+    assert save.copy(blocks, slots, True) == "staged"
+    assert len(singles) == (0 if batched else n)
+    dst = [torch.zeros_like(t) for t in src]
+    targets = rng.permutation(300)[:n].tolist()
+    assert (
+        CopyEngine(0, addr, POOL_BYTES, layouts_of(dst, "mla"), **kw).copy(targets, slots, False) == "staged"
+    )
+    assert len(singles) == (0 if batched else 2 * n)
+    torch.cuda.synchronize()
+    for a, b in zip(src, dst, strict=True):
+        for i, j in zip(blocks, targets, strict=True):
+            assert block_bytes_of(a, "mla", i) == block_bytes_of(b, "mla", j)
+
+
 def test_contiguous_runs_use_dma_and_fragments_are_staged(pool: tuple[mmap.mmap, int]) -> None:
     _, addr = pool
     # 2 layers x [NB, 2, 16, 8, 128] bf16: 64 KiB per layer-block

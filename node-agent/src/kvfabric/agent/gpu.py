@@ -8,9 +8,10 @@ calls (they leave the SMs to the engine's decode). Fragmented batches go through
 staging buffer: one kernel launch per staging chunk scatters (or gathers) every segment of its
 blocks between it and the engine's tensors, computing every address from the block ids uploaded
 once per copy and a segment table uploaded once per engine (no per-block Python loop, no
-per-launch table), and the copy engines move slot runs across PCIe. The buffer's two halves
-alternate between a DMA stream and a kernel stream, so PCIe copies into one half go on while
-the other half's kernel waits for SMs.
+per-launch table), and the copy engines move slot runs across PCIe. Staging kernels run on at
+most ``STAGED_CTAS`` CTAs: an HBM-to-HBM copy outruns PCIe on a few SMs, and the others stay
+the engine's. The buffer's two halves alternate between a DMA stream and a kernel stream, so
+PCIe copies into one half go on while the other half's kernel waits for SMs.
 
 KV layouts are described per layer as *segments* (``kvfabric.connector.kv_segments``, shared
 with the engine's own saves): a block ``b`` of a layer is the byte ranges ``base + off_j + b *
@@ -48,29 +49,38 @@ log = logging.getLogger(__name__)
 
 _KERNEL = r"""
 extern "C" __global__ void copy_segments(
-    const unsigned long long* blocks, const unsigned long long* slots, int n,
+    const unsigned long long* blocks, const unsigned long long* slots, int n, int nsegs,
     const unsigned long long* segs, unsigned long long sub,
     unsigned long long host_base, unsigned long long host_stride, int to_host) {
-    // CTA (i, j) moves segment j of block i. segs[4*j..]: device offset, device stride per
-    // block, bytes, offset in a pool slot. The block's device side is segs[4j] + blocks[i] *
-    // segs[4j+1]; its host side (pool or staging) host_base + (slots ? slots[i] : i) *
-    // host_stride + segs[4j+3] - sub.
-    int i = blockIdx.x;
-    if (i >= n) return;
-    const unsigned long long* g = segs + 4 * blockIdx.y;
-    char* dev = (char*)(g[0] + blocks[i] * g[1]);
-    char* host = (char*)(host_base + (slots ? slots[i] : (unsigned long long)i) * host_stride + g[3] - sub);
-    unsigned long long nbytes = g[2];
-    const char* src = to_host ? dev : host;
-    char* dst = to_host ? host : dev;
-    unsigned long long n16 = nbytes / 16;
-    if ((((unsigned long long)src | (unsigned long long)dst) & 15) == 0) {
-        const int4* s = (const int4*)src;
-        int4* d = (int4*)dst;
-        for (unsigned long long k = threadIdx.x; k < n16; k += blockDim.x) d[k] = s[k];
-        for (unsigned long long k = n16 * 16 + threadIdx.x; k < nbytes; k += blockDim.x) dst[k] = src[k];
-    } else {
-        for (unsigned long long k = threadIdx.x; k < nbytes; k += blockDim.x) dst[k] = src[k];
+    // Work item w = j * n + i moves segment j of block i; CTA c takes items c, c + gridDim.x,
+    // ... (a grid smaller than the work leaves SMs to the engine). segs[4*j..]: device offset,
+    // device stride per block, bytes, offset in a pool slot. The block's device side is
+    // segs[4j] + blocks[i] * segs[4j+1]; its host side (pool or staging) host_base + (slots ?
+    // slots[i] : i) * host_stride + segs[4j+3] - sub.
+    for (long long w = blockIdx.x; w < (long long)n * nsegs; w += gridDim.x) {
+        int i = (int)(w % n);
+        const unsigned long long* g = segs + 4 * (w / n);
+        char* dev = (char*)(g[0] + blocks[i] * g[1]);
+        unsigned long long slot = slots ? slots[i] : (unsigned long long)i;
+        char* host = (char*)(host_base + slot * host_stride + g[3] - sub);
+        unsigned long long nbytes = g[2];
+        const char* src = to_host ? dev : host;
+        char* dst = to_host ? host : dev;
+        if ((((unsigned long long)src | (unsigned long long)dst | nbytes) & 15) == 0) {
+            // four 16-byte loads in flight per thread before their stores: a few CTAs then
+            // keep enough bytes in flight to outrun PCIe several times over
+            const int4* s = (const int4*)src;
+            int4* d = (int4*)dst;
+            unsigned long long n16 = nbytes / 16, t = threadIdx.x, step = blockDim.x;
+            unsigned long long k = t;
+            for (; k + 3 * step < n16; k += 4 * step) {
+                int4 a = s[k], b = s[k + step], c = s[k + 2 * step], e = s[k + 3 * step];
+                d[k] = a; d[k + step] = b; d[k + 2 * step] = c; d[k + 3 * step] = e;
+            }
+            for (; k < n16; k += step) d[k] = s[k];
+        } else {
+            for (unsigned long long k = threadIdx.x; k < nbytes; k += blockDim.x) dst[k] = src[k];
+        }
     }
 }
 """
@@ -86,6 +96,10 @@ DMA_MAX_CALLS = 256
 #: pitched copy across pieces failed with "invalid argument"; split at pieces and sent as linear
 #: copies they pass (tests/gpu).
 REGISTER_CHUNK = 1 << 30
+#: Most CTAs a staging kernel (HBM to HBM) runs on, so that it takes a few of the GPU's SMs from
+#: the engine's kernels instead of all of them; a kernel on mapped pinned memory is not capped
+#: (its CTAs mostly wait on PCIe, and it needs many in flight to fill it).
+STAGED_CTAS = 16
 #: cudaHostRegisterPortable | cudaHostRegisterMapped
 _HOST_REGISTER_FLAGS = 1 | 2
 
@@ -239,9 +253,15 @@ class CopyEngine:
         fragmented: str = "staged",
         staging_bytes: int = 64 << 20,
         register_chunk: int = REGISTER_CHUNK,
+        staged_ctas: int = STAGED_CTAS,
+        batched: bool = True,
     ) -> None:
         cp = _cupy()
         self.register_chunk = register_chunk
+        if staged_ctas < 1:
+            raise ValueError("staged_ctas must be at least 1")
+        self.staged_ctas = staged_ctas
+        self.batched = batched
         if fragmented not in ("staged", "kernel"):
             raise ValueError("fragmented must be 'staged' or 'kernel'")
         self.fragmented = fragmented
@@ -419,8 +439,7 @@ class CopyEngine:
         kind = cp.cuda.runtime.memcpyDeviceToHost if to_pool else cp.cuda.runtime.memcpyHostToDevice
         b, s = ids.blocks, ids.slots
         if plan is not None:
-            for copy in plan:
-                self._memcpy(copy, kind, lanes.dma)
+            self._memcpys(plan, kind, lanes.dma)
             return "dma"
         if self.fragmented == "kernel":  # straight between the tensors and mapped pinned memory
             self._launch(ids, 0, len(b), cols, 0, self.pool_address, self.block_bytes, to_pool, lanes.kern)
@@ -448,13 +467,11 @@ class CopyEngine:
                 self._launch(ids, c0, len(sc), cols, slot_base, buf, per, True, lanes.kern, slots=False)
                 lanes.kern_done[h].record(lanes.kern)
                 lanes.dma.wait_event(lanes.kern_done[h])
-                for copy in copies:
-                    self._memcpy(copy, kind, lanes.dma)
+                self._memcpys(copies, kind, lanes.dma)
                 lanes.dma_done[h].record(lanes.dma)
             else:  # copy in once the half's last scatter ended, then scatter
                 lanes.dma.wait_event(lanes.kern_done[h])
-                for copy in copies:
-                    self._memcpy(copy, kind, lanes.dma)
+                self._memcpys(copies, kind, lanes.dma)
                 lanes.dma_done[h].record(lanes.dma)
                 lanes.kern.wait_event(lanes.dma_done[h])
                 self._launch(ids, c0, len(sc), cols, slot_base, buf, per, False, lanes.kern, slots=False)
@@ -476,20 +493,23 @@ class CopyEngine:
     ) -> None:
         """One kernel over blocks ``first:first+n`` and segments ``cols``; a segment's host
         side (pool or staging) at ``host_base + slot * host_stride + slot offset - sub``, the
-        slot being the block's own slot (``slots``) or its index in the batch."""
+        slot being the block's own slot (``slots``) or its index in the batch. Staging kernels
+        (``slots=False``) run on at most ``staged_ctas`` CTAs."""
         j0, j1, _ = cols.indices(len(self._len))
+        items = n * (j1 - j0)
         blocks, slot_ptr = ids.device(first)
         args = (
             np.uint64(blocks),
             np.uint64(slot_ptr if slots else 0),
             np.int32(n),
+            np.int32(j1 - j0),
             np.uint64(int(self._segs.data.ptr) + j0 * 32),
             np.uint64(sub),
             np.uint64(host_base),
             np.uint64(host_stride),
             np.int32(to_host),
         )
-        self._kernel((n, j1 - j0), (512,), args, stream=stream)
+        self._kernel((items if slots else min(items, self.staged_ctas),), (512,), args, stream=stream)
 
     def _staging_buffer(self, to_pool: bool) -> tuple[int, int]:
         """This direction's staging buffer (allocated at its first use): (address, bytes of one
@@ -501,6 +521,16 @@ class CopyEngine:
             staging = self._staging[to_pool] = cp.cuda.alloc(size)
         return int(staging.ptr), staging.mem.size // 2
 
+    def _memcpys(self, copies: Sequence[tuple[int, ...]], kind: int, stream: Any) -> None:
+        """Queues ``copies`` (disjoint, in any order) on ``stream``: the linear ones as one
+        ``cuMemcpyBatchAsync`` where the driver has it and ``batched`` is on (one call, not one
+        per random slot), the pitched ones one by one."""
+        linear = [c for c in copies if c[1] == c[3] == c[4]]
+        if self.batched and len(linear) > 1 and _BATCH.copy(linear, stream.ptr):
+            copies = [c for c in copies if not c[1] == c[3] == c[4]]
+        for copy in copies:
+            self._memcpy(copy, kind, stream)
+
     @staticmethod
     def _memcpy(copy: tuple[int, ...], kind: int, stream: Any) -> None:
         rt = _cupy().cuda.runtime
@@ -509,6 +539,72 @@ class CopyEngine:
             rt.memcpyAsync(dst, src, width * height, kind, stream.ptr)
         else:
             rt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream.ptr)
+
+
+class _MemcpyAttributes(ctypes.Structure):
+    """``CUmemcpyAttributes``: source access order, source and destination location hints
+    (ignored for device and pinned memory), flags."""
+
+    _fields_ = [
+        ("src_access_order", ctypes.c_int),
+        ("src_loc_type", ctypes.c_int),
+        ("src_loc_id", ctypes.c_int),
+        ("dst_loc_type", ctypes.c_int),
+        ("dst_loc_id", ctypes.c_int),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+class _BatchCopies:
+    """Linear copies queued with one ``cuMemcpyBatchAsync`` call (CUDA 12.8+ drivers; the
+    13.x signature, ``_v2``, without the failure index). Falls back for good, with one warning,
+    where the driver lacks it or refuses a batch: the caller then queues the copies itself."""
+
+    _STREAM_ORDER = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+
+    def __init__(self) -> None:
+        self._fn: Any = None
+        self._failed = False
+        self._attrs = _MemcpyAttributes(self._STREAM_ORDER, 0, 0, 0, 0, 0)
+        self._attr_idx = (ctypes.c_size_t * 1)(0)
+
+    def copy(self, copies: Sequence[tuple[int, ...]], stream: int) -> bool:
+        """Queues ``copies`` ``(dst, _, src, _, width, height)``, linear; False if not done."""
+        if self._failed:
+            return False
+        if self._fn is None:
+            try:
+                fn = ctypes.CDLL("libcuda.so.1").cuMemcpyBatchAsync_v2
+            except (OSError, AttributeError):
+                return self._give_up("this CUDA driver has no cuMemcpyBatchAsync_v2")
+            fn.argtypes = [ctypes.c_void_p] * 3 + [
+                ctypes.c_size_t,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_void_p,
+            ]
+            self._fn = fn
+        table = np.array([(c[0], c[2], c[4] * c[5]) for c in copies], dtype=np.uint64).T.copy()
+        rc = self._fn(
+            table[0].ctypes.data,
+            table[1].ctypes.data,
+            table[2].ctypes.data,
+            len(copies),
+            ctypes.byref(self._attrs),
+            self._attr_idx,
+            1,
+            stream,
+        )
+        return rc == 0 or self._give_up(f"cuMemcpyBatchAsync_v2 returned CUDA error {rc}")
+
+    def _give_up(self, why: str) -> bool:
+        log.warning("%s: copies are queued one by one", why)
+        self._failed = True
+        return False
+
+
+_BATCH = _BatchCopies()
 
 
 def _uuid_bytes(index: int) -> bytes:
