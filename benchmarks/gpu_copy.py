@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import multiprocessing as mp
 import os
 import statistics
 import threading
@@ -163,6 +164,11 @@ def transfer_bench() -> None:
         f"  the same, staging kernels uncapped (a CTA per block and segment): save {usave / d2h:.2f}x, "
         f"load {uload / h2d:.2f}x; capped at {STAGED_CTAS} CTAs: save {save / d2h:.2f}x, load {load / h2d:.2f}x"
     )
+    sweep = []
+    for ctas in (8, 32, 64):
+        csv, clv = rates(engine_for(layers, "kv_planes", per_plane, staged_ctas=ctas), blocks, slots, nbytes)
+        sweep.append(f"{ctas}: {csv / d2h:.2f}x / {clv / h2d:.2f}x")
+    print(f"  staging kernels on at most N CTAs, save / load: {'; '.join(sweep)}")
     cblocks, cslots = list(range(100, 100 + n)), list(range(7, 7 + n))
     csave, cload = rates(eng, cblocks, cslots, nbytes)
     print(
@@ -248,6 +254,12 @@ def transfer_bench() -> None:
         f"save {lsave / d2h:.2f}x, load {lload / h2d:.2f}x (batched: {msave / d2h:.2f}x, {mload / h2d:.2f}x)"
     )
     del eng3l
+    big = engine_for(mla, "mla", per, staging_bytes=256 << 20)
+    bsave, bload = rates(big, blocks, mslots, n * eng3.block_bytes)
+    print(
+        f"  MLA, random slots, 256 MiB of staging (64 MiB default): save {bsave / d2h:.2f}x, load {bload / h2d:.2f}x"
+    )
+    del big
 
     # vLLM >= 0.26 cross-layer blocks (the connector asks for them): one [blocks, 32, 16, 8, 256]
     # tensor, each block one 2 MiB chunk over all layers; the agent sees a single "layer".
@@ -267,43 +279,114 @@ def transfer_bench() -> None:
     # latency to load 1 block and 625 blocks (10k tokens) into the engine's tensors, p50
     load_latencies(eng, "")
 
-    # decode-step interference: a large matmul stream alone vs while transfers run
+    # decode-step interference: 20 large matmuls, replayed as one CUDA graph and timed with
+    # events on their stream (GPU time only: no launch gaps from this process's other threads),
+    # alone and while copies run nonstop
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm = torch.cuda.Stream()
-
-    def matmuls() -> None:
-        with torch.cuda.stream(mm):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(mm):
+        a @ a  # cuBLAS's workspace, before capture
+        with torch.cuda.graph(graph, stream=mm):
             for _ in range(20):
                 a @ a
-        mm.synchronize()
+    mm.synchronize()
 
-    alone = timed(matmuls, reps=3)
+    def matmuls() -> float:
+        """Median GPU seconds of one replay of the 20 matmuls."""
+        ts = []
+        for _ in range(5):
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(mm):
+                t0.record()
+                graph.replay()
+                t1.record()
+            t1.synchronize()
+            ts.append(t0.elapsed_time(t1) / 1e3)
+        return statistics.median(ts)
 
-    def under_traffic(engine: CopyEngine) -> float:
-        """Seconds of the matmuls while ``engine`` saves and loads the random blocks nonstop."""
+    matmuls()
+    alone = matmuls()
+
+    def under_traffic(engine: CopyEngine, b: list[int], sl: list[int]) -> float:
+        """Seconds of the matmuls while ``engine`` saves and loads blocks ``b`` nonstop."""
         stop = threading.Event()
 
         def traffic() -> None:
             while not stop.is_set():
-                engine.copy(blocks, slots, True)
-                engine.copy(blocks, slots, False)
+                engine.copy(b, sl, True)
+                engine.copy(b, sl, False)
 
         th = threading.Thread(target=traffic)
         th.start()
         try:
-            return timed(matmuls, reps=3)
+            time.sleep(0.2)  # traffic under way
+            return matmuls()
         finally:
             stop.set()
             th.join()
 
-    busy, busy_u = under_traffic(eng), under_traffic(uncapped)
+    rows = {
+        f"staged, {STAGED_CTAS} CTAs": under_traffic(eng, blocks, slots),
+        "staged, uncapped": under_traffic(uncapped, blocks, slots),
+        "contiguous (copy engines only)": under_traffic(eng, cblocks, cslots),
+    }
+    # the agent is another process: its copies from its own CUDA context
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_traffic_process, args=(child,), daemon=True)
+    proc.start()
+    try:
+        assert parent.poll(300) and parent.recv() == "running", "the traffic process did not start"
+        rows["staged, from another process"] = matmuls()
+        parent.send("stop")
+        copies = parent.recv()
+    finally:
+        proc.join(60)
     print(
-        f"decode interference: 20 bf16 8192^3 matmuls {alone * 1e3:.1f} ms alone, {busy * 1e3:.1f} ms "
-        f"with save+load traffic ({busy / alone:.2f}x; staging kernels uncapped: {busy_u / alone:.2f}x); target <= 1.10x"
+        f"decode interference: 20 bf16 8192^3 matmuls (one CUDA graph) {alone * 1e3:.1f} ms alone; target <= 1.10x"
     )
+    for label, busy in rows.items():
+        print(f"  with save+load traffic, {label}: {busy * 1e3:.1f} ms ({busy / alone:.2f}x)")
+    print(f"  (the other process made {copies} copies of 256 blocks meanwhile)")
     pinned.unregister()
     m.close()
     os.unlink(path)
+
+
+def _traffic_process(conn: Any) -> None:
+    """In its own process (its own CUDA context, as the agent): saves and loads 256 random
+    blocks of its own 8B-shaped layers, nonstop, until told to stop; answers its copy count."""
+    nb, n = 4096, 256
+    layers = [torch.randn(2, nb, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(32)]
+    per_plane = layers[0][0, 0].nbytes
+    pool_bytes = 1 << 30
+    m, path = shm(pool_bytes, "traffic")
+    pinned = PinnedPool(host_address(m), pool_bytes, threads=16)
+    pinned.register()
+    try:
+        eng = CopyEngine(
+            0,
+            host_address(m),
+            pool_bytes,
+            [LayerLayout(t.data_ptr(), nb, segments_for("kv_planes", per_plane, nb)) for t in layers],
+        )
+        rng = np.random.default_rng(1)
+        blocks = rng.permutation(nb)[:n].tolist()
+        slots = rng.permutation(pool_bytes // eng.block_bytes)[:n].tolist()
+        eng.copy(blocks, slots, True)
+        conn.send("running")
+        copies = 0
+        while not conn.poll():
+            eng.copy(blocks, slots, True)
+            eng.copy(blocks, slots, False)
+            copies += 2
+        conn.recv()
+        conn.send(copies)
+    finally:
+        pinned.unregister()
+        m.close()
+        os.unlink(path)
 
 
 def attach_bench(gib: int) -> None:

@@ -557,26 +557,29 @@ class _MemcpyAttributes(ctypes.Structure):
 
 class _BatchCopies:
     """Linear copies queued with one ``cuMemcpyBatchAsync`` call (CUDA 12.8+ drivers; the
-    13.x signature, ``_v2``, without the failure index). Falls back for good, with one warning,
-    where the driver lacks it or refuses a batch: the caller then queues the copies itself."""
+    13.x signature, ``_v2``, without the failure index). Where the driver lacks it, or refuses
+    a batch, the caller queues the copies itself (a warning, once per cause)."""
 
     _STREAM_ORDER = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
 
     def __init__(self) -> None:
         self._fn: Any = None
-        self._failed = False
+        self._missing = False
+        self._warned: set[int] = set()
         self._attrs = _MemcpyAttributes(self._STREAM_ORDER, 0, 0, 0, 0, 0)
         self._attr_idx = (ctypes.c_size_t * 1)(0)
 
     def copy(self, copies: Sequence[tuple[int, ...]], stream: int) -> bool:
         """Queues ``copies`` ``(dst, _, src, _, width, height)``, linear; False if not done."""
-        if self._failed:
+        if self._missing:
             return False
         if self._fn is None:
             try:
                 fn = ctypes.CDLL("libcuda.so.1").cuMemcpyBatchAsync_v2
             except (OSError, AttributeError):
-                return self._give_up("this CUDA driver has no cuMemcpyBatchAsync_v2")
+                log.warning("this CUDA driver has no cuMemcpyBatchAsync_v2: copies are queued one by one")
+                self._missing = True
+                return False
             fn.argtypes = [ctypes.c_void_p] * 3 + [
                 ctypes.c_size_t,
                 ctypes.c_void_p,
@@ -596,12 +599,15 @@ class _BatchCopies:
             1,
             stream,
         )
-        return rc == 0 or self._give_up(f"cuMemcpyBatchAsync_v2 returned CUDA error {rc}")
-
-    def _give_up(self, why: str) -> bool:
-        log.warning("%s: copies are queued one by one", why)
-        self._failed = True
-        return False
+        if rc != 0 and rc not in self._warned:
+            self._warned.add(rc)
+            log.warning(
+                "cuMemcpyBatchAsync_v2 refused a batch of %d copies (CUDA error %d): such batches "
+                "are queued one by one",
+                len(copies),
+                rc,
+            )
+        return bool(rc == 0)
 
 
 _BATCH = _BatchCopies()
