@@ -110,7 +110,7 @@ def transfer_bench() -> None:
         save = nbytes / timed(lambda: engine.copy(b, sl, True)) / 1e9
         return save, nbytes / timed(lambda: engine.copy(b, sl, False)) / 1e9
 
-    eng = engine_for(layers, "kv_planes", per_plane)
+    eng = engine_for(layers, "kv_planes", per_plane, dma_saves=False)  # saves staged, as loads
     rng = np.random.default_rng(0)
     blocks = rng.permutation(nb)[:n].tolist()
     slots = rng.permutation(pool_bytes // block_bytes)[:n].tolist()
@@ -156,9 +156,20 @@ def transfer_bench() -> None:
         f"KVFabric, 256 random blocks ({eng.copy(blocks, slots, True)}): save {save:.1f} GB/s ({save / d2h:.2f}x of D2H), "
         f"load {load:.1f} GB/s ({load / h2d:.2f}x of H2D); target >= 0.90x"
     )
+    # the agent's default for fragmented saves: one batched copy per block and segment, no kernel
+    dma_eng = engine_for(layers, "kv_planes", per_plane)
+    dsave = nbytes / timed(lambda: dma_eng.copy(blocks, slots, True)) / 1e9
+    many = rng.permutation(nb)[:625].tolist(), rng.permutation(pool_bytes // block_bytes)[:625].tolist()
+    t_dma = timed(lambda: dma_eng.copy(*many, True))
+    t_staged = timed(lambda: eng.copy(*many, True))
+    print(
+        f"  saves as copy-engine DMA only ({dma_eng.copy(blocks, slots, True)}, one copy per block and "
+        f"{per_plane // 1024} KiB segment, batched): {dsave / d2h:.2f}x (staged: {save / d2h:.2f}x); 625 random "
+        f"blocks: {t_dma * 1e3:.1f} ms (staged {t_staged * 1e3:.1f} ms)"
+    )
     # the staging kernels on every SM they can get, as before STAGED_CTAS (the decode
     # interference row below runs both)
-    uncapped = engine_for(layers, "kv_planes", per_plane, staged_ctas=1 << 20)
+    uncapped = engine_for(layers, "kv_planes", per_plane, staged_ctas=1 << 20, dma_saves=False)
     usave, uload = rates(uncapped, blocks, slots, nbytes)
     print(
         f"  the same, staging kernels uncapped (a CTA per block and segment): save {usave / d2h:.2f}x, "
@@ -166,7 +177,8 @@ def transfer_bench() -> None:
     )
     sweep = []
     for ctas in (8, 32, 64):
-        csv, clv = rates(engine_for(layers, "kv_planes", per_plane, staged_ctas=ctas), blocks, slots, nbytes)
+        staged = engine_for(layers, "kv_planes", per_plane, staged_ctas=ctas, dma_saves=False)
+        csv, clv = rates(staged, blocks, slots, nbytes)
         sweep.append(f"{ctas}: {csv / d2h:.2f}x / {clv / h2d:.2f}x")
     print(f"  staging kernels on at most N CTAs, save / load: {'; '.join(sweep)}")
     cblocks, cslots = list(range(100, 100 + n)), list(range(7, 7 + n))
@@ -229,12 +241,15 @@ def transfer_bench() -> None:
     # MLA: 32 layers of [NB, 16, 576] bf16
     mla = [torch.randn(nb, 16, 576, device="cuda", dtype=torch.bfloat16) for _ in range(32)]
     per = mla[0][0].nbytes
-    eng3 = engine_for(mla, "mla", per)
+    eng3 = engine_for(mla, "mla", per, dma_saves=False)
     mslots = rng.permutation(pool_bytes // eng3.block_bytes)[:n].tolist()
     msave, mload = rates(eng3, blocks, mslots, n * eng3.block_bytes)
+    eng3d = engine_for(mla, "mla", per)
+    mdsave = n * eng3.block_bytes / timed(lambda: eng3d.copy(blocks, mslots, True)) / 1e9
     print(
         f"MLA (32 x [blocks, 16, 576] bf16, {eng3.block_bytes // 1024} KiB/block), 256 random blocks: "
-        f"save {msave:.1f} GB/s ({msave / d2h:.2f}x), load {mload:.1f} GB/s ({mload / h2d:.2f}x)"
+        f"save {msave:.1f} GB/s ({msave / d2h:.2f}x), load {mload:.1f} GB/s ({mload / h2d:.2f}x); saves "
+        f"as DMA only ({eng3d.copy(blocks, mslots, True)}, the default): {mdsave / d2h:.2f}x"
     )
     # The same blocks into consecutive slots (a request's blocks saved together get an arena's
     # next slots), and by the direct kernel: is the random case bound by one DMA call per slot?
@@ -247,14 +262,14 @@ def transfer_bench() -> None:
         f"random slots, direct kernel on mapped memory: save {ksave / d2h:.2f}x, load {kload / h2d:.2f}x"
     )
     del eng3k
-    eng3l = engine_for(mla, "mla", per, batched=False)
+    eng3l = engine_for(mla, "mla", per, batched=False, dma_saves=False)
     lsave, lload = rates(eng3l, blocks, mslots, n * eng3.block_bytes)
     print(
         f"  MLA, random slots, one cudaMemcpyAsync per slot instead of one batch per staging half: "
         f"save {lsave / d2h:.2f}x, load {lload / h2d:.2f}x (batched: {msave / d2h:.2f}x, {mload / h2d:.2f}x)"
     )
     del eng3l
-    big = engine_for(mla, "mla", per, staging_bytes=256 << 20)
+    big = engine_for(mla, "mla", per, staging_bytes=256 << 20, dma_saves=False)
     bsave, bload = rates(big, blocks, mslots, n * eng3.block_bytes)
     print(
         f"  MLA, random slots, 256 MiB of staging (64 MiB default): save {bsave / d2h:.2f}x, load {bload / h2d:.2f}x"
@@ -331,32 +346,47 @@ def transfer_bench() -> None:
         "staged, uncapped": under_traffic(uncapped, blocks, slots),
         "contiguous (copy engines only)": under_traffic(eng, cblocks, cslots),
     }
-    # the agent is another process: its copies from its own CUDA context
+    # the agent is another process: its copies from its own CUDA context (as an engine's
+    # background saves run while its next prefill computes)
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_traffic_process, args=(child,), daemon=True)
-    proc.start()
-    try:
-        assert parent.poll(300) and parent.recv() == "running", "the traffic process did not start"
-        rows["staged, from another process"] = matmuls()
-        parent.send("stop")
-        copies = parent.recv()
-    finally:
-        proc.join(60)
+    copies = {}
+    for label, kw, loads in (
+        ("save+load, staged, from another process", {"dma_saves": False}, True),
+        ("saves only, staged, from another process", {"dma_saves": False}, False),
+        (
+            "saves only, staged uncapped, from another process",
+            {"dma_saves": False, "staged_ctas": 1 << 20},
+            False,
+        ),
+        ("saves only, DMA only (the default), from another process", {}, False),
+    ):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_traffic_process, args=(child, kw, loads), daemon=True)
+        proc.start()
+        try:
+            assert parent.poll(300) and parent.recv() == "running", "the traffic process did not start"
+            rows[label] = matmuls()
+            parent.send("stop")
+            copies[label] = parent.recv()
+        finally:
+            proc.join(60)
     print(
         f"decode interference: 20 bf16 8192^3 matmuls (one CUDA graph) {alone * 1e3:.1f} ms alone; target <= 1.10x"
     )
     for label, busy in rows.items():
-        print(f"  with save+load traffic, {label}: {busy * 1e3:.1f} ms ({busy / alone:.2f}x)")
-    print(f"  (the other process made {copies} copies of 256 blocks meanwhile)")
+        done = f"; {copies[label]} copies of 256 blocks meanwhile" if label in copies else ""
+        print(
+            f"  with {label if 'process' in label else 'save+load, ' + label}: {busy * 1e3:.1f} ms ({busy / alone:.2f}x){done}"
+        )
     pinned.unregister()
     m.close()
     os.unlink(path)
 
 
-def _traffic_process(conn: Any) -> None:
-    """In its own process (its own CUDA context, as the agent): saves and loads 256 random
-    blocks of its own 8B-shaped layers, nonstop, until told to stop; answers its copy count."""
+def _traffic_process(conn: Any, engine_kw: dict[str, Any], loads: bool) -> None:
+    """In its own process (its own CUDA context, as the agent): saves (and with ``loads``
+    loads) 256 random blocks of its own 8B-shaped layers, nonstop, until told to stop, with a
+    copy engine of ``engine_kw``; answers its copy count."""
     nb, n = 4096, 256
     layers = [torch.randn(2, nb, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(32)]
     per_plane = layers[0][0, 0].nbytes
@@ -370,6 +400,7 @@ def _traffic_process(conn: Any) -> None:
             host_address(m),
             pool_bytes,
             [LayerLayout(t.data_ptr(), nb, segments_for("kv_planes", per_plane, nb)) for t in layers],
+            **engine_kw,
         )
         rng = np.random.default_rng(1)
         blocks = rng.permutation(nb)[:n].tolist()
@@ -379,8 +410,10 @@ def _traffic_process(conn: Any) -> None:
         copies = 0
         while not conn.poll():
             eng.copy(blocks, slots, True)
-            eng.copy(blocks, slots, False)
-            copies += 2
+            copies += 1
+            if loads:
+                eng.copy(blocks, slots, False)
+                copies += 1
         conn.recv()
         conn.send(copies)
     finally:

@@ -17,9 +17,10 @@ Every engine is its own process (vLLM's default multiprocess mode). Phases:
          pool new and empty, tier kept) from the tier, waiting for every block
          (``promote_wait_ms`` 10 s) and with the default wait (500 ms: what is not in the pool by
          then is recomputed); cold TTFT without a connector in the same run.
-  cold   where the cold path's cost is: no connector (before and after), KVFabric (the engine
-         copying its own saves), and as ``--cold-variants`` picks: saves copied by the agent
-         (``engine_saves`` off), saves off, loads off; fresh prompts for each engine; from each
+  cold   where the cold path's cost is: no connector (before and after), KVFabric (the agent
+         copying saves with the copy engines only), and as ``--cold-variants`` picks: the agent's
+         saves through its staging kernel, saves copied by the engine (``engine_saves``), saves
+         off, loads off; fresh prompts for each engine; from each
          KVFabric engine's ``KVFABRIC_TRACE``, how much of a prompt's time the saves' reserve,
          copy and commit took up (``save_overlap_*``).
   peers  vLLM's native CPU offloading (prefix caching on; hits forced out of the GPU cache by
@@ -392,45 +393,62 @@ def phase_ours(
     )
 
 
-COLD_VARIANTS = {
-    "kvfabric_agent_saves": {"engine_saves": False},  # the agent copies the saves from its context
-    "kvfabric_no_save": {"save": False},  # lookups only
-    "kvfabric_no_load": {"load": False},  # saves only
+#: name: (connector settings, agent flags) of a KVFabric variant the cold phase may add.
+COLD_VARIANTS: dict[str, tuple[dict[str, Any], list[str]]] = {
+    # the agent's saves through its staging kernel (before DMA-only saves were its default)
+    "kvfabric_staged_saves": ({}, ["--no-cuda-dma-saves"]),
+    "kvfabric_engine_saves": ({"engine_saves": True}, []),  # the engine copies from its context
+    "kvfabric_no_save": ({"save": False}, []),  # lookups only
+    "kvfabric_no_load": ({"load": False}, []),  # saves only
 }
 
 
 def phase_cold(b: Bench, pool: str, extra: list[str]) -> None:
     """Where the cold path's cost is: TTFT of prompts no tier holds, without a connector (before
     and after, for drift), with KVFabric and with the ``extra`` variants of it
-    (:data:`COLD_VARIANTS`). Each engine gets prompts of its own (a pool holding the previous
-    engine's prompts would turn them into hits); who copied each engine's saves is counted from
-    the agent's gpu_copy calls (the engine's own copies make none)."""
-    agent = AgentProcess(b.tmp / "agent", pool, extra_args=["--cuda"]).start(timeout=600)
-    cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000}
-    variants: list[tuple[str, dict[str, Any] | None]] = [
-        ("none", None),
-        ("kvfabric", cfg),
-        *[(name, {**cfg, **COLD_VARIANTS[name]}) for name in extra],
-        ("none_again", None),
+    (:data:`COLD_VARIANTS`; one with agent flags of its own gets an agent of its own). Each
+    engine gets prompts of its own (a pool holding the previous engine's prompts would turn
+    them into hits); who copied each engine's saves is counted from the agent's gpu_copy calls
+    (the engine's own copies make none)."""
+    agents: dict[tuple[str, ...], AgentProcess] = {}
+
+    def agent_with(flags: list[str]) -> AgentProcess:
+        if tuple(flags) not in agents:
+            where = b.tmp / f"agent-cold-{len(agents)}"
+            agents[tuple(flags)] = AgentProcess(where, pool, extra_args=["--cuda", *flags]).start(timeout=600)
+        return agents[tuple(flags)]
+
+    variants: list[tuple[str, dict[str, Any] | None, list[str]]] = [
+        ("none", None, []),
+        ("kvfabric", {}, []),
+        *[(name, *COLD_VARIANTS[name]) for name in extra],
+        ("none_again", None, []),
     ]
     try:
-        for i, (label, connector) in enumerate(variants):
+        agent_with([])
+        for i, (label, overrides, flags) in enumerate(variants):
+            agent = agent_with(flags) if overrides is not None else None
+            connector = None
+            if agent is not None:
+                connector = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000, **(overrides or {})}
             env = trace_env(b, f"cold-{label}") if connector else {}
             e = b.engine(label, "kvfabric" if connector else "none", connector=connector, env=env)
             b.ttft(e, b.warmup)
-            before = agent_times(agent)["gpu_copy"][1], agent.stats()["committed_blocks"]
+            if agent is not None:
+                before = agent_times(agent)["gpu_copy"][1], agent.stats()["committed_blocks"]
             b.record(f"cold_{label}", summary(b.ttft(e, prompts(len(b.timed), seed=100 + i))))
             close(e)  # its background saves end first
-            if connector is not None:
+            if agent is not None:
                 calls = agent_times(agent)["gpu_copy"][1] - before[0]
                 saved = agent.stats()["committed_blocks"] - before[1]
                 b.record(f"saves_{label}", f"{saved} blocks committed, {calls:.0f} agent gpu_copy calls")
                 b.record(f"save_overlap_{label}", save_overlap(trace_path(b, f"cold-{label}"), len(b.timed)))
     finally:
-        agent.cleanup()
+        for a in agents.values():
+            a.cleanup()
     r = b.results
     base = (r["cold_none"]["mean_ms"] + r["cold_none_again"]["mean_ms"]) / 2
-    b.record("ratios_to_none", {k: round(r[f"cold_{k}"]["mean_ms"] / base, 3) for k, _ in variants})
+    b.record("ratios_to_none", {k: round(r[f"cold_{k}"]["mean_ms"] / base, 3) for k, *_ in variants})
 
 
 def phase_nvme(b: Bench, pool: str, nvme_dir: Path) -> None:
@@ -627,7 +645,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--cold-variants",
-        default="kvfabric_agent_saves",
+        default="kvfabric_staged_saves",
         help=f"cold: KVFabric variants besides the default, comma-separated, of {', '.join(COLD_VARIANTS)}",
     )
     args = ap.parse_args()

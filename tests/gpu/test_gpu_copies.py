@@ -23,6 +23,7 @@ require_gpu()
 import cupy  # noqa: E402
 import torch  # noqa: E402
 
+import kvfabric.agent.gpu as gpu  # noqa: E402
 from kvfabric.agent.gpu import (  # noqa: E402
     CopyEngine,
     IpcMappings,
@@ -160,7 +161,7 @@ def test_random_slot_copies_are_batched_and_a_capped_kernel_moves_every_block(
         one_by_one(copy, kind, stream)
 
     monkeypatch.setattr(CopyEngine, "_memcpy", staticmethod(counted))
-    kw: dict[str, Any] = {"staged_ctas": ctas, "batched": batched}
+    kw: dict[str, Any] = {"staged_ctas": ctas, "batched": batched, "dma_saves": False}
     save = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "mla"), **kw)
     rng = np.random.default_rng(3)
     n = 64
@@ -180,17 +181,73 @@ def test_random_slot_copies_are_batched_and_a_capped_kernel_moves_every_block(
             assert block_bytes_of(a, "mla", i) == block_bytes_of(b, "mla", j)
 
 
+@pytest.mark.parametrize(
+    ("layout", "dtype", "method"),
+    [
+        ("kv_planes", torch.bfloat16, "dma"),  # 32 KiB segments
+        ("blocks_first", torch.bfloat16, "dma"),  # 64 KiB
+        ("mla", torch.bfloat16, "dma"),  # 18 KiB
+        ("mla", torch.float8_e4m3fn, "staged"),  # 9 KiB: under DMA_SAVE_MIN_BYTES
+    ],
+)
+def test_fragmented_saves_are_dma_only_and_write_exactly_their_slots(
+    pool: tuple[mmap.mmap, int], monkeypatch: pytest.MonkeyPatch, layout: str, dtype: torch.dtype, method: str
+) -> None:
+    """A fragmented save goes out as batched copies per block and segment, with no kernel
+    (the agent's kernels time-slice the GPU with the engine's); every byte of its slots is
+    the block's, the slots between them keep theirs; a batch the driver refuses, or
+    ``dma_saves`` off, falls back to the staging kernel with the same bytes."""
+    m, addr = pool
+    src = make_layers(layout, dtype)
+    launches: list[int] = []
+    launch = CopyEngine._launch
+
+    def counted(self: CopyEngine, *args: Any, **kw: Any) -> None:
+        launches.append(1)
+        launch(self, *args, **kw)
+
+    monkeypatch.setattr(CopyEngine, "_launch", counted)
+    save = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, layout))
+    per = save.block_bytes
+    rng = np.random.default_rng(5)
+    n = 64
+    blocks = rng.permutation(300)[:n].tolist()
+    slots = (rng.permutation(POOL_BYTES // per // 2 - 1)[:n] * 2 + 1).tolist()  # odd: never adjacent
+    for sl in slots:  # the even neighbours must stay as they are
+        m[(sl - 1) * per : sl * per] = b"\x5a" * per
+        m[(sl + 1) * per : (sl + 2) * per] = b"\x5a" * per
+    assert save.copy(blocks, slots, True) == method
+    assert (len(launches) == 0) == (method == "dma")
+    for sl, b in zip(slots, blocks, strict=True):
+        slot = m[sl * per : (sl + 1) * per]
+        assert slot == b"".join(block_bytes_of(t, layout, b) for t in src)
+        assert set(m[(sl - 1) * per : sl * per]) == {0x5A} and set(m[(sl + 1) * per : (sl + 2) * per]) == {
+            0x5A
+        }
+    if method != "dma":
+        return
+    for t in src:  # new contents, so that the fallback's bytes are its own
+        t.add_(1)
+    expected = [b"".join(block_bytes_of(t, layout, b) for t in src) for b in blocks]
+    monkeypatch.setattr(gpu._BATCH, "copy_arrays", lambda *a: False)  # the driver refuses
+    assert save.copy(blocks, slots, True) == "staged"
+    assert [m[sl * per : (sl + 1) * per] for sl in slots] == expected
+    off = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, layout), dma_saves=False)
+    monkeypatch.undo()
+    assert off.copy(blocks, slots, True) == "staged"
+
+
 def test_contiguous_runs_use_dma_and_fragments_are_staged(pool: tuple[mmap.mmap, int]) -> None:
     _, addr = pool
     # 2 layers x [NB, 2, 16, 8, 128] bf16: 64 KiB per layer-block
     src = [torch.zeros(64, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    eng = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "blocks_first"))
+    eng = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "blocks_first"), dma_saves=False)
     # one run of 32 blocks: one pitched copy per layer, 2 MiB each
     assert len(eng.dma_plan(list(range(32)), list(range(32)), True)) == 2
     assert eng.copy(list(range(32)), list(range(32)), True) == "dma"
     assert eng.copy([5, 1, 9], [7, 3, 0], True) == "staged"
     # a staging buffer smaller than the batch is used in chunks
-    small = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "blocks_first"), staging_bytes=1)
+    small = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "blocks_first"), staging_bytes=1, dma_saves=False)
     assert small.copy([5, 1, 9], [7, 3, 0], True) == "staged"
 
 

@@ -13,6 +13,13 @@ most ``STAGED_CTAS`` CTAs: an HBM-to-HBM copy outruns PCIe on a few SMs, and the
 the engine's. The buffer's two halves alternate between a DMA stream and a kernel stream, so
 PCIe copies into one half go on while the other half's kernel waits for SMs.
 
+Fragmented *saves* skip the kernel where the driver batches copies (``dma_saves``): one linear
+copy per block and segment, queued a few thousand per ``cuMemcpyBatchAsync`` call. A save runs
+in the background while the engine computes, and a kernel from the agent's CUDA context takes
+the whole GPU from the engine's context for its time slices (two contexts time-slice the SMs);
+the copy engines do not (``benchmarks/gpu_copy.py``, interference rows). Loads, on the critical
+path, stay staged: fewer, larger PCIe copies.
+
 KV layouts are described per layer as *segments* (``kvfabric.connector.kv_segments``, shared
 with the engine's own saves): a block ``b`` of a layer is the byte ranges ``base + off_j + b *
 stride_j`` of length ``len_j``. Covered:
@@ -100,6 +107,11 @@ REGISTER_CHUNK = 1 << 30
 #: the engine's kernels instead of all of them; a kernel on mapped pinned memory is not capped
 #: (its CTAs mostly wait on PCIe, and it needs many in flight to fill it).
 STAGED_CTAS = 16
+#: DMA-only saves: segments at least this large (smaller ones cost the copy engines more per
+#: byte than a staging kernel does) ...
+DMA_SAVE_MIN_BYTES = 16 << 10
+#: ... queued this many per batch call.
+BATCH_MAX = 4096
 #: cudaHostRegisterPortable | cudaHostRegisterMapped
 _HOST_REGISTER_FLAGS = 1 | 2
 
@@ -255,6 +267,7 @@ class CopyEngine:
         register_chunk: int = REGISTER_CHUNK,
         staged_ctas: int = STAGED_CTAS,
         batched: bool = True,
+        dma_saves: bool = True,
     ) -> None:
         cp = _cupy()
         self.register_chunk = register_chunk
@@ -262,6 +275,7 @@ class CopyEngine:
             raise ValueError("staged_ctas must be at least 1")
         self.staged_ctas = staged_ctas
         self.batched = batched
+        self.dma_saves = dma_saves
         if fragmented not in ("staged", "kernel"):
             raise ValueError("fragmented must be 'staged' or 'kernel'")
         self.fragmented = fragmented
@@ -395,6 +409,9 @@ class CopyEngine:
             if self._closed:
                 raise ValueError("the engine's session has ended")
             ids = _Ids(b, s, self._run_breaks(b, s), lanes.kern)
+            if events is None and self._dma_only_save(ids, to_pool, lanes):
+                lanes.synchronize()
+                return "dma"
             first = self._dma(ids, to_pool, groups[0])
             if first is None:  # kernels ahead: upload now, while the kernel stream is idle
                 ids.device(0)  # (the upload waits for the stream)
@@ -429,6 +446,23 @@ class CopyEngine:
             return None
         plan = self._dma_plan(ids.blocks, ids.slots, ids.breaks, to_pool, cols)
         return plan if plan and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES else None
+
+    def _dma_only_save(self, ids: _Ids, to_pool: bool, lanes: _Lanes) -> bool:
+        """Queues a fragmented save as one linear copy per block and segment, batched (no
+        kernel); False where that is not the plan (loads, runs long enough for pitched DMA,
+        small segments, no batching, or the driver refused a batch: then nothing is left
+        half-done that the next plan does not redo)."""
+        if not (to_pool and self.dma_saves and self.batched and self.fragmented == "staged"):
+            return False
+        if int(self._len.min()) < DMA_SAVE_MIN_BYTES or self._dma(ids, to_pool, slice(None)) is not None:
+            return False
+        b, s = ids.blocks, ids.slots
+        src = (self._dev_off[None, :] + b[:, None] * self._stride[None, :]).ravel()
+        dst = (
+            np.uint64(self.pool_address) + s[:, None] * np.uint64(self.block_bytes) + self._slot_off[None, :]
+        ).ravel()
+        sizes = np.broadcast_to(self._len, (len(b), len(self._len))).ravel()
+        return _BATCH.copy_arrays(dst, src, sizes, lanes.dma.ptr)
 
     def _queue(
         self, ids: _Ids, to_pool: bool, cols: slice, lanes: _Lanes, plan: list[tuple[int, ...]] | None
@@ -571,43 +605,56 @@ class _BatchCopies:
 
     def copy(self, copies: Sequence[tuple[int, ...]], stream: int) -> bool:
         """Queues ``copies`` ``(dst, _, src, _, width, height)``, linear; False if not done."""
-        if self._missing:
+        table = np.array([(c[0], c[2], c[4] * c[5]) for c in copies], dtype=np.uint64).T
+        return self.copy_arrays(table[0], table[1], table[2], stream)
+
+    def copy_arrays(self, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, stream: int) -> bool:
+        """Queues linear copies ``src[i] -> dst[i]`` of ``sizes[i]`` bytes, :data:`BATCH_MAX`
+        per call; False if the driver lacks batching or refused a batch (those before it are
+        queued: redoing them copies the same bytes)."""
+        if self._missing or (self._fn is None and not self._load()):
             return False
-        if self._fn is None:
-            try:
-                fn = ctypes.CDLL("libcuda.so.1").cuMemcpyBatchAsync_v2
-            except (OSError, AttributeError):
-                log.warning("this CUDA driver has no cuMemcpyBatchAsync_v2: copies are queued one by one")
-                self._missing = True
-                return False
-            fn.argtypes = [ctypes.c_void_p] * 3 + [
-                ctypes.c_size_t,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_void_p,
-            ]
-            self._fn = fn
-        table = np.array([(c[0], c[2], c[4] * c[5]) for c in copies], dtype=np.uint64).T.copy()
-        rc = self._fn(
-            table[0].ctypes.data,
-            table[1].ctypes.data,
-            table[2].ctypes.data,
-            len(copies),
-            ctypes.byref(self._attrs),
-            self._attr_idx,
-            1,
-            stream,
-        )
-        if rc != 0 and rc not in self._warned:
-            self._warned.add(rc)
-            log.warning(
-                "cuMemcpyBatchAsync_v2 refused a batch of %d copies (CUDA error %d): such batches "
-                "are queued one by one",
-                len(copies),
-                rc,
+        dst, src, sizes = (np.ascontiguousarray(a, dtype=np.uint64) for a in (dst, src, sizes))
+        for i in range(0, len(dst), BATCH_MAX):
+            n = min(BATCH_MAX, len(dst) - i)
+            rc = self._fn(
+                dst[i:].ctypes.data,
+                src[i:].ctypes.data,
+                sizes[i:].ctypes.data,
+                n,
+                ctypes.byref(self._attrs),
+                self._attr_idx,
+                1,
+                stream,
             )
-        return bool(rc == 0)
+            if rc != 0:
+                if rc not in self._warned:
+                    self._warned.add(rc)
+                    log.warning(
+                        "cuMemcpyBatchAsync_v2 refused a batch of %d copies (CUDA error %d): such "
+                        "batches are queued another way",
+                        n,
+                        rc,
+                    )
+                return False
+        return True
+
+    def _load(self) -> bool:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuMemcpyBatchAsync_v2
+        except (OSError, AttributeError):
+            log.warning("this CUDA driver has no cuMemcpyBatchAsync_v2: copies are queued one by one")
+            self._missing = True
+            return False
+        fn.argtypes = [ctypes.c_void_p] * 3 + [
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+        ]
+        self._fn = fn
+        return True
 
 
 _BATCH = _BatchCopies()

@@ -71,6 +71,7 @@ class GpuService:
         on_fatal: Callable[[str], None] | None = None,
         ready_bytes: int = 0,
         on_pinned: Callable[[int, int], None] | None = None,
+        dma_saves: bool = True,
     ) -> None:
         """``ready_bytes``: pinned bytes after which GPU engines are served (0: the whole
         pool); ``on_pinned(offset, length)``: a piece of the pool is pinned (or, with length
@@ -79,6 +80,7 @@ class GpuService:
         self.on_fatal = on_fatal
         self.on_pinned = on_pinned
         self.pin_threads = pin_threads
+        self.dma_saves = dma_saves
         self.ready_bytes = ready_bytes
         self.pinned: PinnedPool | None = None
         self.pinned_bytes = 0
@@ -188,7 +190,9 @@ class GpuService:
             except ValueError as exc:
                 raise GpuError(str(exc)) from exc
             layers = [LayerLayout(base + off, req.num_blocks, segments) for base, off in opened]
-            engine = CopyEngine(device, self.pinned.address, self.pinned.size, layers)
+            engine = CopyEngine(
+                device, self.pinned.address, self.pinned.size, layers, dma_saves=self.dma_saves
+            )
             self._ids += 1
             state.engines[self._ids] = engine
             if req.layer_events:

@@ -117,6 +117,13 @@ class AgentSettings(BaseSettings):
         "pinned while the agent serves, its arenas lent as they are pinned (the pool fills from "
         "the pinned part first). 0: the whole pool before ready.",
     )
+    cuda_dma_saves: bool = Field(
+        default=True,
+        description="With --cuda: copy an engine's fragmented saves with the copy engines only "
+        "(one batched copy per block and layer) instead of a gather kernel in the agent's CUDA "
+        "context, which time-slices the GPU with the engine while its next prefill runs. Needs "
+        "a driver with cuMemcpyBatchAsync (CUDA 12.8+); otherwise, and for loads, kernels gather.",
+    )
     socket: Path = Field(
         default=Path("/run/kvfabric/agent.sock"),
         description="Unix socket engines connect to (mode 0660).",
