@@ -52,6 +52,7 @@ class Subscriber:
         self.next_seq = 0
         self.seen = Seen()
         self.replayed_batches = 0
+        self.missed_batches = 0  # gaps it had no replay endpoint to fill
 
     def close(self) -> None:
         self.sub.close()
@@ -92,7 +93,10 @@ class Subscriber:
             topic, seq_raw, payload = self.sub.recv_multipart()
             seq = int.from_bytes(seq_raw, "big")
             if seq > self.next_seq:  # missed some (joined late, or dropped): fill from replay
-                self.replay(self.next_seq)
+                if self.replay_endpoint is None:  # a slow joiner without one just counts them
+                    self.missed_batches += seq - self.next_seq
+                else:
+                    self.replay(self.next_seq)
             self._apply(topic, seq, payload)
 
     def until(self, what: str, cond: Callable[[Seen], bool], timeout_s: float = 15.0) -> None:
