@@ -186,8 +186,8 @@ def test_random_slot_copies_are_batched_and_a_capped_kernel_moves_every_block(
     [
         ("kv_planes", torch.bfloat16, "dma"),  # 32 KiB segments
         ("blocks_first", torch.bfloat16, "dma"),  # 64 KiB
-        ("mla", torch.bfloat16, "dma"),  # 18 KiB
-        ("mla", torch.float8_e4m3fn, "staged"),  # 9 KiB: under DMA_SAVE_MIN_BYTES
+        ("mla", torch.bfloat16, "staged"),  # 18 KiB: under DMA_SAVE_MIN_BYTES
+        ("mla", torch.float8_e4m3fn, "staged"),  # 9 KiB
     ],
 )
 def test_fragmented_saves_are_dma_only_and_write_exactly_their_slots(
