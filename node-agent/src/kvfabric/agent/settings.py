@@ -120,9 +120,10 @@ class AgentSettings(BaseSettings):
     cuda_dma_saves: bool = Field(
         default=True,
         description="With --cuda: copy an engine's fragmented saves with the copy engines only "
-        "(one batched copy per block and layer) instead of a gather kernel in the agent's CUDA "
-        "context, which time-slices the GPU with the engine while its next prefill runs. Needs "
-        "a driver with cuMemcpyBatchAsync (CUDA 12.8+); otherwise, and for loads, kernels gather.",
+        "(one batched copy per block and layer segment) instead of a gather kernel in the agent's "
+        "CUDA context, which time-slices the GPU with the engine while its next prefill runs. "
+        "Needs a driver with cuMemcpyBatchAsync (CUDA 12.8+) and segments of 32 KiB or more "
+        "(an 8B model's are; MLA's 18 KiB are not); otherwise, and for loads, kernels gather.",
     )
     socket: Path = Field(
         default=Path("/run/kvfabric/agent.sock"),
