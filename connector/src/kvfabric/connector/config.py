@@ -93,7 +93,8 @@ class ConnectorConfig(BaseModel):
         "(the pages are the agent's: no new memory; 128 MiB of GPU memory for blocks not in runs), "
         "instead of having the agent copy them from its context. Off by default: on an H200 it "
         "costs a cold request as much as the agent's kernel-gathered saves (1.037x of no connector "
-        "against 1.034x; the agent's copy-engine-only saves: 1.015-1.021x, benchmarks/RESULTS.md). Until a piece is registered, and always under isolated tenancy "
+        "against 1.034x; the agent's copy-engine-only saves: 1.015-1.021x, benchmarks/RESULTS.md). "
+        "Until a piece is registered, and always under isolated tenancy "
         "(the engine may not map the shared pool), the agent copies.",
     )
     cross_layer_blocks: bool = Field(
