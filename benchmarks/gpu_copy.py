@@ -168,6 +168,15 @@ def transfer_bench() -> None:
         f"{per_plane // 1024} KiB segment, batched): {dsave / d2h:.2f}x (staged: {save / d2h:.2f}x); 625 random "
         f"blocks: {t_dma * 1e3:.1f} ms (staged {t_staged * 1e3:.1f} ms)"
     )
+    # loads the same way (``dma_loads``, off by default: a load is on the critical path)
+    dma_loader = engine_for(layers, "kv_planes", per_plane, dma_loads=True)
+    dload = nbytes / timed(lambda: dma_loader.copy(blocks, slots, False)) / 1e9
+    tl_dma = timed(lambda: dma_loader.copy(*many, False))
+    tl_staged = timed(lambda: eng.copy(*many, False))
+    print(
+        f"  loads as copy-engine DMA only ({dma_loader.copy(blocks, slots, False)}): {dload / h2d:.2f}x "
+        f"(staged: {load / h2d:.2f}x); 625 random blocks: {tl_dma * 1e3:.1f} ms (staged {tl_staged * 1e3:.1f} ms)"
+    )
     # the staging kernels on every SM they can get, as before STAGED_CTAS (the decode
     # interference row below runs both)
     uncapped = engine_for(layers, "kv_planes", per_plane, staged_ctas=1 << 20, dma_saves=False)
@@ -245,16 +254,16 @@ def transfer_bench() -> None:
     eng3 = engine_for(mla, "mla", per, dma_saves=False)
     mslots = rng.permutation(pool_bytes // eng3.block_bytes)[:n].tolist()
     msave, mload = rates(eng3, blocks, mslots, n * eng3.block_bytes)
-    # MLA's 18 KiB segments are under DMA_SAVE_MIN_BYTES, so its saves stay staged; this row
+    # MLA's 18 KiB segments are under DMA_ONLY_MIN_BYTES, so its saves stay staged; this row
     # shows why (the threshold lifted for it)
     eng3d = engine_for(mla, "mla", per)
     default_method = eng3d.copy(blocks, mslots, True)
-    threshold, gpu.DMA_SAVE_MIN_BYTES = gpu.DMA_SAVE_MIN_BYTES, 0
+    threshold, gpu.DMA_ONLY_MIN_BYTES = gpu.DMA_ONLY_MIN_BYTES, 0
     try:
         forced_method = eng3d.copy(blocks, mslots, True)
         mdsave = n * eng3.block_bytes / timed(lambda: eng3d.copy(blocks, mslots, True)) / 1e9
     finally:
-        gpu.DMA_SAVE_MIN_BYTES = threshold
+        gpu.DMA_ONLY_MIN_BYTES = threshold
     print(
         f"MLA (32 x [blocks, 16, 576] bf16, {eng3.block_bytes // 1024} KiB/block), 256 random blocks: "
         f"save {msave:.1f} GB/s ({msave / d2h:.2f}x), load {mload:.1f} GB/s ({mload / h2d:.2f}x) "
@@ -368,6 +377,7 @@ def transfer_bench() -> None:
             False,
         ),
         ("saves only, DMA only (the default), from another process", {}, False),
+        ("save+load, both DMA only (dma_loads), from another process", {"dma_loads": True}, True),
     ):
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_traffic_process, args=(child, kw, loads), daemon=True)

@@ -186,7 +186,7 @@ def test_random_slot_copies_are_batched_and_a_capped_kernel_moves_every_block(
     [
         ("kv_planes", torch.bfloat16, "dma"),  # 32 KiB segments
         ("blocks_first", torch.bfloat16, "dma"),  # 64 KiB
-        ("mla", torch.bfloat16, "staged"),  # 18 KiB: under DMA_SAVE_MIN_BYTES
+        ("mla", torch.bfloat16, "staged"),  # 18 KiB: under DMA_ONLY_MIN_BYTES
         ("mla", torch.float8_e4m3fn, "staged"),  # 9 KiB
     ],
 )
@@ -235,6 +235,57 @@ def test_fragmented_saves_are_dma_only_and_write_exactly_their_slots(
     off = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, layout), dma_saves=False)
     monkeypatch.undo()
     assert off.copy(blocks, slots, True) == "staged"
+
+
+@pytest.mark.parametrize("load", ["whole", "layered"])
+def test_dma_only_loads_scatter_exactly_their_blocks(
+    pool: tuple[mmap.mmap, int], monkeypatch: pytest.MonkeyPatch, load: str
+) -> None:
+    """``dma_loads``: a fragmented load, whole or layer by layer with its events, goes as
+    batched copies per block and segment with no kernel; every target block gets its slot's
+    bytes and the blocks around them keep theirs; a batch the driver refuses falls back to
+    the staging kernel with the same bytes."""
+    _, addr = pool
+    src = make_layers("kv_planes", torch.bfloat16)
+    save = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, "kv_planes"))
+    rng = np.random.default_rng(7)
+    n = 64
+    blocks = rng.permutation(300)[:n].tolist()
+    slots = (rng.permutation(POOL_BYTES // save.block_bytes // 2)[:n] * 2).tolist()  # never adjacent
+    save.copy(blocks, slots, True)
+    launches: list[int] = []
+    launch = CopyEngine._launch
+
+    def counted(self: CopyEngine, *args: Any, **kw: Any) -> None:
+        launches.append(1)
+        launch(self, *args, **kw)
+
+    monkeypatch.setattr(CopyEngine, "_launch", counted)
+    dst = [torch.zeros_like(t) for t in src]
+    eng = CopyEngine(0, addr, POOL_BYTES, layouts_of(dst, "kv_planes"), dma_loads=True)
+    targets = rng.permutation(300)[:n].tolist()
+    untouched = sorted(set(range(300)) - set(targets))
+
+    def load_and_check() -> str:
+        for t in dst:  # poison every byte
+            t.view(torch.uint8).fill_(0xA5)
+        if load == "layered":
+            events = [cupy.cuda.Event(disable_timing=True) for _ in dst]
+            method = eng.copy(targets, slots, False, events=[e.ptr for e in events])
+            events[-1].synchronize()  # layers in order on one stream: the last event covers all
+        else:
+            method = eng.copy(targets, slots, False)
+        torch.cuda.synchronize()
+        for a, b in zip(src, dst, strict=True):
+            for i, j in zip(blocks, targets, strict=True):
+                assert block_bytes_of(a, "kv_planes", i) == block_bytes_of(b, "kv_planes", j)
+            for u in untouched:
+                assert set(block_bytes_of(b, "kv_planes", u)) == {0xA5}
+        return method
+
+    assert load_and_check() == "dma" and not launches
+    monkeypatch.setattr(gpu._BATCH, "copy_arrays", lambda *a: False)  # the driver refuses
+    assert load_and_check() == "staged" and launches
 
 
 def test_contiguous_runs_use_dma_and_fragments_are_staged(pool: tuple[mmap.mmap, int]) -> None:

@@ -14,7 +14,7 @@ the engine's. The buffer's two halves alternate between a DMA stream and a kerne
 PCIe copies into one half go on while the other half's kernel waits for SMs.
 
 Fragmented *saves* skip the kernel where the driver batches copies (``dma_saves``) and the
-segments are at least ``DMA_SAVE_MIN_BYTES``: one linear copy per block and segment, queued a
+segments are at least ``DMA_ONLY_MIN_BYTES``: one linear copy per block and segment, queued a
 few thousand per ``cuMemcpyBatchAsync`` call. A save runs
 in the background while the engine computes, and a kernel from the agent's CUDA context takes
 the whole GPU from the engine's context for its time slices (two contexts time-slice the SMs);
@@ -22,7 +22,8 @@ the copy engines do not (H200: matmuls beside another process's staged saves 1.1
 slower, beside its DMA-only saves 0.90-0.99x; a real engine's cold TTFT 1.015-1.021x of no
 connector against 1.034x with staged saves; ``benchmarks/RESULTS.md``). The price is throughput
 (0.78-0.80x of the D2H ceiling against 0.93-0.94x staged), paid in the background. Loads, on
-the critical path, stay staged: fewer, larger PCIe copies.
+the critical path, stay staged unless ``dma_loads`` (off by default) asks for the same: a
+trade for hosts where other engines share the GPU while one loads.
 
 KV layouts are described per layer as *segments* (``kvfabric.connector.kv_segments``, shared
 with the engine's own saves): a block ``b`` of a layer is the byte ranges ``base + off_j + b *
@@ -111,10 +112,10 @@ REGISTER_CHUNK = 1 << 30
 #: the engine's kernels instead of all of them; a kernel on mapped pinned memory is not capped
 #: (its CTAs mostly wait on PCIe, and it needs many in flight to fill it).
 STAGED_CTAS = 16
-#: DMA-only saves: segments at least this large; smaller ones cost the copy engines more per
+#: DMA-only copies: segments at least this large; smaller ones cost the copy engines more per
 #: byte than a staging kernel does (H200, 256 random blocks: 32 KiB segments 0.78x of the D2H
 #: ceiling, MLA's 18 KiB ones 0.28x where staged they reach 0.77x) ...
-DMA_SAVE_MIN_BYTES = 32 << 10
+DMA_ONLY_MIN_BYTES = 32 << 10
 #: ... queued this many per batch call.
 BATCH_MAX = 4096
 #: cudaHostRegisterPortable | cudaHostRegisterMapped
@@ -273,6 +274,7 @@ class CopyEngine:
         staged_ctas: int = STAGED_CTAS,
         batched: bool = True,
         dma_saves: bool = True,
+        dma_loads: bool = False,
     ) -> None:
         cp = _cupy()
         self.register_chunk = register_chunk
@@ -281,6 +283,7 @@ class CopyEngine:
         self.staged_ctas = staged_ctas
         self.batched = batched
         self.dma_saves = dma_saves
+        self.dma_loads = dma_loads
         if fragmented not in ("staged", "kernel"):
             raise ValueError("fragmented must be 'staged' or 'kernel'")
         self.fragmented = fragmented
@@ -414,16 +417,19 @@ class CopyEngine:
             if self._closed:
                 raise ValueError("the engine's session has ended")
             ids = _Ids(b, s, self._run_breaks(b, s), lanes.kern)
-            if events is None and self._dma_only_save(ids, to_pool, lanes):
+            if events is None and self._dma_only(ids, to_pool, lanes, slice(None)):
                 lanes.synchronize()
                 return "dma"
             first = self._dma(ids, to_pool, groups[0])
-            if first is None:  # kernels ahead: upload now, while the kernel stream is idle
-                ids.device(0)  # (the upload waits for the stream)
+            if first is None and not (events is not None and self._dma_only_fits(ids, to_pool, groups[0])):
+                ids.device(0)  # kernels ahead: upload now, while the kernel stream is idle
             method = "none"
             for i, cols in enumerate(groups):
-                plan = first if i == 0 else self._dma(ids, to_pool, cols)
-                method = self._queue(ids, to_pool, cols, lanes, plan)
+                if events is not None and self._dma_only(ids, to_pool, lanes, cols):
+                    method = "dma"
+                else:
+                    plan = first if i == 0 else self._dma(ids, to_pool, cols)
+                    method = self._queue(ids, to_pool, cols, lanes, plan)
                 if events is not None:  # after this layer's copies and kernels, both streams
                     lanes.join()
                     cp.cuda.runtime.eventRecord(events[i], lanes.kern.ptr)
@@ -452,21 +458,30 @@ class CopyEngine:
         plan = self._dma_plan(ids.blocks, ids.slots, ids.breaks, to_pool, cols)
         return plan if plan and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES else None
 
-    def _dma_only_save(self, ids: _Ids, to_pool: bool, lanes: _Lanes) -> bool:
-        """Queues a fragmented save as one linear copy per block and segment, batched (no
-        kernel); False where that is not the plan (loads, runs long enough for pitched DMA,
-        small segments, no batching, or the driver refused a batch: then nothing is left
-        half-done that the next plan does not redo)."""
-        if not (to_pool and self.dma_saves and self.batched and self.fragmented == "staged"):
+    def _dma_only_fits(self, ids: _Ids, to_pool: bool, cols: slice) -> bool:
+        """Whether segments ``cols`` go as DMA-only copies: on for this direction, batching on,
+        staged (not direct-kernel) fragments, segments large enough, and runs too short for
+        pitched DMA."""
+        if not ((self.dma_saves if to_pool else self.dma_loads) and self.batched):
             return False
-        if int(self._len.min()) < DMA_SAVE_MIN_BYTES or self._dma(ids, to_pool, slice(None)) is not None:
+        if self.fragmented != "staged" or int(self._len[cols].min()) < DMA_ONLY_MIN_BYTES:
             return False
-        b, s = ids.blocks, ids.slots
-        src = (self._dev_off[None, :] + b[:, None] * self._stride[None, :]).ravel()
-        dst = (
-            np.uint64(self.pool_address) + s[:, None] * np.uint64(self.block_bytes) + self._slot_off[None, :]
-        ).ravel()
-        sizes = np.broadcast_to(self._len, (len(b), len(self._len))).ravel()
+        return self._dma(ids, to_pool, cols) is None
+
+    def _dma_only(self, ids: _Ids, to_pool: bool, lanes: _Lanes, cols: slice) -> bool:
+        """Queues segments ``cols`` of a fragmented batch as one linear copy per block and
+        segment, batched (no kernel: ours time-slice the GPU with the engine's); False where
+        that is not the plan, or the driver refused a batch (then nothing is left half-done
+        that the next plan does not redo)."""
+        if not self._dma_only_fits(ids, to_pool, cols):
+            return False
+        b, s = ids.blocks[:, None], ids.slots[:, None]  # [blocks, segments] below
+        dev = (self._dev_off[None, cols] + b * self._stride[None, cols]).ravel()
+        slot_base = np.uint64(self.pool_address) + s * np.uint64(self.block_bytes)
+        host = (slot_base + self._slot_off[None, cols]).ravel()
+        lengths = self._len[cols]
+        sizes = np.broadcast_to(lengths, (len(b), len(lengths))).ravel()
+        dst, src = (host, dev) if to_pool else (dev, host)
         return _BATCH.copy_arrays(dst, src, sizes, lanes.dma.ptr)
 
     def _queue(

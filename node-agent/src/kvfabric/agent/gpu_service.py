@@ -72,6 +72,7 @@ class GpuService:
         ready_bytes: int = 0,
         on_pinned: Callable[[int, int], None] | None = None,
         dma_saves: bool = True,
+        dma_loads: bool = False,
     ) -> None:
         """``ready_bytes``: pinned bytes after which GPU engines are served (0: the whole
         pool); ``on_pinned(offset, length)``: a piece of the pool is pinned (or, with length
@@ -81,6 +82,7 @@ class GpuService:
         self.on_pinned = on_pinned
         self.pin_threads = pin_threads
         self.dma_saves = dma_saves
+        self.dma_loads = dma_loads
         self.ready_bytes = ready_bytes
         self.pinned: PinnedPool | None = None
         self.pinned_bytes = 0
@@ -191,7 +193,12 @@ class GpuService:
                 raise GpuError(str(exc)) from exc
             layers = [LayerLayout(base + off, req.num_blocks, segments) for base, off in opened]
             engine = CopyEngine(
-                device, self.pinned.address, self.pinned.size, layers, dma_saves=self.dma_saves
+                device,
+                self.pinned.address,
+                self.pinned.size,
+                layers,
+                dma_saves=self.dma_saves,
+                dma_loads=self.dma_loads,
             )
             self._ids += 1
             state.engines[self._ids] = engine

@@ -205,6 +205,7 @@ class Agent:
                 on_fatal=self._on_gpu_fatal,
                 ready_bytes=self.settings.cuda_ready_bytes,
                 dma_saves=self.settings.cuda_dma_saves,
+                dma_loads=self.settings.cuda_dma_loads,
                 on_pinned=self._on_pinned,
             )
             self._background.append(threading.Thread(target=self.gpu.pin, name="kvfabric-pin", daemon=True))

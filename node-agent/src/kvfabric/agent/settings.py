@@ -123,7 +123,14 @@ class AgentSettings(BaseSettings):
         "(one batched copy per block and layer segment) instead of a gather kernel in the agent's "
         "CUDA context, which time-slices the GPU with the engine while its next prefill runs. "
         "Needs a driver with cuMemcpyBatchAsync (CUDA 12.8+) and segments of 32 KiB or more "
-        "(an 8B model's are; MLA's 18 KiB are not); otherwise, and for loads, kernels gather.",
+        "(an 8B model's are; MLA's 18 KiB are not); otherwise kernels gather.",
+    )
+    cuda_dma_loads: bool = Field(
+        default=False,
+        description="With --cuda: the same for loads (copy-engine-only scatter into the engine's "
+        "blocks). Off by default: a load is on its request's critical path, and staged it moves "
+        "0.94-0.96x of the H2D ceiling against ~0.8x as one copy per block and segment; on, "
+        "the agent's kernels stay off the GPU while other engines sharing it compute.",
     )
     socket: Path = Field(
         default=Path("/run/kvfabric/agent.sock"),
