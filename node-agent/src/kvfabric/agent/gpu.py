@@ -21,7 +21,7 @@ the whole GPU from the engine's context for its time slices (two contexts time-s
 the copy engines do not (H200: matmuls beside another process's staged saves 1.11-1.13x
 slower, beside its DMA-only saves 0.90-0.99x; a real engine's cold TTFT 1.015-1.021x of no
 connector against 1.034x with staged saves; ``benchmarks/RESULTS.md``). The price is throughput
-(0.78-0.80x of the D2H ceiling against 0.93-0.94x staged), paid in the background. Loads, on
+(0.57-0.80x of the D2H ceiling by host against 0.92-0.94x staged), paid in the background. Loads, on
 the critical path, stay staged unless ``dma_loads`` (off by default) asks for the same: a
 trade for hosts where other engines share the GPU while one loads.
 

@@ -129,8 +129,9 @@ class AgentSettings(BaseSettings):
         default=False,
         description="With --cuda: the same for loads (copy-engine-only scatter into the engine's "
         "blocks). Off by default: a load is on its request's critical path, and staged it moves "
-        "0.94-0.96x of the H2D ceiling against ~0.8x as one copy per block and segment; on, "
-        "the agent's kernels stay off the GPU while other engines sharing it compute.",
+        "0.94-0.96x of the H2D ceiling against 0.54x as one copy per block and segment (H200: a "
+        "10k-token load of an 8B model 24.7 against 39.8 ms); on, the agent's kernels stay off "
+        "the GPU while other engines sharing it compute.",
     )
     socket: Path = Field(
         default=Path("/run/kvfabric/agent.sock"),
