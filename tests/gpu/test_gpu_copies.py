@@ -181,6 +181,19 @@ def test_random_slot_copies_are_batched_and_a_capped_kernel_moves_every_block(
             assert block_bytes_of(a, "mla", i) == block_bytes_of(b, "mla", j)
 
 
+def count_launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets an entry per kernel launch of any copy engine from now on."""
+    launches: list[int] = []
+    launch = CopyEngine._launch
+
+    def counted(self: CopyEngine, *args: Any, **kw: Any) -> None:
+        launches.append(1)
+        launch(self, *args, **kw)
+
+    monkeypatch.setattr(CopyEngine, "_launch", counted)
+    return launches
+
+
 @pytest.mark.parametrize(
     ("layout", "dtype", "method"),
     [
@@ -199,14 +212,7 @@ def test_fragmented_saves_are_dma_only_and_write_exactly_their_slots(
     ``dma_saves`` off, falls back to the staging kernel with the same bytes."""
     m, addr = pool
     src = make_layers(layout, dtype)
-    launches: list[int] = []
-    launch = CopyEngine._launch
-
-    def counted(self: CopyEngine, *args: Any, **kw: Any) -> None:
-        launches.append(1)
-        launch(self, *args, **kw)
-
-    monkeypatch.setattr(CopyEngine, "_launch", counted)
+    launches = count_launches(monkeypatch)
     save = CopyEngine(0, addr, POOL_BYTES, layouts_of(src, layout))
     per = save.block_bytes
     rng = np.random.default_rng(5)
@@ -253,14 +259,7 @@ def test_dma_only_loads_scatter_exactly_their_blocks(
     blocks = rng.permutation(300)[:n].tolist()
     slots = (rng.permutation(POOL_BYTES // save.block_bytes // 2)[:n] * 2).tolist()  # never adjacent
     save.copy(blocks, slots, True)
-    launches: list[int] = []
-    launch = CopyEngine._launch
-
-    def counted(self: CopyEngine, *args: Any, **kw: Any) -> None:
-        launches.append(1)
-        launch(self, *args, **kw)
-
-    monkeypatch.setattr(CopyEngine, "_launch", counted)
+    launches = count_launches(monkeypatch)
     dst = [torch.zeros_like(t) for t in src]
     eng = CopyEngine(0, addr, POOL_BYTES, layouts_of(dst, "kv_planes"), dma_loads=True)
     targets = rng.permutation(300)[:n].tolist()
