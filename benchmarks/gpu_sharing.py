@@ -14,6 +14,7 @@ over all requests, and the prompt tokens vLLM reported as cached.
 
     python benchmarks/gpu_sharing.py kvfabric|native|pegaflow|none --out DIR [--engines 4]
     python benchmarks/gpu_sharing.py kvfabric --smoke --out DIR   # CPU, tiny model: the plumbing
+    python benchmarks/gpu_sharing.py kvfabric --agent-flag=--cuda-dma-loads --out DIR2  # loads too
 
 One variant per run (each fits a device call); ``DIR/sharing-<variant>.json`` holds the rounds
 and the ratios against ``none`` once that has run into the same DIR. The GPU shape is
@@ -202,7 +203,7 @@ def _two_rounds(
 
 
 def variant_kvfabric(args: argparse.Namespace, model: Path, work: Path, load: Workload) -> dict[str, Any]:
-    extra = [] if args.smoke else ["--cuda"]
+    extra = ([] if args.smoke else ["--cuda"]) + args.agent_flag
     with AgentProcess(work / "agent", args.pool, extra_args=extra) as agent:
         cfg = {"socket_path": str(agent.socket_path), "timeout_ms": 10_000}
 
@@ -293,6 +294,12 @@ def main() -> None:
     ap.add_argument("--gpu-kv", type=int, default=512, help="MiB of GPU KV cache per engine")
     ap.add_argument("--gpu-share", type=float, default=0.2, help="gpu_memory_utilization per engine")
     ap.add_argument("--pool", default="32GiB", help="the shared KVFabric agent's pool")
+    ap.add_argument(
+        "--agent-flag",
+        action="append",
+        default=[],
+        help="an extra flag for the KVFabric agent (repeatable), e.g. --agent-flag=--cuda-dma-loads",
+    )
     ap.add_argument("--native-gib", type=int, default=8, help="vLLM native offloading, per engine")
     ap.add_argument("--pega-pool", default="32gb", help="the shared PegaFlow server's pool")
     args = ap.parse_args()
