@@ -15,15 +15,15 @@ PCIe copies into one half go on while the other half's kernel waits for SMs.
 
 Fragmented *saves* skip the kernel where the driver batches copies (``dma_saves``) and the
 segments are at least ``DMA_ONLY_MIN_BYTES``: one linear copy per block and segment, queued a
-few thousand per ``cuMemcpyBatchAsync`` call. A save runs
-in the background while the engine computes, and a kernel from the agent's CUDA context takes
-the whole GPU from the engine's context for its time slices (two contexts time-slice the SMs);
-the copy engines do not (H200: matmuls beside another process's staged saves 1.11-1.13x
-slower, beside its DMA-only saves 0.90-0.99x; a real engine's cold TTFT 1.015-1.021x of no
-connector against 1.034x with staged saves; ``benchmarks/RESULTS.md``). The price is throughput
-(0.57-0.80x of the D2H ceiling by host against 0.92-0.94x staged), paid in the background. Loads, on
-the critical path, stay staged unless ``dma_loads`` (off by default) asks for the same: a
-trade for hosts where other engines share the GPU while one loads.
+few thousand per ``cuMemcpyBatchAsync`` call. A save runs in the background while the engine
+computes, and a kernel from the agent's CUDA context takes the whole GPU from the engine's
+context for its time slices (two contexts time-slice the SMs); the copy engines do not (H200:
+matmuls beside another process's staged saves 1.11-1.13x slower, beside its DMA-only saves
+0.90-0.99x; a real engine's cold TTFT 1.015-1.021x of no connector against 1.034x with staged
+saves; ``benchmarks/RESULTS.md``). The price is throughput (0.57-0.80x of the D2H ceiling, by
+host, against 0.92-0.94x staged), paid in the background. Loads, on the critical path, stay
+staged unless ``dma_loads`` (off by default) asks for the same: a trade for hosts where other
+engines share the GPU while one loads.
 
 KV layouts are described per layer as *segments* (``kvfabric.connector.kv_segments``, shared
 with the engine's own saves): a block ``b`` of a layer is the byte ranges ``base + off_j + b *
