@@ -18,7 +18,8 @@ over all requests, and the prompt tokens vLLM reported as cached.
 
 One variant per run (each fits a device call); ``DIR/sharing-<variant>.json`` holds the rounds
 and the ratios against ``none`` once that has run into the same DIR. The GPU shape is
-Llama-3.2-1B (dummy weights, bf16, eager); each engine takes ``--gpu-share`` of the GPU.
+Llama-3.2-1B (dummy weights, bf16, eager), or its 3B with ``--shape 3b`` (where a prefill costs
+more against its load: give it ``--gpu-kv 1024``); each engine takes ``--gpu-share`` of the GPU.
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ LLAMA_1B = {
     "bos_token_id": 128000,
     "eos_token_id": 128001,
 }
+#: Llama-3.2-3B's shape: 112 KiB of KV per token against the 1B's 32 KiB, and about three times
+#: the prefill work, so a host tier's load has more to save.
+LLAMA_3B = {
+    **LLAMA_1B,
+    "hidden_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 24,
+    "head_dim": 128,
+}
+SHAPES = {"1b": LLAMA_1B, "3b": LLAMA_3B}
 
 
 class Workload:
@@ -90,12 +101,12 @@ class Workload:
         ]
 
 
-def _model(out: Path, smoke: bool) -> Path:
+def _model(out: Path, smoke: bool, shape: str) -> Path:
     if smoke:
         return tiny_model.build(out / "tiny")
-    d = out / "llama-3.2-1b-shape"
+    d = out / f"llama-3.2-{shape}-shape"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(LLAMA_1B))
+    (d / "config.json").write_text(json.dumps(SHAPES[shape]))
     (d / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     return d
 
@@ -286,6 +297,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU engines, the tiny model, a small workload")
     ap.add_argument("--engines", type=int, default=4)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Llama-3.2 shape (dummy weights)")
     ap.add_argument("--system", type=int, default=16, help="shared system prompts")
     ap.add_argument("--system-tokens", type=int, default=3000)
     ap.add_argument("--suffix-tokens", type=int, default=200)
@@ -308,13 +320,13 @@ def main() -> None:
         args.requests, args.max_tokens, args.gpu_kv, args.pool = 6, 2, 4, "256MiB"
         if args.variant not in ("kvfabric", "none"):
             ap.error("--smoke runs kvfabric and none only (the peers need a GPU)")
-    args.vocab = tiny_model.CONFIG["vocab_size"] if args.smoke else LLAMA_1B["vocab_size"]
+    args.vocab = tiny_model.CONFIG["vocab_size"] if args.smoke else SHAPES[args.shape]["vocab_size"]
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     work = args.out / f"work-{args.variant}"
     work.mkdir(parents=True, exist_ok=True)
-    model = _model(args.out, args.smoke)
+    model = _model(args.out, args.smoke, args.shape)
     load = Workload(args)
     result = VARIANTS[args.variant](args, model, work, load)
     result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
