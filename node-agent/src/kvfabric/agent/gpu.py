@@ -417,18 +417,18 @@ class CopyEngine:
             if self._closed:
                 raise ValueError("the engine's session has ended")
             ids = _Ids(b, s, self._run_breaks(b, s), lanes.kern)
-            if events is None and self._dma_only(ids, to_pool, lanes, slice(None)):
+            first = self._dma(ids, to_pool, groups[0])
+            if events is None and first is None and self._dma_only(ids, to_pool, lanes, slice(None)):
                 lanes.synchronize()
                 return "dma"
-            first = self._dma(ids, to_pool, groups[0])
-            if first is None and not (events is not None and self._dma_only_fits(ids, to_pool, groups[0])):
+            if first is None and not (events is not None and self._dma_only_fits(to_pool, groups[0])):
                 ids.device(0)  # kernels ahead: upload now, while the kernel stream is idle
             method = "none"
             for i, cols in enumerate(groups):
-                if events is not None and self._dma_only(ids, to_pool, lanes, cols):
+                plan = first if i == 0 else self._dma(ids, to_pool, cols)
+                if plan is None and events is not None and self._dma_only(ids, to_pool, lanes, cols):
                     method = "dma"
                 else:
-                    plan = first if i == 0 else self._dma(ids, to_pool, cols)
                     method = self._queue(ids, to_pool, cols, lanes, plan)
                 if events is not None:  # after this layer's copies and kernels, both streams
                     lanes.join()
@@ -458,22 +458,20 @@ class CopyEngine:
         plan = self._dma_plan(ids.blocks, ids.slots, ids.breaks, to_pool, cols)
         return plan if plan and min(p[4] * p[5] for p in plan) >= DMA_MIN_BYTES else None
 
-    def _dma_only_fits(self, ids: _Ids, to_pool: bool, cols: slice) -> bool:
-        """Whether segments ``cols`` go as DMA-only copies: on for this direction, batching on,
-        staged (not direct-kernel) fragments, segments large enough, and runs too short for
-        pitched DMA."""
+    def _dma_only_fits(self, to_pool: bool, cols: slice) -> bool:
+        """Whether segments ``cols`` of a batch without a pitched DMA plan go as DMA-only
+        copies: on for this direction, batching on, staged (not direct-kernel) fragments, and
+        segments large enough."""
         if not ((self.dma_saves if to_pool else self.dma_loads) and self.batched):
             return False
-        if self.fragmented != "staged" or int(self._len[cols].min()) < DMA_ONLY_MIN_BYTES:
-            return False
-        return self._dma(ids, to_pool, cols) is None
+        return self.fragmented == "staged" and int(self._len[cols].min()) >= DMA_ONLY_MIN_BYTES
 
     def _dma_only(self, ids: _Ids, to_pool: bool, lanes: _Lanes, cols: slice) -> bool:
-        """Queues segments ``cols`` of a fragmented batch as one linear copy per block and
-        segment, batched (no kernel: ours time-slice the GPU with the engine's); False where
-        that is not the plan, or the driver refused a batch (then nothing is left half-done
-        that the next plan does not redo)."""
-        if not self._dma_only_fits(ids, to_pool, cols):
+        """Queues segments ``cols`` of a fragmented batch (one :meth:`_dma` found no plan for)
+        as one linear copy per block and segment, batched (no kernel: ours time-slice the GPU
+        with the engine's); False where that is not the plan, or the driver refused a batch
+        (then nothing is left half-done that the next plan does not redo)."""
+        if not self._dma_only_fits(to_pool, cols):
             return False
         b, s = ids.blocks[:, None], ids.slots[:, None]  # [blocks, segments] below
         dev = (self._dev_off[None, cols] + b * self._stride[None, cols]).ravel()
